@@ -1,0 +1,402 @@
+"""
+Shards -> batches for CLIP training: a small loader you can read top to bottom (in the spirit of build-nanogpt's
+DataLoaderLite and llm.c's DistributedDataLoader), with worker processes so the next batches are decoded while
+the training step runs.
+
+    loader = ShardLoader("data/synth", "train", batch_size=256, num_workers=4, rank=rank, world_size=world)
+    for batch in loader:          # one epoch; batch["image"] uint8 (B, 3, S, S), batch["text"] int64 (B, ctx)
+        ...
+    state = loader.state_dict()   # {"epoch", "batch", "seed"}: resume mid-epoch with load_state_dict(state)
+
+How an epoch is ordered (it depends only on (seed, epoch), never on num_workers or timing):
+1. the split's shards (sorted names from index.json) are permuted with a generator seeded by (seed, epoch);
+2. the permuted shards are cut into windows of `shuffle_shards` shards; the samples of a window are mixed and
+   permuted. A true global shuffle needs random access to every sample (so every shard in memory, or a seek
+   per sample); the window gets most of its benefit - a batch draws from `shuffle_shards` shards, and the
+   shard order changes every epoch - with only a window of shards in memory per worker. Larger windows mix
+   better and cost `shuffle_shards` x shard size of memory per worker.
+3. global batch b is positions [b*G, (b+1)*G) of that order, G = batch_size * world_size; rank r takes every
+   world_size-th sample of it starting at r, so ranks are disjoint and always get the same number of batches
+   (drop_last=True drops the last partial global batch; drop_last=False keeps it, cut to a multiple of
+   world_size so ranks still get equal, smaller batches).
+shuffle=False (the default for splits other than "train") keeps sorted shard and key order.
+
+Where the work happens: the main process only reads tar headers (or per-shard counts from index.json) to
+build the order; workers read whole shards into memory (never extracted to disk), decode JPEGs, tokenize
+captions and collate whole batches. Batch i goes to worker i % num_workers and results are read back in
+order, so the output is identical for any num_workers; each worker keeps `prefetch` batches in flight.
+
+Data problems (unsafe member names such as "../x" or "/etc/x", truncated tars, samples missing their image
+or caption) are skipped, counted and warned about, never silent.
+
+Left out on purpose: decoding to float / normalising (done on the device, so only uint8 bytes cross PCIe),
+torchvision transforms (one optional random-resized-crop in PIL is enough for CLIP), streaming from URLs,
+persistent workers across epochs (forking a worker costs milliseconds next to an epoch).
+"""
+
+import io
+import json
+import math
+import multiprocessing
+import os
+import queue
+import tarfile
+import traceback
+import warnings
+from collections import OrderedDict
+
+import numpy as np
+import torch
+import torch.multiprocessing as tmp
+from PIL import Image
+
+from tokenizer import Tokenizer
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+# ---------------------------------------------------------------- reading tars (main process and workers)
+
+def scan_tar(tf, total_size):
+    """Group a tar's members by webdataset key without reading their data.
+    Returns ({key: {ext: (offset, size)}}, skipped): `skipped` counts members with unsafe names (absolute, or
+    with a ".." part), non-file members other than directories, and the member cut off by a truncated file.
+    Reading stops at the first unreadable header; the members before it are kept."""
+    groups, skipped = {}, 0
+    try:
+        for m in tf:  # tarfile stops quietly at a truncated header; a garbage header raises ReadError
+            if m.isdir():
+                continue
+            name = m.name
+            if not m.isfile() or name.startswith("/") or ".." in name.split("/") or "." not in name:
+                skipped += 1
+                continue
+            if m.offset_data + m.size > total_size:  # header intact, data cut off by truncation
+                skipped += 1
+                continue
+            head, base = os.path.split(name)
+            key, ext = base.split(".", 1)  # "000012.teacher_image.npy" -> key "000012", ext "teacher_image.npy"
+            groups.setdefault(os.path.join(head, key), {})[ext.lower()] = (m.offset_data, m.size)
+    except tarfile.ReadError:  # the rest of the file is cut off or garbage: keep what was read before it
+        pass
+    return groups, skipped
+
+
+def image_ext(exts):
+    return next((e for e in IMAGE_EXTS if e in exts), None)
+
+
+def complete(exts, required, fields=()):
+    """A sample is usable when it has an image, every required extension and every shared .npy field."""
+    return image_ext(exts) is not None and all(e in exts for e in required) and \
+        all(f + ".npy" in exts for f in fields)
+
+
+# ---------------------------------------------------------------- building batches (runs in the workers)
+
+class BatchMaker:
+    """Everything a worker needs to turn a list of (shard, sample) pairs into a batch. Picklable, so it can be
+    sent to a spawned worker; keeps an LRU cache of whole shards read into memory."""
+
+    def __init__(self, paths, sizes, fields, required, tokenizer, context_length, img_size, labels,
+                 long_captions, augment, seed, cache_shards):
+        self.paths, self.sizes, self.fields, self.required = paths, sizes, fields, required
+        self.tokenizer, self.context_length, self.img_size = tokenizer, context_length, img_size
+        self.labels, self.long_captions, self.augment, self.seed = labels, long_captions, augment, seed
+        self.cache_shards = cache_shards
+        self.cache = OrderedDict()  # shard index -> (bytes of the whole tar, [sample exts dict, ...])
+
+    def __getstate__(self):  # the cache stays behind when this object is sent to a worker
+        return {k: (OrderedDict() if k == "cache" else v) for k, v in self.__dict__.items()}
+
+    def shard(self, s, notes):
+        """Shard s as (data, samples), read whole into memory (never extracted) and kept in a small LRU."""
+        if s in self.cache:
+            self.cache.move_to_end(s)
+            return self.cache[s]
+        with open(self.paths[s], "rb") as f:
+            data = f.read()
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
+            groups, skipped = scan_tar(tf, len(data))
+        samples = [groups[k] for k in sorted(groups) if complete(groups[k], self.required, self.fields)]
+        if len(samples) != self.sizes[s]:  # the count the order was built from (index.json) was wrong
+            notes.append(f"{self.paths[s]}: {len(samples)} usable samples but the index says {self.sizes[s]} "
+                         f"({skipped} members skipped); positions past the end wrap around")
+        if not samples:
+            raise ValueError(f"{self.paths[s]}: no usable samples")
+        self.cache[s] = (data, samples)
+        if len(self.cache) > self.cache_shards:
+            self.cache.popitem(last=False)
+        return self.cache[s]
+
+    def random_resized_crop(self, img, epoch, pos):
+        """Crop 60-100% of the area at aspect 3/4..4/3, resized back to S; seeded by (seed, epoch, position)
+        so it is the same in every run and after a resume."""
+        rng = np.random.default_rng([self.seed, epoch, pos])
+        W, H = img.size
+        area = W * H * rng.uniform(0.6, 1.0)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w = min(W, round(math.sqrt(area * ratio)))
+        h = min(H, round(math.sqrt(area / ratio)))
+        x, y = int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1))
+        return img.resize((self.img_size, self.img_size), Image.BICUBIC, box=(x, y, x + w, y + h))
+
+    def __call__(self, epoch, positions, pairs):
+        """positions: (n,) sample positions in the epoch order; pairs: (n, 2) (shard, sample index).
+        Returns (batch dict of tensors, list of warning messages)."""
+        notes, n, S = [], len(pairs), self.img_size
+        image = np.empty((n, 3, S, S), dtype=np.uint8)  # (B, 3, S, S), filled in place
+        captions, shorts, labels = [""] * n, [""] * n, [-1] * n
+        arrays = {f: [None] * n for f in self.fields}
+        resized = missing = broken = 0
+        # visit shards in order of first use, so a batch straddling two windows evicts the older one first
+        for s in dict.fromkeys(pairs[:, 0].tolist()):
+            data, samples = self.shard(s, notes)
+            for i in np.flatnonzero(pairs[:, 0] == s):
+                exts = samples[pairs[i, 1] % len(samples)]
+                get = lambda ext: data[exts[ext][0]: exts[ext][0] + exts[ext][1]]  # member bytes
+                try:
+                    img = Image.open(io.BytesIO(get(image_ext(exts))))
+                    if img.mode != "RGB":
+                        img = img.convert("RGB")
+                    if self.augment:
+                        img = self.random_resized_crop(img, epoch, int(positions[i]))
+                    elif img.size != (S, S):
+                        img, resized = img.resize((S, S), Image.BICUBIC), resized + 1
+                    image[i] = np.asarray(img).transpose(2, 0, 1)  # (S, S, 3) -> (3, S, S)
+                except (OSError, ValueError, SyntaxError):  # corrupt image: keep batch shapes equal on all ranks
+                    image[i], broken = 0, broken + 1
+                txt = get("txt").decode("utf-8", "replace") if "txt" in exts else ""
+                meta = json.loads(get("json")) if "json" in exts else {}
+                if self.long_captions:  # Long-CLIP: the long caption is the text, the short one its summary
+                    missing += ("long" not in meta) + ("short" not in meta)
+                    captions[i], shorts[i] = meta.get("long", txt), meta.get("short", txt)
+                else:
+                    captions[i] = txt
+                if self.labels:
+                    missing += "label" not in meta
+                    labels[i] = int(meta.get("label", -1))
+                for f in self.fields:
+                    arrays[f][i] = np.load(io.BytesIO(get(f + ".npy")), allow_pickle=False)
+        if resized:
+            notes.append(f"{resized} images were not {S}x{S} and were resized")
+        if broken:
+            notes.append(f"{broken} images could not be decoded and were replaced by black images")
+        if missing:
+            notes.append(f"{missing} json fields missing (long/short caption fell back to the .txt, label to -1)")
+        batch = {"image": torch.from_numpy(image),
+                 "text": self.tokenizer.tokenize(captions, self.context_length)}  # int64 (B, ctx)
+        if self.long_captions:
+            batch["text_short"] = self.tokenizer.tokenize(shorts, self.context_length)  # int64 (B, ctx)
+        if self.labels:
+            batch["label"] = torch.tensor(labels, dtype=torch.int64)  # (B,)
+        for f, arrs in arrays.items():
+            # float16 -> float32 is exact, so stored teacher values arrive unchanged
+            batch[f] = torch.from_numpy(np.stack(arrs).astype(np.float32))  # (B, ...)
+        return batch, notes
+
+
+def worker_loop(make, tasks, results):
+    """Worker process: take (batch index, epoch, positions, pairs), put (batch index, batch, notes) back."""
+    torch.set_num_threads(1)  # the work here is PIL and Python; torch threads would only oversubscribe cores
+    parent = os.getppid()
+    while True:
+        try:
+            task = tasks.get(timeout=5)
+        except queue.Empty:
+            if os.getppid() != parent:  # the main process died without closing us
+                return
+            continue
+        if task is None:
+            return
+        b = task[0]
+        try:
+            batch, notes = make(*task[1:])
+            results.put((b, batch, notes))
+        except Exception:
+            results.put((b, None, [traceback.format_exc()]))
+
+
+# ---------------------------------------------------------------- the loader (main process)
+
+class ShardLoader:
+    """Batches from `data_dir/index.json`'s `split`; one full pass over the split per `for` loop (an epoch).
+    Iterating again continues from state (epoch, batch), so a loop interrupted by `break` or a restart resumes
+    exactly where it stopped."""
+
+    def __init__(self, data_dir, split="train", batch_size=32, tokenizer=None, context_length=77, seed=0,
+                 shuffle=None, drop_last=None, rank=0, world_size=1, num_workers=0, prefetch=2,
+                 shuffle_shards=4, long_captions=False, augment=False, pin_memory=False):
+        self.workers = []  # (process, task queue, result queue) while an epoch is being iterated
+        index_path = os.path.join(data_dir, "index.json")
+        if not os.path.isdir(data_dir):
+            raise ValueError(f"data directory {data_dir!r} does not exist")
+        if not os.path.isfile(index_path):
+            raise ValueError(f"{index_path} not found (make the shards with prep_dataset.py)")
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+        if split not in index or not isinstance(index[split], dict) or not index[split].get("shards"):
+            splits = [k for k, v in index.items() if isinstance(v, dict) and "shards" in v]
+            raise ValueError(f"split {split!r} not in {index_path} (it has {splits})")
+        if batch_size < 1 or not 0 <= rank < world_size or num_workers < 0 or prefetch < 1 or shuffle_shards < 1:
+            raise ValueError(f"need batch_size >= 1, 0 <= rank < world_size, num_workers >= 0, prefetch >= 1, "
+                             f"shuffle_shards >= 1; got {batch_size}, {rank}, {world_size}, {num_workers}, "
+                             f"{prefetch}, {shuffle_shards}")
+        self.data_dir, self.split, self.batch_size, self.seed = data_dir, split, batch_size, seed
+        self.shuffle = (split == "train") if shuffle is None else shuffle
+        self.drop_last = self.shuffle if drop_last is None else drop_last
+        self.rank, self.world_size, self.num_workers, self.prefetch = rank, world_size, num_workers, prefetch
+        self.shuffle_shards, self.pin_memory = shuffle_shards, pin_memory
+        if tokenizer is None:
+            tokenizer = Tokenizer.load(os.path.join(data_dir, "tokenizer.json"))
+
+        # shard list (sorted) and per-shard sample counts: from index.json when prep wrote them ("shard_sizes",
+        # parallel to "shards"), else from the tar headers (no image data is read, but a header costs ~50 us)
+        info = index[split]
+        names = list(info["shards"])
+        given = info.get("shard_sizes")
+        if given is not None and len(given) != len(names):
+            raise ValueError(f"{index_path}: {split} has {len(names)} shards but {len(given)} shard_sizes")
+        order = sorted(range(len(names)), key=lambda i: names[i])
+        paths = [os.path.join(data_dir, names[i]) for i in order]
+        for p in paths:
+            if not os.path.isfile(p):
+                raise ValueError(f"shard {p} listed in {index_path} does not exist")
+        labels = "classes" in index  # labelled sets list their classes; every sample's json then has "label"
+        required = ("txt",) + (("json",) if long_captions or labels else ())
+        sizes, fields, bad = [], None, []
+        for p in paths[:1] if given is not None else paths:  # with given sizes, fields come from shard 0
+            with tarfile.open(p, mode="r:") as tf:
+                groups, skipped = scan_tar(tf, os.path.getsize(p))
+            usable = [g for g in groups.values() if complete(g, required)]
+            for g in usable:  # .npy fields present in every sample of the split
+                have = {e[:-4] for e in g if e.endswith(".npy")}
+                fields = have if fields is None else fields & have
+            sizes.append(len(usable))
+            if skipped or len(usable) < len(groups):
+                bad.append(f"{os.path.basename(p)}: {skipped} members skipped (unsafe name, truncated or "
+                           f"not a file), {len(groups) - len(usable)} incomplete samples dropped")
+        if bad:
+            warnings.warn(f"{len(bad)} shard(s) of {split} had problems: " + "; ".join(bad))
+        self.sizes = [int(given[i]) for i in order] if given is not None else sizes
+        self.num_samples = sum(self.sizes)
+        if info.get("num_samples") is not None and info["num_samples"] != self.num_samples:
+            warnings.warn(f"{index_path}: {split} num_samples is {info['num_samples']} but the shards hold "
+                          f"{self.num_samples} usable samples; using {self.num_samples}")
+        self.fields = sorted(fields or ())
+        self.make = BatchMaker(paths, self.sizes, self.fields, required, tokenizer, context_length,
+                               int(index["img_size"]), labels, long_captions, augment, seed,
+                               cache_shards=shuffle_shards + 1)  # a window, plus one for batches that straddle
+        self.epoch, self.batch = 0, 0
+        if len(self) == 0:
+            raise ValueError(f"batch_size {batch_size} x world_size {world_size} = "
+                             f"{batch_size * world_size} is larger than the {self.num_samples} samples "
+                             f"of split {split!r} (drop_last={self.drop_last})")
+
+    def __len__(self):
+        """Batches per epoch on each rank (the same on every rank)."""
+        G = self.batch_size * self.world_size
+        full, rest = divmod(self.num_samples, G)
+        return full + int(not self.drop_last and rest // self.world_size > 0)
+
+    def epoch_order(self, epoch):
+        """The epoch's global sample order as an int64 (N, 2) array of (shard, sample index); all ranks
+        compute the same one, so it depends only on (seed, epoch)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        shards = rng.permutation(len(self.sizes)) if self.shuffle else np.arange(len(self.sizes))
+        parts = []
+        for w in range(0, len(shards), self.shuffle_shards):  # a window of shards, mixed then permuted
+            window = np.concatenate([np.stack([np.full(self.sizes[s], s), np.arange(self.sizes[s])], 1)
+                                     for s in shards[w:w + self.shuffle_shards]])  # (n_window, 2)
+            parts.append(window[rng.permutation(len(window))] if self.shuffle else window)
+        return np.concatenate(parts)  # (N, 2)
+
+    def batch_pairs(self, order, b):
+        """This rank's part of global batch b: (positions in the epoch order (n,), (shard, sample) pairs (n, 2))."""
+        G = self.batch_size * self.world_size
+        g = order[b * G:(b + 1) * G]  # (<= G, 2)
+        n = len(g) // self.world_size  # equal on every rank; a short last batch drops < world_size samples
+        positions = b * G + self.rank + self.world_size * np.arange(n)
+        return positions, g[self.rank::self.world_size][:n]
+
+    def __iter__(self):
+        self.close()  # an earlier, interrupted iteration may still hold workers
+        epoch, start, n = self.epoch, self.batch, len(self)
+        order = self.epoch_order(epoch)
+        task = lambda b: (b, epoch, *self.batch_pairs(order, b))
+        try:
+            if self.num_workers > 0:
+                self.start_workers()
+                nw = self.num_workers
+                for b in range(start, min(n, start + nw * self.prefetch)):  # fill the pipeline
+                    self.workers[b % nw][1].put(task(b))
+            for b in range(start, n):
+                if self.num_workers > 0:
+                    batch, notes = self.receive(b)
+                    if b + nw * self.prefetch < n:  # keep `prefetch` batches in flight per worker
+                        self.workers[b % nw][1].put(task(b + nw * self.prefetch))
+                else:
+                    batch, notes = self.make(*task(b)[1:])
+                for note in notes:
+                    warnings.warn(note)
+                if self.pin_memory and torch.cuda.is_available():  # pinned -> .to(device, non_blocking=True)
+                    batch = {k: v.pin_memory() for k, v in batch.items()}
+                self.batch = b + 1  # batches already yielded this epoch
+                yield batch
+            self.epoch, self.batch = epoch + 1, 0
+        finally:
+            self.close()
+
+    def start_workers(self):
+        # fork where the OS has it (instant, nothing to re-import), else spawn; queues pass tensors through
+        # shared memory (torch.multiprocessing), so a batch costs a file descriptor, not a pickled copy
+        ctx = tmp.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        for _ in range(self.num_workers):
+            tasks, results = ctx.Queue(), ctx.Queue()
+            p = ctx.Process(target=worker_loop, args=(self.make, tasks, results), daemon=True)
+            p.start()
+            self.workers.append((p, tasks, results))
+
+    def receive(self, b):
+        p, _, results = self.workers[b % self.num_workers]
+        while True:
+            try:
+                got, batch, notes = results.get(timeout=5)
+                break
+            except queue.Empty:
+                if not p.is_alive():
+                    raise RuntimeError(f"loader worker {b % self.num_workers} died (exit code {p.exitcode}) "
+                                       f"before sending batch {b}")
+        assert got == b, f"worker sent batch {got}, expected {b}"
+        if batch is None:
+            raise RuntimeError(f"loader worker failed on batch {b}:\n{notes[0]}")
+        return batch, notes
+
+    def close(self):
+        """Stop the worker processes (also called at the end of an epoch, on errors and by the GC)."""
+        for p, tasks, _ in self.workers:
+            if p.is_alive():
+                tasks.put(None)
+        for p, tasks, results in self.workers:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+            for q in (tasks, results):
+                q.cancel_join_thread()  # never block exit on undelivered items
+                q.close()
+        self.workers = []
+
+    def __del__(self):
+        self.close()
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed}
+
+    def load_state_dict(self, state):
+        """Resume: the next iteration yields batches state["batch"]... of epoch state["epoch"]."""
+        if not 0 <= state["batch"] <= len(self):
+            raise ValueError(f"loader state batch {state['batch']} is outside 0..{len(self)} batches per epoch")
+        self.close()
+        self.epoch, self.batch, self.seed = int(state["epoch"]), int(state["batch"]), int(state["seed"])
+        self.make.seed = self.seed
