@@ -107,7 +107,7 @@ def finish(out, splits, extra, captions, vocab_size, skipped, quiet):
     if skipped:
         msg = ", ".join(f"{n} {r}" for r, n in sorted(skipped.items()))
         warnings.warn(f"skipped {sum(skipped.values())} samples/members: {msg}")
-        print(f"skipped: {msg}")
+        print(f"skipped {sum(skipped.values())}: {msg}")
     else:
         print("skipped: none")
     return index
