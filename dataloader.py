@@ -22,8 +22,9 @@ How an epoch is ordered (it depends only on (seed, epoch), never on num_workers 
 shuffle=False (the default for splits other than "train") keeps sorted shard and key order.
 
 Where the work happens: the main process only reads tar headers (or per-shard counts from index.json) to
-build the order; workers read whole shards into memory (never extracted to disk), decode JPEGs, tokenize
-captions and collate whole batches. Batch i goes to worker i % num_workers and results are read back in
+build the order; workers map whole shards into memory (mmap: never extracted to disk, and the OS page cache is
+shared by all workers and ranks, though each worker's mix of samples touches every shard of the window),
+decode JPEGs, tokenize captions and collate whole batches. Batch i goes to worker i % num_workers and results are read back in
 order, so the output is identical for any num_workers; each worker keeps `prefetch` batches in flight.
 
 Data problems (unsafe member names such as "../x" or "/etc/x", truncated tars, samples missing their image
@@ -40,7 +41,7 @@ import math
 import multiprocessing
 import os
 import queue
-import tarfile
+import mmap
 import traceback
 import warnings
 from collections import OrderedDict
@@ -57,28 +58,64 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 # ---------------------------------------------------------------- reading tars (main process and workers)
 
-def scan_tar(tf, total_size):
+def map_file(path):
+    """The whole file as a read-only buffer: mmap shares the OS page cache between workers and ranks (no
+    per-worker copy, only touched pages are read); slicing it returns bytes."""
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
+
+
+def tar_members(buf):
+    """Yield (name, data offset, size, type flag) for each member of a tar held in memory. Reads the fixed
+    ustar header fields directly, because tarfile spends ~50 us of Python per header (a third of the worker's
+    time on 1000-sample shards); handles POSIX prefixes, GNU long names and pax "path" records, and stops at
+    the end marker, a header cut off by truncation, or a header whose checksum does not match."""
+    pos, long_name = 0, None
+    while pos + 512 <= len(buf):
+        h = buf[pos:pos + 512]  # one header block (bytes)
+        try:
+            if int(h[148:156].replace(b"\0", b" ").strip() or b"x", 8) != sum(h[:148]) + 256 + sum(h[156:]):
+                return  # the zero end-of-archive block, or garbage
+            size = int.from_bytes(h[125:136], "big") if h[124] & 0x80 else int(h[124:136].strip(b" \0") or 0, 8)
+        except ValueError:
+            return
+        name, kind, data = h[:100].split(b"\0", 1)[0], h[156:157], pos + 512
+        if h[257:263] == b"ustar\0" and h[345] != 0:  # POSIX: long paths are split into prefix + name
+            name = h[345:500].split(b"\0", 1)[0] + b"/" + name
+        pos = data + (size + 511) // 512 * 512
+        if kind == b"L":  # GNU long name: the next member's name is this member's data
+            long_name = buf[data:data + size].split(b"\0", 1)[0]
+        elif kind == b"x":  # pax extended header: records "<length> key=value\n"; we need "path"
+            rec, i = buf[data:data + size], 0
+            while i < len(rec):
+                sp = rec.find(b" ", i)
+                end = i + int(rec[i:sp]) if sp > i and rec[i:sp].isdigit() else 0  # length counts itself
+                if end <= sp:
+                    return  # malformed record
+                key, _, value = rec[sp + 1:end - 1].partition(b"=")
+                long_name = value if key == b"path" else long_name
+                i = end
+        elif kind != b"g":  # (g: pax global header, nothing we use)
+            yield (long_name or name).decode("utf-8", "replace"), data, size, kind
+            long_name = None
+
+
+def scan_tar(buf):
     """Group a tar's members by webdataset key without reading their data.
     Returns ({key: {ext: (offset, size)}}, skipped): `skipped` counts members with unsafe names (absolute, or
-    with a ".." part), non-file members other than directories, and the member cut off by a truncated file.
-    Reading stops at the first unreadable header; the members before it are kept."""
+    with a ".." part), links and other non-file members, and the member cut off by a truncated file. Reading
+    stops at the first unreadable header; the members before it are kept."""
     groups, skipped = {}, 0
-    try:
-        for m in tf:  # tarfile stops quietly at a truncated header; a garbage header raises ReadError
-            if m.isdir():
-                continue
-            name = m.name
-            if not m.isfile() or name.startswith("/") or ".." in name.split("/") or "." not in name:
-                skipped += 1
-                continue
-            if m.offset_data + m.size > total_size:  # header intact, data cut off by truncation
-                skipped += 1
-                continue
-            head, base = os.path.split(name)
-            key, ext = base.split(".", 1)  # "000012.teacher_image.npy" -> key "000012", ext "teacher_image.npy"
-            groups.setdefault(os.path.join(head, key), {})[ext.lower()] = (m.offset_data, m.size)
-    except tarfile.ReadError:  # the rest of the file is cut off or garbage: keep what was read before it
-        pass
+    for name, offset, size, kind in tar_members(buf):
+        if kind == b"5":  # directory
+            continue
+        if kind not in (b"0", b"\0", b"7") or name.startswith("/") or ".." in name.split("/") or \
+                "." not in os.path.basename(name) or offset + size > len(buf):  # last: data cut off
+            skipped += 1
+            continue
+        head, base = os.path.split(name)
+        key, ext = base.split(".", 1)  # "000012.teacher_image.npy" -> key "000012", ext "teacher_image.npy"
+        groups.setdefault(os.path.join(head, key), {})[ext.lower()] = (offset, size)
     return groups, skipped
 
 
@@ -114,10 +151,8 @@ class BatchMaker:
         if s in self.cache:
             self.cache.move_to_end(s)
             return self.cache[s]
-        with open(self.paths[s], "rb") as f:
-            data = f.read()
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
-            groups, skipped = scan_tar(tf, len(data))
+        data = map_file(self.paths[s])
+        groups, skipped = scan_tar(data)
         samples = [groups[k] for k in sorted(groups) if complete(groups[k], self.required, self.fields)]
         if len(samples) != self.sizes[s]:  # the count the order was built from (index.json) was wrong
             notes.append(f"{self.paths[s]}: {len(samples)} usable samples but the index says {self.sizes[s]} "
@@ -266,8 +301,7 @@ class ShardLoader:
         required = ("txt",) + (("json",) if long_captions or labels else ())
         sizes, fields, bad = [], None, []
         for p in paths[:1] if given is not None else paths:  # with given sizes, fields come from shard 0
-            with tarfile.open(p, mode="r:") as tf:
-                groups, skipped = scan_tar(tf, os.path.getsize(p))
+            groups, skipped = scan_tar(map_file(p))
             usable = [g for g in groups.values() if complete(g, required)]
             for g in usable:  # .npy fields present in every sample of the split
                 have = {e[:-4] for e in g if e.endswith(".npy")}

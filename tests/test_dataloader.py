@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dataloader import ShardLoader
+from dataloader import ShardLoader, map_file, scan_tar, tar_members
 from tokenizer import Tokenizer
 
 S = 16  # image size of the test shards
@@ -218,3 +218,21 @@ def test_bad_arguments(tmp_path, data):
         ShardLoader(root, "test")
     with pytest.raises(ValueError, match="batch_size 40 x world_size 2 = 80 is larger than the 60 samples"):
         ShardLoader(root, "train", batch_size=40, world_size=2)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_members_match_tarfile(tmp_path, fmt):
+    path = str(tmp_path / "t.tar")
+    names = ["a.txt", "d" * 90 + "/" + "k" * 60 + ".jpg"] + ([] if fmt == tarfile.USTAR_FORMAT else
+                                                             ["x" * 120 + ".json", "café/ü.txt"])
+    with tarfile.open(path, "w", format=fmt) as tf:
+        for i, name in enumerate(names):
+            add(tf, name, bytes(range(i * 300 % 251)) * 3)
+        d = tarfile.TarInfo("dir")
+        d.type = tarfile.DIRTYPE
+        tf.addfile(d)
+    with tarfile.open(path) as tf:
+        want = [(m.name, m.offset_data, m.size, m.type) for m in tf]
+    assert [(n.rstrip("/"), *rest) for n, *rest in tar_members(map_file(path))] == want  # dirs end in /
+    groups, skipped = scan_tar(map_file(path))
+    assert skipped == 0 and groups["a"]["txt"] == want[0][1:3] and len(groups) == len(names)

@@ -1,0 +1,183 @@
+"""
+Benchmark dataloader.py: samples/s of ShardLoader (read shards + JPEG decode + tokenize + batch) against two
+anchors measured in the same run on the same shards with the same worker count:
+  (b) the `webdataset` library doing the same work: WebDataset(...).decode("pil") -> uint8 (3, S, S) + caption,
+      batched and tokenized in the workers of a torch DataLoader;
+  (c) a bare PIL decode loop over the same JPEG bytes in one process, the ceiling for one worker.
+Targets: ours / webdataset >= 1.2, ours / (workers x bare) >= 0.8. Also reports each worker's peak RSS.
+
+The shards (default 4 x 1000 synthetic 224 px noise JPEGs at quality 95, a worst case for the decoder) are made
+once into bench/.data/loader/ and reused.
+
+webdataset is not a dependency of this repo; install it into a separate venv to measure anchor (b):
+    python3 -m venv bench/.venv-anchors && bench/.venv-anchors/bin/pip install torch==2.13.0 -r requirements.txt webdataset
+    bench/.venv-anchors/bin/python bench/loader.py
+
+    python bench/loader.py [--workers 2] [--batch 128] [--shards 4] [--per_shard 1000] [--quiet]
+"""
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import sys
+import tarfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from dataloader import ShardLoader  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+
+RATIO_TARGET, PER_WORKER_TARGET = 1.2, 0.8
+WORDS = "a red green blue small large cube sphere dog cat photo of on the in near with beach forest city".split()
+
+
+def make_data(path, shards, per_shard, size, quiet):
+    """Noise JPEGs (q95) + captions in webdataset-style shards, index.json and tokenizer.json; reused if there."""
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+        with open(os.path.join(path, "index.json")) as f:
+            index = json.load(f)
+        if index["train"]["num_samples"] == shards * per_shard and index["img_size"] == size:
+            return
+    os.makedirs(path, exist_ok=True)
+    rng = np.random.default_rng(0)
+    names, captions = [], []
+    for s in tqdm(range(shards), desc="making shards", disable=quiet):
+        names.append(f"train-{s:06d}.tar")
+        with tarfile.open(os.path.join(path, names[-1] + ".tmp"), "w") as tf:
+            for i in range(per_shard):
+                buf = io.BytesIO()
+                noise = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(noise).save(buf, format="JPEG", quality=95)
+                captions.append(" ".join(rng.choice(WORDS, rng.integers(5, 15))))
+                for ext, data in (("jpg", buf.getvalue()), ("txt", captions[-1].encode())):
+                    info = tarfile.TarInfo(f"{s * per_shard + i:09d}.{ext}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+        os.replace(os.path.join(path, names[-1] + ".tmp"), os.path.join(path, names[-1]))
+    Tokenizer().train(captions, vocab_size=400, quiet=True).save(os.path.join(path, "tokenizer.json"))
+    index = {"train": {"shards": names, "num_samples": shards * per_shard}, "img_size": size, "source": "bench"}
+    with open(os.path.join(path, "index.json"), "w") as f:
+        json.dump(index, f)
+
+
+def worker_memory():
+    """(peak RSS, private memory) in MiB of each live child process, from /proc (Linux only)."""
+    out = []
+    for p in multiprocessing.active_children():
+        try:
+            with open(f"/proc/{p.pid}/status") as f:
+                hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+            with open(f"/proc/{p.pid}/smaps_rollup") as f:
+                private = sum(int(line.split()[1]) for line in f if line.startswith("Private_"))
+            out.append((hwm / 1024, private / 1024))
+        except (OSError, StopIteration):
+            pass
+    return out
+
+
+def timed(batches, n_batches, quiet, desc):
+    """Iterate a loader to the end; samples/s after the first batch (which pays worker start-up and the first
+    shard reads), and worker memory sampled at the last batch."""
+    count, mem, t0 = 0, [], None
+    for i, batch in enumerate(tqdm(batches, total=n_batches, desc=desc, disable=quiet)):
+        assert batch["image"].dtype == torch.uint8 and batch["text"].dtype == torch.int64
+        if t0 is None:
+            t0 = time.perf_counter()
+        else:
+            count += len(batch["image"])
+        if i == n_batches - 1:
+            mem = worker_memory()
+    return count / (time.perf_counter() - t0), mem
+
+
+def webdataset_anchor(path, tok, batch, workers, quiet):
+    import webdataset as wds
+
+    def collate(samples):
+        images = torch.from_numpy(np.stack([np.asarray(img).transpose(2, 0, 1) for img, _ in samples]))
+        return {"image": images, "text": tok.tokenize([t for _, t in samples], 77)}
+
+    with open(os.path.join(path, "index.json")) as f:
+        index = json.load(f)
+    urls = [os.path.join(path, n) for n in index["train"]["shards"]]
+    ds = (wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil").to_tuple("jpg", "txt")
+          .batched(batch, collation_fn=collate, partial=False))
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=2)
+    per_worker = len(urls) // workers * (index["train"]["num_samples"] // len(urls)) // batch
+    return timed(dl, per_worker * workers, quiet, "webdataset")
+
+
+def bare_decode(path, limit):
+    """One process, no tar, no tokenizer, no batching: just PIL decode of the JPEG bytes to uint8 (3, S, S)."""
+    with open(os.path.join(path, "train-000000.tar"), "rb") as f:
+        with tarfile.open(fileobj=io.BytesIO(f.read())) as tf:
+            jpegs = [tf.extractfile(m).read() for m in tf if m.name.endswith(".jpg")][:limit]
+    t0 = time.perf_counter()
+    for b in jpegs:
+        np.asarray(Image.open(io.BytesIO(b)).convert("RGB")).transpose(2, 0, 1).copy()
+    return len(jpegs) / (time.perf_counter() - t0)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--per_shard", type=int, default=1000)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+    if args.workers < 1 or args.shards % args.workers:
+        parser.error(f"--workers must be >= 1 and divide --shards ({args.shards}) so webdataset splits evenly")
+    path = os.path.join(ROOT, "bench", ".data", "loader")
+    make_data(path, args.shards, args.per_shard, args.size, args.quiet)
+    tok = Tokenizer.load(os.path.join(path, "tokenizer.json"))
+
+    bare = bare_decode(path, 500)
+    loader = ShardLoader(path, "train", batch_size=args.batch, num_workers=args.workers, tokenizer=tok)
+    ours, our_mem = timed(loader, len(loader), args.quiet, "ShardLoader")
+    try:
+        import webdataset  # noqa: F401
+        wds_rate, wds_mem = webdataset_anchor(path, tok, args.batch, args.workers, args.quiet)
+    except ImportError:
+        wds_rate, wds_mem = None, []
+        print("webdataset is not installed here; skipping anchor (b). To measure it:\n"
+              "  python3 -m venv bench/.venv-anchors && bench/.venv-anchors/bin/pip install torch==2.13.0 "
+              "-r requirements.txt webdataset\n  bench/.venv-anchors/bin/python bench/loader.py")
+
+    per_worker = ours / (args.workers * bare)
+    fmt = lambda mem: ", ".join(f"{h:.0f} MiB peak ({p:.0f} private)" for h, p in mem) or "n/a"
+    print(f"bare PIL decode, 1 process : {bare:8.0f} samples/s")
+    print(f"ShardLoader, {args.workers} workers    : {ours:8.0f} samples/s  workers: {fmt(our_mem)}")
+    if wds_rate is not None:
+        print(f"webdataset, {args.workers} workers     : {wds_rate:8.0f} samples/s  workers: {fmt(wds_mem)}")
+        print(f"ours / webdataset          : {ours / wds_rate:8.2f}  (target >= {RATIO_TARGET})")
+    print(f"ours / (workers x bare)    : {per_worker:8.2f}  (target >= {PER_WORKER_TARGET}; "
+          f"{os.cpu_count()} cores, the main process shares them)")
+    print(f"max RSS of any finished child: {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MiB")
+
+    row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": platform.node(), "cpus": os.cpu_count(),
+           "workers": args.workers, "batch": args.batch, "samples": args.shards * args.per_shard,
+           "img_size": args.size, "ours_samples_per_s": round(ours, 1), "bare_samples_per_s": round(bare, 1),
+           "webdataset_samples_per_s": None if wds_rate is None else round(wds_rate, 1),
+           "ratio_vs_webdataset": None if wds_rate is None else round(ours / wds_rate, 3),
+           "per_worker_vs_bare": round(per_worker, 3),
+           "ours_worker_peak_rss_mib": [round(h) for h, _ in our_mem],
+           "webdataset_worker_peak_rss_mib": [round(h) for h, _ in wds_mem]}
+    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
+    with open(os.path.join(ROOT, "bench", "results", "loader.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
