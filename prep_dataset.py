@@ -35,7 +35,6 @@ import math
 import multiprocessing
 import os
 import re
-import sys
 import tarfile
 import warnings
 from collections import Counter
@@ -312,7 +311,7 @@ def prep_synthetic(args):
 
 
 class nullpool:
-    """`with nullpool() as pool: pool.imap(f, xs)` runs in this process (workers <= 1; easier to debug)."""
+    """A Pool stand-in that runs everything in this process (workers <= 1): the same code path, easier to debug."""
     def __enter__(self):
         return self
 
@@ -323,8 +322,15 @@ class nullpool:
         return map(f, xs)
 
     def apply_async(self, f, args):
-        result = f(*args)
-        return type("Done", (), {"get": lambda self: result})()
+        return Ready(f(*args))
+
+
+class Ready:
+    def __init__(self, value):
+        self.value = value
+
+    def get(self):
+        return self.value
 
 
 # ----------------------------------------------------------------------------- decoding real images
@@ -587,7 +593,11 @@ def prep_records(args, source, make_records, classes=None):
             state = old
     done = {n for n, s in state["shards"].items()
             if s["full"] and (limit is None or s["end"] < limit) and os.path.exists(os.path.join(args.out, n))}
-    name_of = lambda i: "{}-{:06d}.tar".format(split_of(i, args.val_frac)[0], split_of(i, args.val_frac)[1] // ss)
+
+    def name_of(i):  # the shard that stream position i lands in
+        split, j = split_of(i, args.val_frac)
+        return f"{split}-{j // ss:06d}.tar"
+
     start = next(i for i in itertools.count() if name_of(i) not in done)
     start = start if limit is None else min(start, limit)
     skipped = Counter()
