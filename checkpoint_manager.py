@@ -1,0 +1,244 @@
+"""
+Checkpoints: save atomically, keep the last N, remember the best, find the latest, load safely.
+
+A checkpoint is one dict written with torch.save. It holds only tensors, numbers, strings, lists and
+dicts, so torch.load(..., weights_only=True) can read it: loading a checkpoint never runs code from it.
+On disk, under <out_dir>/ckpt/:
+
+    step_00001000.pt   one file per save; only the newest `keep` are kept
+    latest.pt          the last save (a hard link to its step file, so it costs no space)
+    best.pt            the save with the lowest val loss so far
+
+Every file is written to a temp name in the same directory, fsynced, then os.replace'd into place, so
+a process killed mid-write (OOM, preemption, kill -9) leaves the previous file whole; the stray temp
+file is ignored and removed on the next save.
+
+Left out on purpose: async/background saving, sharded (FSDP) checkpoints, cloud storage. Only the
+master process of a DDP run calls save().
+"""
+
+import glob
+import os
+import random
+import re
+import shutil
+import tempfile
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+# -----------------------------------------------------------------------------
+# atomic writes
+
+def _fsync_dir(d):
+    # make the rename itself durable (POSIX); some filesystems refuse an fd on a directory
+    try:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+def _tmp_name(path):
+    # temp files start with "." and end with ".tmp": never mistaken for a checkpoint, easy to clean
+    d, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{name}.", suffix=".tmp")
+    return fd, tmp
+
+def save_atomic(obj, path):
+    """torch.save obj to path so that path is always either the old file or the complete new one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = _tmp_name(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them visible
+        os.replace(tmp, path)     # atomic on POSIX and Windows
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+def _point_atomic(src, dst):
+    """Make dst the same file as src, atomically: a hard link under a temp name, then os.replace."""
+    fd, tmp = _tmp_name(dst)
+    os.close(fd)
+    os.unlink(tmp)  # os.link wants a free name; mkstemp only reserved a unique one
+    try:
+        try:
+            os.link(src, tmp)  # no copy: latest.pt and step_N.pt share the bytes
+        except OSError:
+            shutil.copyfile(src, tmp)  # filesystems without hard links (some network/FUSE mounts)
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+# -----------------------------------------------------------------------------
+# the manager
+
+class CheckpointManager:
+
+    def __init__(self, out_dir, keep=3):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.dir = os.path.join(out_dir, "ckpt")
+        self.keep = keep
+        self.best_val_loss = None
+        best = os.path.join(self.dir, "best.pt")
+        if os.path.exists(best):
+            # mmap=True reads only the small entries, not the weights, so this is cheap
+            try:
+                self.best_val_loss = torch.load(best, map_location="cpu", weights_only=True,
+                                                mmap=True).get("best_val_loss")
+            except Exception:
+                pass  # an unreadable best.pt is simply beaten by the next val loss
+
+    def step_files(self):
+        """Step checkpoints, oldest first."""
+        files = glob.glob(os.path.join(self.dir, "step_*.pt"))
+        return sorted(files, key=lambda p: int(re.search(r"step_(\d+)\.pt$", p).group(1)))
+
+    def latest(self):
+        """Path of the newest checkpoint, or None."""
+        p = os.path.join(self.dir, "latest.pt")
+        if os.path.exists(p):
+            return p
+        files = self.step_files()
+        return files[-1] if files else None
+
+    def save(self, state, step, val_loss=None):
+        """Write step_<step>.pt, point latest.pt (and best.pt on a new best) at it; return its path."""
+        os.makedirs(self.dir, exist_ok=True)
+        for tmp in glob.glob(os.path.join(self.dir, ".*.tmp")):
+            os.unlink(tmp)  # left by a save that was killed mid-write
+        # the best so far: from this manager's saves/best.pt, or carried in the state across a resume
+        known = [b for b in (self.best_val_loss, state.get("best_val_loss")) if b is not None]
+        best = min(known) if known else None
+        is_best = val_loss is not None and (best is None or val_loss < best)
+        if is_best:
+            best = float(val_loss)
+        state = {**state, "best_val_loss": best}  # shallow copy: the caller's dict is not changed
+        self.best_val_loss = best
+
+        path = os.path.join(self.dir, f"step_{step:08d}.pt")
+        save_atomic(state, path)
+        _point_atomic(path, os.path.join(self.dir, "latest.pt"))
+        if is_best:
+            _point_atomic(path, os.path.join(self.dir, "best.pt"))
+        # keep-N: drop the oldest step files (latest/best are their own links, so they survive)
+        old = [p for p in self.step_files() if p != path]
+        for p in old[:max(0, len(old) - (self.keep - 1))]:
+            os.unlink(p)
+        return path
+
+# -----------------------------------------------------------------------------
+# loading
+
+def load(path, map_location="cpu"):
+    """Load a checkpoint dict with weights_only=True; a clear error for a missing or bad file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        # corrupt/truncated zip, or a pickle with objects weights_only refuses to build
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot load checkpoint {path}: {first}") from e
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"cannot load checkpoint {path}: expected a dict, got {type(ckpt).__name__}")
+    return ckpt
+
+def resolve(resume, out_dir):
+    """--resume value -> checkpoint path: "latest" finds the newest in <out_dir>/ckpt, else a file path."""
+    if not resume:
+        return None
+    if resume == "latest":
+        p = CheckpointManager(out_dir).latest()
+        if p is None:
+            raise FileNotFoundError(f"--resume latest: no checkpoint in {os.path.join(out_dir, 'ckpt')}")
+        return p
+    if not os.path.isfile(resume):
+        raise FileNotFoundError(f"--resume: checkpoint not found: {resume}")
+    return resume
+
+def strip_prefixes(state_dict, prefixes=("module.", "_orig_mod.")):
+    """Remove the leading wrappers DDP (module.) and torch.compile (_orig_mod.) add to every key."""
+    out = {}
+    for k, v in state_dict.items():
+        while k.startswith(prefixes):  # any order, any repetition: module._orig_mod.module.x -> x
+            k = k[len(next(p for p in prefixes if k.startswith(p))):]
+        out[k] = v
+    return out
+
+class LoadReport(NamedTuple):
+    missing: list      # in the model, not in the checkpoint (left at their init)
+    unexpected: list   # in the checkpoint, not in the model (dropped)
+    ignored: list      # in the checkpoint, dropped because they matched ignore_keys
+    mismatched: list   # in both, but with different shapes (left at their init)
+
+def load_partial(model, state_dict, ignore_keys=(), quiet=False):
+    """Load what fits: drop keys matching any ignore_keys regex (re.search) and shape mismatches."""
+    sd = strip_prefixes(state_dict)
+    patterns = [re.compile(p) for p in ignore_keys]
+    ignored = [k for k in sd if any(p.search(k) for p in patterns)]
+    own = model.state_dict()
+    mismatched = [k for k in sd if k not in ignored and k in own and own[k].shape != sd[k].shape]
+    skip = set(ignored) | set(mismatched)
+    res = model.load_state_dict({k: v for k, v in sd.items() if k not in skip}, strict=False)
+    report = LoadReport(missing=[k for k in res.missing_keys if k not in skip],
+                        unexpected=list(res.unexpected_keys), ignored=ignored, mismatched=mismatched)
+    if not quiet:
+        def names(ks):
+            return f" ({', '.join(ks[:4])}{', ...' if len(ks) > 4 else ''})" if ks else ""
+        print(f"load_partial: loaded {len(sd) - len(skip) - len(report.unexpected)}/{len(own)} tensors"
+              + "".join(f"; {name} {len(ks)}{names(ks)}" for name, ks in report._asdict().items()))
+    return report
+
+def load_model(path, map_location="cpu"):
+    """Rebuild the CLIP model a checkpoint was trained with; returns (model in eval mode, ckpt dict)."""
+    from clip import CLIP, CLIPConfig  # lazy: the rest of this file does not need the model code
+    ckpt = load(path, map_location)
+    for key in ("config", "model"):
+        if key not in ckpt:
+            raise ValueError(f"checkpoint {path} has no '{key}' entry; was it saved by train.py?")
+    model = CLIP(CLIPConfig.from_dict(ckpt["config"]))
+    model.load_state_dict(strip_prefixes(ckpt["model"]))  # strict: every key must match
+    if isinstance(map_location, (str, torch.device)):
+        model.to(map_location)
+    return model.eval(), ckpt
+
+# -----------------------------------------------------------------------------
+# RNG state, in weights_only-safe form (tensors, lists, numbers, strings)
+
+def rng_state():
+    """torch (+ every cuda device), numpy's global RNG and python's random, as plain objects."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),  # ByteTensor
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+        "python": [version, list(internal), gauss_next],  # gauss_next is None or a float
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()  # list of ByteTensor, one per device
+    return state
+
+def set_rng_state(state):
+    """Restore what rng_state() captured, exactly."""
+    torch.set_rng_state(state["torch"].cpu())
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"][:torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
