@@ -1,0 +1,237 @@
+"""
+Training logs: a metrics.jsonl file, a compact console line, and PNG plots.
+
+    logs/<run>/config.json      the run's config, written once (atomically)
+    logs/<run>/metrics.jsonl    one JSON object per line: {"step", "split", ...metrics}
+    logs/<run>/loss.png         train + val loss (log y); also lr.png, grad_norm.png, logit_scale.png,
+                                and eval.png for any extra eval metric (zeroshot_top1, i2t_R@1, ...)
+
+Resuming at step S keeps the records with step <= S and appends after them, so a resumed run's log
+has every step exactly once. Re-plot or compare runs from the shell:
+
+    python logger.py logs/a                      # re-plot logs/a/*.png
+    python logger.py logs/a logs/b --out c.png   # both runs' losses on one figure
+
+Plots use matplotlib's object API (Figure + the Agg canvas), not pyplot: no display is needed, the
+global backend is left alone (importing this in a notebook changes nothing) and no figure is kept
+alive in pyplot's registry. Left out on purpose: TensorBoard / wandb, live plotting.
+"""
+
+import argparse
+import collections
+import json
+import os
+import sys
+import tempfile
+import time
+
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+# keys plotted on their own figure; anything else in a val/eval record is an eval metric (eval.png)
+STANDARD = {"step", "split", "loss", "lr", "grad_norm", "logit_scale", "samples_per_s", "elapsed_s",
+            "mfu", "epoch"}
+
+# -----------------------------------------------------------------------------
+# files
+
+def write_atomic(path, text):
+    d, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+def read_metrics(path):
+    """All records of a metrics.jsonl; a broken line (a run killed mid-write) is skipped with a warning."""
+    records, bad = [], 0
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                bad += 1
+    if bad:
+        print(f"warning: {path}: skipped {bad} unreadable line(s)", file=sys.stderr)
+    return records
+
+def _number(v):
+    # tensors / numpy scalars -> python numbers, so json writes 3.2 and not a repr
+    if hasattr(v, "item"):
+        v = v.item()
+    return v
+
+# -----------------------------------------------------------------------------
+# the logger
+
+class Logger:
+
+    def __init__(self, log_dir, config=None, resume_step=None, total_steps=None, print_every=10,
+                 quiet=False, enabled=True):
+        self.enabled = enabled  # False on non-master DDP ranks: every method does nothing
+        if not enabled:
+            return
+        self.log_dir, self.total_steps, self.print_every, self.quiet = log_dir, total_steps, print_every, quiet
+        os.makedirs(log_dir, exist_ok=True)
+        if config is not None:
+            write_atomic(os.path.join(log_dir, "config.json"), json.dumps(config, indent=2, default=str) + "\n")
+        self.path = os.path.join(log_dir, "metrics.jsonl")
+        if resume_step is None:
+            open(self.path, "w").close()  # a fresh run starts a fresh log
+        elif os.path.exists(self.path):
+            # resume: drop what was logged after the checkpoint; those steps are about to be redone
+            keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+        self.f = open(self.path, "a")
+        self.n_train = 0
+        self.times = collections.deque(maxlen=20)  # (time, step) pairs for a moving steps/s
+
+    def log(self, step, split="train", **metrics):
+        """Append {"step", "split", **metrics}; print a train line every print_every calls, val/eval always."""
+        if not self.enabled:
+            return
+        record = {"step": int(step), "split": split, **{k: _number(v) for k, v in metrics.items()}}
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()  # a crash loses at most the line being written
+        if split == "train":
+            self.times.append((time.time(), int(step)))
+            self.n_train += 1
+            if self.n_train % self.print_every != 0:
+                return
+        if not self.quiet:
+            tqdm.write(self.format(record))  # tqdm.write keeps an active progress bar intact
+
+    def format(self, r):
+        """step 120/1000 | loss 3.2154 | lr 2.9e-04 | gnorm 1.23 | ... (only the fields present)."""
+        step = f"step {r['step']}" + (f"/{self.total_steps}" if self.total_steps else "")
+        parts = [step] if r["split"] == "train" else [f"{r['split']} {step}"]
+        fmt = {"loss": ("loss", "{:.4f}"), "lr": ("lr", "{:.1e}"), "grad_norm": ("gnorm", "{:.2f}"),
+               "logit_scale": ("scale", "{:.1f}")}
+        for k, v in r.items():
+            if k in ("step", "split", "samples_per_s", "mfu", "elapsed_s"):
+                continue
+            name, f = fmt.get(k, (k, "{:.4g}"))
+            parts.append(f"{name} {f.format(v)}" if isinstance(v, (int, float)) else f"{name} {v}")
+        if "samples_per_s" in r:
+            parts.append(f"{r['samples_per_s']:.0f} samples/s")
+        if "mfu" in r:
+            parts.append(f"mfu {100 * r['mfu']:.1f}%")  # mfu is logged as a fraction of peak
+        if r["split"] == "train" and self.total_steps and len(self.times) > 1:
+            (t0, s0), (t1, s1) = self.times[0], self.times[-1]
+            if t1 > t0 and s1 > s0:
+                eta = int((self.total_steps - r["step"]) * (t1 - t0) / (s1 - s0))
+                h, m, s = eta // 3600, eta % 3600 // 60, eta % 60
+                parts.append("eta " + (f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"))
+        return " | ".join(parts)
+
+    def plot(self):
+        """Re-draw this run's PNGs from metrics.jsonl."""
+        if not self.enabled:
+            return []
+        self.f.flush()
+        return plot_run(self.log_dir)
+
+    def close(self):
+        if self.enabled and not self.f.closed:
+            self.f.close()
+
+# -----------------------------------------------------------------------------
+# plots
+
+def _series(records, key, split):
+    pts = [(r["step"], r[key]) for r in records
+           if r.get("split") == split and isinstance(r.get(key), (int, float))]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+def _save(fig, path):
+    # to a temp name then os.replace, so an image viewer never shows a half-written PNG
+    d, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+def _figure(title, ylabel):
+    fig = Figure(figsize=(7, 4), tight_layout=True)  # no pyplot: freed as soon as it goes out of scope
+    ax = fig.add_subplot()
+    ax.set(title=title, xlabel="step", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+def _plot_lines(ax, lines, log):
+    """lines: (steps, values, label, style kwargs); log y only when every value is positive."""
+    for steps, ys, label, kw in lines:
+        ax.plot(steps, ys, label=label, **kw)
+    if log and all(y > 0 for _, ys, _, _ in lines for y in ys):
+        ax.set_yscale("log")
+    ax.legend()
+
+def plot_run(log_dir):
+    """Write loss/lr/grad_norm/logit_scale/eval PNGs for one run; a plot with no data is skipped."""
+    records = read_metrics(os.path.join(log_dir, "metrics.jsonl"))
+    written = []
+    plots = [("loss.png", "loss", "loss", [("train", {"lw": 1}), ("val", {"marker": "o"})], True),
+             ("lr.png", "learning rate", "lr", [("train", {})], False),
+             ("grad_norm.png", "gradient norm (before clipping)", "grad_norm", [("train", {"lw": 1})], True),
+             ("logit_scale.png", "logit scale (exp of the learned temperature)", "logit_scale",
+              [("train", {})], False)]
+    for fname, title, key, splits, log in plots:
+        lines = [(*_series(records, key, s), s, kw) for s, kw in splits]
+        lines = [l for l in lines if l[0]]
+        if lines:
+            fig, ax = _figure(title, key)
+            _plot_lines(ax, lines, log)
+            _save(fig, os.path.join(log_dir, fname))
+            written.append(fname)
+    # eval.png: every other numeric metric of the val/eval records (zeroshot_top1, i2t_R@1, ...)
+    extra = sorted({(r["split"], k) for r in records if r.get("split") != "train"
+                    for k, v in r.items() if k not in STANDARD and isinstance(v, (int, float))})
+    if extra:
+        fig, ax = _figure("eval metrics", "value")
+        _plot_lines(ax, [(*_series(records, k, s), f"{s}/{k}", {"marker": "o"}) for s, k in extra], False)
+        _save(fig, os.path.join(log_dir, "eval.png"))
+        written.append("eval.png")
+    return [os.path.join(log_dir, f) for f in written]
+
+def plot_runs(run_dirs, out_path):
+    """Several runs' train (solid) and val (dashed, dots) loss on one figure, labelled by directory."""
+    fig, ax = _figure("loss", "loss")
+    lines = []
+    for i, d in enumerate(run_dirs):
+        records = read_metrics(os.path.join(d, "metrics.jsonl"))
+        name, color = os.path.basename(os.path.normpath(d)), f"C{i % 10}"
+        for split, kw in (("train", {"lw": 1}), ("val", {"ls": "--", "marker": "o"})):
+            steps, ys = _series(records, "loss", split)
+            if steps:
+                lines.append((steps, ys, f"{name} {split}", {"color": color, **kw}))
+    _plot_lines(ax, lines, True)
+    _save(fig, out_path)
+    return out_path
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Re-plot a run's PNGs, or compare several runs' losses.")
+    parser.add_argument("runs", nargs="+", help="log directories holding metrics.jsonl")
+    parser.add_argument("--out", default=None, help="comparison figure (default: compare.png in the cwd)")
+    args = parser.parse_args()
+    for d in args.runs:
+        if not os.path.isfile(os.path.join(d, "metrics.jsonl")):
+            parser.error(f"{d}: no metrics.jsonl in this directory")
+    if len(args.runs) == 1 and args.out is None:
+        for p in plot_run(args.runs[0]):
+            print(f"wrote {p}")
+    else:
+        print(f"wrote {plot_runs(args.runs, args.out or 'compare.png')}")
