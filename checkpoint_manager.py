@@ -19,6 +19,7 @@ master process of a DDP run calls save().
 
 import glob
 import os
+import pickle
 import random
 import re
 import shutil
@@ -147,10 +148,15 @@ def load(path, map_location="cpu"):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        # corrupt/truncated zip, or a pickle with objects weights_only refuses to build
+    except pickle.UnpicklingError as e:
+        # holds objects weights_only refuses to build: never fall back to weights_only=False
+        why = [l for l in str(e).splitlines() if "GLOBAL" in l or "Unsupported" in l]
+        raise ValueError(f"cannot load checkpoint {path}: it holds objects other than tensors, "
+                         f"numbers, strings, lists and dicts ({why[0].strip() if why else e})") from e
+    except Exception as e:  # truncated or corrupt zip archive, not a torch file at all, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot load checkpoint {path}: {first}") from e
+        raise ValueError(f"cannot load checkpoint {path}: corrupt, truncated or not a torch file "
+                         f"({type(e).__name__}: {first[:200]})") from e
     if not isinstance(ckpt, dict):
         raise ValueError(f"cannot load checkpoint {path}: expected a dict, got {type(ckpt).__name__}")
     return ckpt
