@@ -1,0 +1,517 @@
+"""
+CLIP from scratch, in one file you read top to bottom.
+
+References:
+1) Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision" (CLIP):
+   https://github.com/openai/CLIP/blob/main/clip/model.py
+2) Dosovitskiy et al. 2020, "An Image is Worth 16x16 Words" (the vision transformer).
+3) OpenCLIP (Ilharco et al.), whose ViT state dicts use the same key names as (1).
+4) Pernici et al. 2021, "Regular Polytope Networks" (the fixed heads, see simplex.py).
+
+Order: configs and presets -> building blocks (MLP, attention, block) -> VisionTransformer ->
+TextTransformer -> CLIP -> losses -> FLOPs/MFU and the optimizer.
+
+Left out on purpose: the ResNet image towers, dropout (CLIP trains without it), attention pooling, and any
+model registry: presets are plain functions returning a config.
+"""
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from simplex import FixedPolytopeHead, polytope_dim, polytope_vertices
+
+POOLS = ("eot", "first", "cls", "mean")
+HEADS = ("linear", "simplex", "orthoplex", "cube")
+HEAD_MODES = ("replace", "after")
+# CLIP's image statistics; images travel as uint8 and are normalised on the device (see normalize_images).
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# -----------------------------------------------------------------------------
+# configs
+
+
+def _positive(obj, *names):
+    for n in names:
+        v = getattr(obj, n)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{type(obj).__name__}.{n} must be a positive integer, got {v!r}")
+
+
+@dataclass
+class VisionConfig:
+    img_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+
+    def __post_init__(self):
+        _positive(self, "img_size", "patch_size", "width", "layers", "heads")
+        if self.width % self.heads:
+            raise ValueError(f"VisionConfig.width ({self.width}) must be divisible by heads ({self.heads})")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"VisionConfig.img_size ({self.img_size}) must be divisible by patch_size ({self.patch_size})")
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    pool: str = "eot"      # eot (CLIP) | first/cls (token 0) | mean (non-pad tokens)
+    pool_layers: int = 1   # average the pooled token over the last N layers (retrieval notes)
+    freeze_positions: int = 0  # Long-CLIP: the first N positional embeddings never change
+
+    def __post_init__(self):
+        _positive(self, "vocab_size", "context_length", "width", "layers", "heads", "pool_layers")
+        if self.width % self.heads:
+            raise ValueError(f"TextConfig.width ({self.width}) must be divisible by heads ({self.heads})")
+        if self.pool not in POOLS:
+            raise ValueError(f"TextConfig.pool must be one of {POOLS}, got {self.pool!r}")
+        if self.pool_layers > self.layers:
+            raise ValueError(f"TextConfig.pool_layers ({self.pool_layers}) must be <= layers ({self.layers})")
+        if not 0 <= self.freeze_positions <= self.context_length:
+            raise ValueError(f"TextConfig.freeze_positions must be in [0, context_length], got {self.freeze_positions}")
+
+
+@dataclass
+class CLIPConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 512
+    head: str = "linear"        # linear projection, or a fixed polytope head (simplex.py)
+    head_mode: str = "replace"  # replace the projection by the polytope head, or put the vertices after it
+    quick_gelu: bool = False    # x * sigmoid(1.702 x): what OpenAI's original weights were trained with
+
+    def __post_init__(self):
+        if isinstance(self.vision, dict):
+            self.vision = VisionConfig(**self.vision)
+        if isinstance(self.text, dict):
+            self.text = TextConfig(**self.text)
+        _positive(self, "embed_dim")
+        if self.head not in HEADS:
+            raise ValueError(f"CLIPConfig.head must be one of {HEADS}, got {self.head!r}")
+        if self.head_mode not in HEAD_MODES:
+            raise ValueError(f"CLIPConfig.head_mode must be one of {HEAD_MODES}, got {self.head_mode!r}")
+        if self.head != "linear":
+            try:
+                self.output_dim  # raises for an embed_dim the polytope cannot make
+            except ValueError as e:
+                raise ValueError(f"CLIPConfig.embed_dim: {e}") from None
+
+    @property
+    def output_dim(self):
+        """Size of the embeddings both towers return."""
+        if self.head == "linear":
+            return self.embed_dim
+        if self.head_mode == "replace":  # K = embed_dim vertices in d = polytope_dim(K) dims
+            polytope_dim(self.head, self.embed_dim)  # raises when the polytope cannot have K = embed_dim vertices
+            return self.embed_dim
+        return polytope_vertices(self.head, self.embed_dim).shape[0]  # after: the K vertices of the d = embed_dim polytope
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**d)
+
+
+def _tiny():  # a CPU demo: a few steps/s on 2 cores; patch 8 divides 32 px and 64 px shards
+    return CLIPConfig(VisionConfig(img_size=64, patch_size=8, width=128, layers=4, heads=4),
+                      TextConfig(vocab_size=1024, context_length=32, width=128, layers=4, heads=4), embed_dim=128)
+
+
+def _seed():  # the table of our original runs ("water through the pipes")
+    return CLIPConfig(VisionConfig(img_size=224, patch_size=16, width=768, layers=8, heads=6),
+                      TextConfig(vocab_size=49408, context_length=77, width=512, layers=6, heads=8), embed_dim=512)
+
+
+def _vit_b_16():  # OpenCLIP ViT-B-16
+    return CLIPConfig(VisionConfig(img_size=224, patch_size=16, width=768, layers=12, heads=12),
+                      TextConfig(vocab_size=49408, context_length=77, width=512, layers=12, heads=8), embed_dim=512)
+
+
+PRESETS = {"tiny": _tiny, "seed": _seed, "vit-b-16": _vit_b_16}
+
+
+def get_config(name, vocab_size=None, img_size=None, context_length=None, **overrides):
+    """A preset by name, with the data's vocab/image size and any CLIPConfig field (pool goes to the text tower)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    d = PRESETS[name]().to_dict()
+    if vocab_size is not None:
+        d["text"]["vocab_size"] = vocab_size
+    if context_length is not None:
+        d["text"]["context_length"] = context_length
+    if img_size is not None:
+        d["vision"]["img_size"] = img_size
+    for k in ("pool", "pool_layers", "freeze_positions"):
+        if k in overrides:
+            d["text"][k] = overrides.pop(k)
+    d.update(overrides)
+    return CLIPConfig.from_dict(d)
+
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class MLP(nn.Module):
+    def __init__(self, width, quick_gelu):
+        super().__init__()
+        self.c_fc = nn.Linear(width, 4 * width)
+        self.gelu = QuickGELU() if quick_gelu else nn.GELU()
+        self.c_proj = nn.Linear(4 * width, width)
+
+    def forward(self, x):  # (B, T, C) -> (B, T, C)
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Attention(nn.Module):
+    def __init__(self, width, heads, causal):
+        super().__init__()
+        self.heads, self.causal = heads, causal
+        self.qkv = nn.Linear(width, 3 * width)  # same layout as nn.MultiheadAttention's in_proj (q, k, v stacked)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        # flash/memory-efficient kernels when available; is_causal builds the triangular mask for text
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C) heads side by side again
+        return self.proj(y)
+
+
+class Adapter(nn.Module):
+    """Bottleneck adapter (Houlsby et al. 2019; VL-Adapter): x + up(gelu(down(x))), up starts at zero."""
+
+    def __init__(self, width, reduction):
+        super().__init__()
+        self.down = nn.Linear(width, max(1, width // reduction))
+        self.up = nn.Linear(max(1, width // reduction), width)
+        nn.init.zeros_(self.up.weight)  # the model starts exactly as it was
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x):  # (B, T, C) -> (B, T, C)
+        return x + self.up(F.gelu(self.down(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, width, heads, causal, quick_gelu):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads, causal)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = MLP(width, quick_gelu)
+        self.adapter_attn = self.adapter_mlp = None  # set by CLIP.add_adapters
+
+    def forward(self, x):  # (B, T, C) -> (B, T, C)
+        a = self.attn(self.ln_1(x))
+        x = x + (self.adapter_attn(a) if self.adapter_attn is not None else a)
+        m = self.mlp(self.ln_2(x))
+        return x + (self.adapter_mlp(m) if self.adapter_mlp is not None else m)
+
+
+def make_head(width, config):
+    """The projection into the shared space: linear, a polytope head instead of it, or vertices after it."""
+    if config.head == "linear":
+        return nn.Linear(width, config.embed_dim, bias=False)
+    if config.head_mode == "replace":  # K = embed_dim vertices, d = polytope_dim(K)
+        return FixedPolytopeHead(width, config.embed_dim, config.head)
+    d = config.embed_dim  # after: the projection to d, then the fixed K vertices of the d-polytope
+    K = polytope_vertices(config.head, d).shape[0]
+    return nn.Sequential(nn.Linear(width, d, bias=False), FixedPolytopeHead(d, K, config.head, project=False))
+
+
+# -----------------------------------------------------------------------------
+# the two towers
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        vc = config.vision
+        self.grid = vc.img_size // vc.patch_size
+        # a conv with stride = kernel = patch size cuts the image into patches and embeds each one
+        self.patch_embed = nn.Conv2d(3, vc.width, vc.patch_size, stride=vc.patch_size, bias=False)
+        self.cls_token = nn.Parameter(torch.zeros(vc.width))
+        self.pos_embed = nn.Parameter(torch.zeros(self.grid ** 2 + 1, vc.width))
+        self.ln_pre = nn.LayerNorm(vc.width)
+        self.blocks = nn.ModuleList(Block(vc.width, vc.heads, False, config.quick_gelu) for _ in range(vc.layers))
+        self.ln_post = nn.LayerNorm(vc.width)
+        self.proj = make_head(vc.width, config)
+
+    def forward(self, images, return_hidden=False):
+        x = self.patch_embed(images)  # (B, C, g, g) one C-vector per patch
+        x = x.flatten(2).transpose(1, 2)  # (B, g*g, C)
+        cls = self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, C)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)  # (B, T, C) with T = g*g + 1
+        x = self.ln_pre(x)
+        hidden = []
+        for block in self.blocks:
+            x = block(x)  # (B, T, C)
+            hidden.append(x)
+        pooled = self.ln_post(x[:, 0])  # (B, C) the class token summarises the image
+        out = self.proj(pooled)  # (B, E)
+        return (out, hidden) if return_hidden else out
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        tc = config.text
+        self.pool, self.pool_layers = tc.pool, tc.pool_layers
+        self.token_embed = nn.Embedding(tc.vocab_size, tc.width)
+        # Long-CLIP keeps the first freeze_positions rows fixed: a buffer, so no optimizer (or decay) can move them
+        self.freeze_positions = tc.freeze_positions
+        self.pos_embed = nn.Parameter(torch.zeros(tc.context_length - tc.freeze_positions, tc.width))
+        if tc.freeze_positions:
+            self.register_buffer("pos_fixed", torch.zeros(tc.freeze_positions, tc.width))
+        self.blocks = nn.ModuleList(Block(tc.width, tc.heads, True, config.quick_gelu) for _ in range(tc.layers))
+        self.ln_final = nn.LayerNorm(tc.width)
+        self.proj = make_head(tc.width, config)
+
+    def positions(self):  # (ctx, C) all positional embeddings, fixed rows first
+        return torch.cat([self.pos_fixed, self.pos_embed]) if self.freeze_positions else self.pos_embed
+
+    def pool_tokens(self, x, tokens):
+        """(B, T, C) hidden states -> (B, C), following self.pool."""
+        eot = tokens.argmax(dim=-1)  # (B,) the end-of-text token has the highest id, as in CLIP
+        if self.pool == "eot":  # causal attention: the last token has read the whole caption
+            return x[torch.arange(x.shape[0], device=x.device), eot]
+        if self.pool in ("first", "cls"):
+            return x[:, 0]
+        mask = torch.arange(tokens.shape[1], device=x.device)[None, :] <= eot[:, None]  # (B, T) up to eot
+        return (x * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)  # (B, C) mean of the real tokens
+
+    def forward(self, tokens, return_hidden=False):
+        T = tokens.shape[1]
+        x = self.token_embed(tokens) + self.positions()[:T]  # (B, T, C)
+        hidden = []
+        for block in self.blocks:
+            x = block(x)  # (B, T, C), each token sees only itself and earlier ones
+            hidden.append(x)
+        # pool the last pool_layers layers through the final norm and average them (1 = plain CLIP)
+        pooled = torch.stack([self.pool_tokens(self.ln_final(h), tokens)
+                              for h in hidden[-self.pool_layers:]]).mean(0)  # (B, C)
+        out = self.proj(pooled)  # (B, E)
+        return (out, hidden) if return_hidden else out
+
+
+# -----------------------------------------------------------------------------
+# CLIP
+
+
+def normalize_images(images):
+    """uint8 (B, 3, S, S) -> float (B, 3, S, S) with CLIP's mean/std; runs on the device, so only bytes cross PCIe."""
+    mean = torch.tensor(IMAGE_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGE_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+class CLIP(nn.Module):
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        self.config = config
+        self.visual = VisionTransformer(config)
+        self.text = TextTransformer(config)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # temperature 0.07, learned in log space
+        self.init_weights()
+
+    def init_weights(self):
+        """CLIP's initialisation (openai/CLIP model.py): small embeddings, residual projections scaled by depth."""
+        for tower, tc in ((self.visual, self.config.vision), (self.text, self.config.text)):
+            W, L = tc.width, tc.layers
+            attn_std, proj_std, fc_std = W ** -0.5, W ** -0.5 * (2 * L) ** -0.5, (2 * W) ** -0.5
+            for block in tower.blocks:
+                nn.init.normal_(block.attn.qkv.weight, std=attn_std)
+                nn.init.normal_(block.attn.proj.weight, std=proj_std)
+                nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+                nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+                for lin in (block.attn.qkv, block.attn.proj, block.mlp.c_fc, block.mlp.c_proj):
+                    nn.init.zeros_(lin.bias)
+            for m in tower.proj.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=W ** -0.5)
+        scale = self.config.vision.width ** -0.5
+        nn.init.normal_(self.visual.cls_token, std=scale)
+        nn.init.normal_(self.visual.pos_embed, std=scale)
+        nn.init.normal_(self.text.token_embed.weight, std=0.02)
+        nn.init.normal_(self.text.pos_embed, std=0.01)
+        if self.text.freeze_positions:
+            nn.init.normal_(self.text.pos_fixed, std=0.01)
+
+    def encode_image(self, images, return_hidden=False):  # float (B, 3, S, S) normalised -> (B, E)
+        return self.visual(images, return_hidden)
+
+    def encode_text(self, tokens, return_hidden=False):  # int64 (B, T) -> (B, E)
+        return self.text(tokens, return_hidden)
+
+    def forward(self, images, tokens):
+        img = F.normalize(self.encode_image(images), dim=-1)  # (B, E) on the unit sphere
+        txt = F.normalize(self.encode_text(tokens), dim=-1)  # (B, E)
+        return img, txt, self.logit_scale.exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale(self, max_scale=100.0):
+        """Call after each optimizer step: exp(logit_scale) <= 100, as in CLIP (keeps the softmax from saturating)."""
+        self.logit_scale.clamp_(0, math.log(max_scale))
+
+    def add_adapters(self, reduction, towers=("visual", "text")):
+        """Two bottleneck adapters per block (after attention, after MLP) in the chosen towers."""
+        for name in towers:
+            for block in getattr(self, name).blocks:
+                W = block.ln_1.normalized_shape[0]
+                block.adapter_attn = Adapter(W, reduction).to(block.ln_1.weight.device)
+                block.adapter_mlp = Adapter(W, reduction).to(block.ln_1.weight.device)
+
+    def num_params(self, trainable_only=False):
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # --- the original CLIP / OpenCLIP state dict, both ways -------------------------------------------------
+
+    # ours <-> theirs; block keys are handled by BLOCK_KEYS, projections are transposed (they store x @ proj)
+    OPENAI_KEYS = {
+        "visual.patch_embed.weight": "visual.conv1.weight",
+        "visual.cls_token": "visual.class_embedding",
+        "visual.pos_embed": "visual.positional_embedding",
+        "visual.ln_pre.weight": "visual.ln_pre.weight", "visual.ln_pre.bias": "visual.ln_pre.bias",
+        "visual.ln_post.weight": "visual.ln_post.weight", "visual.ln_post.bias": "visual.ln_post.bias",
+        "visual.proj.weight": "visual.proj",
+        "text.token_embed.weight": "token_embedding.weight",
+        "text.pos_embed": "positional_embedding",
+        "text.ln_final.weight": "ln_final.weight", "text.ln_final.bias": "ln_final.bias",
+        "text.proj.weight": "text_projection",
+        "logit_scale": "logit_scale",
+    }
+    BLOCK_KEYS = {
+        "ln_1.weight": "ln_1.weight", "ln_1.bias": "ln_1.bias", "ln_2.weight": "ln_2.weight", "ln_2.bias": "ln_2.bias",
+        "attn.qkv.weight": "attn.in_proj_weight", "attn.qkv.bias": "attn.in_proj_bias",
+        "attn.proj.weight": "attn.out_proj.weight", "attn.proj.bias": "attn.out_proj.bias",
+        "mlp.c_fc.weight": "mlp.c_fc.weight", "mlp.c_fc.bias": "mlp.c_fc.bias",
+        "mlp.c_proj.weight": "mlp.c_proj.weight", "mlp.c_proj.bias": "mlp.c_proj.bias",
+    }
+    TOWER_PREFIX = {"visual.blocks.": "visual.transformer.resblocks.", "text.blocks.": "transformer.resblocks."}
+
+    def to_openai_state_dict(self):
+        if self.config.head != "linear":
+            raise ValueError("only head='linear' models have an original-CLIP equivalent")
+        out = {}
+        for k, v in self.state_dict().items():
+            if k in self.OPENAI_KEYS:
+                out[self.OPENAI_KEYS[k]] = v.t() if k.endswith("proj.weight") else v
+                continue
+            m = re.match(r"(visual\.blocks\.|text\.blocks\.)(\d+)\.(.+)", k)
+            if m is None or m.group(3) not in self.BLOCK_KEYS:
+                raise ValueError(f"no original-CLIP name for {k!r} (adapters and polytope heads have none)")
+            out[self.TOWER_PREFIX[m.group(1)] + m.group(2) + "." + self.BLOCK_KEYS[m.group(3)]] = v
+        return out
+
+    @classmethod
+    def from_openai_state_dict(cls, sd, quick_gelu=True, vision_heads=None, text_heads=None, pool="eot"):
+        """Build a model from an original CLIP / OpenCLIP ViT state dict, inferring the config from the shapes.
+        Head counts are not in the shapes: CLIP's rule is width // 64 (override with vision_heads/text_heads)."""
+        sd = {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+        if "visual.conv1.weight" not in sd:
+            raise ValueError("not a CLIP ViT state dict: 'visual.conv1.weight' is missing (ResNet towers are not supported)")
+        count = lambda prefix: len({k.split(".")[len(prefix.split(".")) - 1] for k in sd if k.startswith(prefix)})
+        vw, _, patch, _ = sd["visual.conv1.weight"].shape
+        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        ctx, tw = sd["positional_embedding"].shape
+        config = CLIPConfig(
+            VisionConfig(img_size=grid * patch, patch_size=patch, width=vw,
+                         layers=count("visual.transformer.resblocks."), heads=vision_heads or vw // 64),
+            TextConfig(vocab_size=sd["token_embedding.weight"].shape[0], context_length=ctx, width=tw,
+                       layers=count("transformer.resblocks."), heads=text_heads or tw // 64, pool=pool),
+            embed_dim=sd["text_projection"].shape[1], quick_gelu=quick_gelu)
+        model = cls(config)
+        ours = {}
+        theirs_to_ours = {v: k for k, v in cls.OPENAI_KEYS.items()}
+        block_back = {v: k for k, v in cls.BLOCK_KEYS.items()}
+        for k, v in sd.items():
+            if k in theirs_to_ours:
+                ours[theirs_to_ours[k]] = v.t() if theirs_to_ours[k].endswith("proj.weight") else v
+                continue
+            m = re.match(r"(visual\.transformer\.resblocks\.|transformer\.resblocks\.)(\d+)\.(.+)", k)
+            if m is None or m.group(3) not in block_back:
+                raise ValueError(f"unexpected key in the original state dict: {k!r}")
+            prefix = {v: k for k, v in cls.TOWER_PREFIX.items()}[m.group(1)]
+            ours[prefix + m.group(2) + "." + block_back[m.group(3)]] = v
+        model.load_state_dict(ours, strict=True)  # every tensor is loaded, or this raises
+        return model
+
+
+# -----------------------------------------------------------------------------
+# losses
+
+
+def clip_loss(img, txt, logit_scale, label_smoothing=0.0, all_img=None, all_txt=None, offset=0):
+    """Symmetric InfoNCE. img, txt: (b, E) normalised local rows; logit_scale: exp'd scalar.
+    DDP: pass all_img/all_txt (N, E) gathered from every rank and this rank's first row index `offset`; each
+    local image is then contrasted with all N captions (and vice versa), and the target of row i is offset + i.
+    loss = (CE(s * img @ all_txt^T, targets) + CE(s * txt @ all_img^T, targets)) / 2, averaged over local rows."""
+    all_img = img if all_img is None else all_img
+    all_txt = txt if all_txt is None else all_txt
+    targets = torch.arange(img.shape[0], device=img.device) + offset  # (b,) the matching caption's column
+    logits_i = logit_scale * img @ all_txt.t()  # (b, N) image -> every caption
+    logits_t = logit_scale * txt @ all_img.t()  # (b, N) caption -> every image
+    return (F.cross_entropy(logits_i, targets, label_smoothing=label_smoothing)
+            + F.cross_entropy(logits_t, targets, label_smoothing=label_smoothing)) / 2
+
+
+# -----------------------------------------------------------------------------
+# FLOPs, MFU and the optimizer
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16 dense tensor-core peaks
+
+
+def estimate_flops_per_sample(config: CLIPConfig):
+    """Training FLOPs for one (image, caption) pair: per tower 6 * N * T for the matmuls (forward 2, backward 4,
+    N = weights touched per token) plus 12 * L * C * T^2 for attention scores and values (nanoGPT's count)."""
+    def tower(width, layers, T, in_dim):
+        n = layers * 12 * width ** 2  # qkv 3C^2 + out C^2 + mlp 8C^2 per block
+        return 6 * (n * T + in_dim * width) + 12 * layers * width * T ** 2
+
+    vc, tc = config.vision, config.text
+    patches = (vc.img_size // vc.patch_size) ** 2
+    vision = tower(vc.width, vc.layers, patches + 1, 0) + 6 * patches * 3 * vc.patch_size ** 2 * vc.width
+    text = tower(tc.width, tc.layers, tc.context_length, 0)
+    heads = 6 * (vc.width + tc.width) * config.embed_dim  # the two projections, once per sample
+    return vision + text + heads
+
+
+def estimate_mfu(config, samples_per_s, device_name=None):
+    """Model FLOPs utilisation: achieved FLOP/s over the device's bf16 peak; None when the peak is unknown."""
+    if device_name is None and torch.cuda.is_available():
+        device_name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_FLOPS.items() if device_name and k in device_name), None)
+    return None if peak is None else estimate_flops_per_sample(config) * samples_per_s / peak
+
+
+def configure_optimizers(model, weight_decay, lr, betas=(0.9, 0.98), eps=1e-6, fused=None):
+    """AdamW; weight decay on matrices only (>= 2 dims: linear/conv weights, token and positional embeddings);
+    biases, LayerNorm gains, the class token and the logit scale (all < 2 dims) are not decayed."""
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen towers stay out of the optimizer
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if fused is None:  # fused kernel: one launch for all parameters, when every parameter is on a GPU
+        fused = all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
