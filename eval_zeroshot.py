@@ -1,0 +1,654 @@
+"""
+Evaluate a CLIP checkpoint: zero-shot classification, image-text retrieval and a compositional (swap) test.
+
+    python eval_zeroshot.py --ckpt out/ckpt/best.pt --data data/synthetic          # shards: everything that applies
+    python eval_zeroshot.py --ckpt best.pt --data imagenet/val --out in1k.json     # class folders: zero-shot only
+    python eval_zeroshot.py --ckpt best.pt --aro visual_genome_relation.json --aro_images vg_images/
+
+What runs on what:
+- zero-shot (Radford et al. 2021, sec. 3.1.4): on class folders (DIR/<class>/*.jpg, ImageNet layout) and on
+  shard sets whose index.json lists "classes". Each class becomes one text embedding: the caption embeddings of
+  every template ("a photo of a {}.", ...), each normalised, averaged and normalised again (prompt ensembling).
+  Top-1 / top-5 accuracy (top-k capped at the number of classes), per-class top-1 and a confusion matrix PNG.
+  On the synthetic set, top-1 is also split into seen and held-out colour-shape combinations (by true label).
+- retrieval: on any shard set, image i's own caption is caption i. image->text and text->image R@1/5/10, mean
+  reciprocal rank and median rank. Only `chunk` rows of the similarity matrix exist at a time, so 100k pairs
+  need a few hundred MB, never the full N x N matrix.
+- swaps (ARO, Yuksekgonul et al. 2023): is the true caption scored strictly higher than a swapped one
+  ("a red cube left of a blue ball" vs "a blue cube left of a red ball")? Accuracy per swap type, from the
+  synthetic shards' json "swaps", a jsonl file (--swaps_jsonl), or ARO's VG-Relation / VG-Attribution files
+  (--aro FILE --aro_images DIR; each image is cropped to its bbox first, as ARO does).
+
+Ranks and ties: the rank of the right answer is 1 + the number of candidates with a strictly higher score, so a
+tie counts in the model's favour (identical captions in a retrieval set do not push each other down). Accuracies,
+recalls and MRR are fractions in [0, 1].
+
+train.py calls `evaluate_checkpoint` every --eval_every steps: one encoding pass over the split, reused by
+zero-shot, retrieval and the swap test. Pass it the bare model (not the DDP wrapper, which has no encode_image).
+
+Left out on purpose: linear probes, few-shot, test-time augmentation, the 80 ImageNet templates of CLIP (give
+them with --templates), and per-dataset class-name cleaning.
+"""
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from PIL import Image
+from tqdm import tqdm
+
+from clip import normalize_images
+from dataloader import ShardLoader, complete, map_file, scan_tar
+from logger import write_atomic
+from prep_dataset import FOLDER_EXTS, articles
+
+# A short, generic CLIP-style template list (prompt ensembling); --templates replaces it.
+TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a rendering of a {}.", "a {}."]
+RECALL_AT = (1, 5, 10)
+
+# -----------------------------------------------------------------------------
+# images from files (class folders, jsonl / ARO swap files)
+
+
+def load_image(path, size, box=None):
+    """File -> uint8 (3, size, size): optional crop to box (x0, y0, x1, y1), shorter side resized to `size`,
+    centre crop; the same preparation as the shards (prep_dataset) and CLIP's preprocessing."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if box is not None:
+            im = im.crop(box)
+        w, h = im.size
+        if w < 1 or h < 1:
+            raise ValueError(f"empty image or crop box {box}")
+        s = size / min(w, h)
+        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+        x, y = (im.width - size) // 2, (im.height - size) // 2
+        im = im.crop((x, y, x + size, y + size))
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(im).transpose(2, 0, 1)))  # (S, S, 3) -> (3, S, S)
+
+
+def try_load(item, size):
+    """(path, box) -> uint8 (3, S, S), or None when the file does not decode (counted by the caller)."""
+    try:
+        return load_image(item[0], size, item[1])
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
+class ImageList:
+    """Image files -> batches like ShardLoader's: {"image": uint8 (B, 3, S, S), "label": int64 (B,)}, in order.
+    Files that do not decode are skipped, counted (self.skipped) and named in a warning. Decoding runs in a
+    thread pool (PIL releases the GIL while decoding) one batch ahead, so it overlaps the model's forward."""
+
+    def __init__(self, items, labels, img_size, batch_size=256, workers=4):
+        self.items, self.labels = list(items), torch.as_tensor(labels, dtype=torch.int64)  # [(path, box)], (N,)
+        self.img_size, self.batch_size, self.workers = img_size, batch_size, max(1, workers)
+        self.skipped, self.failed = 0, []
+
+    def __len__(self):
+        return math.ceil(len(self.items) / self.batch_size)
+
+    def __iter__(self):
+        self.skipped, self.failed, B = 0, [], self.batch_size
+        with ThreadPoolExecutor(self.workers) as pool:
+            submit = lambda s: [pool.submit(try_load, it, self.img_size) for it in self.items[s:s + B]]
+            futures = submit(0)
+            for s in range(0, len(self.items), B):
+                images = [f.result() for f in futures]
+                futures = submit(s + B)  # the next batch decodes while this one is encoded
+                ok = [i for i, im in enumerate(images) if im is not None]
+                self.failed += [self.items[s + i][0] for i, im in enumerate(images) if im is None]
+                if ok:
+                    yield {"image": torch.stack([images[i] for i in ok]),  # (B', 3, S, S) uint8
+                           "label": self.labels[s:s + B][ok]}  # (B',)
+        self.skipped = len(self.failed)
+        if self.failed:
+            warnings.warn(f"skipped {self.skipped} image(s) that could not be decoded: "
+                          + ", ".join(self.failed[:5]) + (", ..." if self.skipped > 5 else ""))
+
+    def close(self):
+        pass
+
+
+def image_folder(root, img_size, batch_size=256, workers=4):
+    """Class folders root/<class>/**/<image> (ImageNet layout) -> (ImageList, class names). A class folder with
+    no image files is skipped with a warning naming it; class names are folder names with "_" -> " "."""
+    subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    items, labels, classes, empty = [], [], [], []
+    for d in subdirs:
+        files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(root, d)) for f in fs
+                       if f.rsplit(".", 1)[-1].lower() in FOLDER_EXTS)
+        if not files:
+            empty.append(d)
+            continue
+        items += [(f, None) for f in files]
+        labels += [len(classes)] * len(files)
+        classes.append(d.replace("_", " "))
+    if empty:
+        warnings.warn(f"skipped {len(empty)} class folder(s) with no images: {', '.join(empty)}")
+    if not classes:
+        raise ValueError(f"{root}: no class folders with images (expected {root}/<class>/*.jpg, or a shard set "
+                         f"with index.json)")
+    return ImageList(items, labels, img_size, batch_size, workers), classes
+
+
+# -----------------------------------------------------------------------------
+# encoding
+
+
+def model_device(model):
+    return next(model.parameters()).device
+
+
+def autocast(device, precision):
+    """bf16 autocast on CUDA (tensor cores, half the memory traffic); plain fp32 everywhere else."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16" and device.type == "cuda")
+
+
+@torch.inference_mode()
+def encode_texts(model, tokenizer, texts, device=None, precision="fp32", batch=256):
+    """Captions -> normalised (M, E) float32 embeddings; each distinct caption is encoded once."""
+    device = torch.device(device) if device is not None else model_device(model)
+    uniq = list(dict.fromkeys(texts))
+    if not uniq:
+        return torch.empty(0, model.config.output_dim, device=device)
+    ctx = model.config.text.context_length
+    parts = []
+    for s in range(0, len(uniq), batch):
+        tokens = tokenizer.tokenize(uniq[s:s + batch], ctx).to(device)  # (b, ctx) int64
+        with autocast(device, precision):
+            parts.append(F.normalize(model.encode_text(tokens).float(), dim=-1))  # (b, E)
+    where = {t: i for i, t in enumerate(uniq)}
+    return torch.cat(parts)[torch.tensor([where[t] for t in texts], device=device)]  # (M, E)
+
+
+@torch.inference_mode()
+def encode_images(model, images, device=None, precision="fp32", batch=256):
+    """uint8 (N, 3, S, S) images (normalised here) or float ones (already normalised) -> normalised (N, E)."""
+    device = torch.device(device) if device is not None else model_device(model)
+    parts = []
+    for s in range(0, len(images), batch):
+        x = images[s:s + batch].to(device)
+        x = normalize_images(x) if x.dtype == torch.uint8 else x.float()  # (b, 3, S, S)
+        with autocast(device, precision):
+            parts.append(F.normalize(model.encode_image(x).float(), dim=-1))  # (b, E)
+    return torch.cat(parts) if parts else torch.empty(0, model.config.output_dim, device=device)
+
+
+@torch.inference_mode()
+def encode_split(model, loader, device, precision="fp32", quiet=True):
+    """Every batch of `loader` (ShardLoader or ImageList) -> dict(image=(N, E), text=(N, E) or None,
+    label=(N,) or None), embeddings normalised float32 on `device`."""
+    device = torch.device(device)
+    imgs, txts, labels = [], [], []
+    t0, n = time.time(), 0
+    for batch in tqdm(loader, total=len(loader), desc="encode", unit="batch", disable=quiet, leave=False):
+        x = normalize_images(batch["image"].to(device, non_blocking=True))  # uint8 -> float on the device
+        with autocast(device, precision):
+            imgs.append(F.normalize(model.encode_image(x).float(), dim=-1))  # (B, E)
+            if "text" in batch:
+                txts.append(F.normalize(model.encode_text(batch["text"].to(device, non_blocking=True)).float(), dim=-1))
+        if "label" in batch:
+            labels.append(batch["label"].to(device))
+        n += len(x)
+    if not imgs:
+        raise ValueError("no images to evaluate (every image failed to decode?)")
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # the GPU runs ahead of Python: wait, or the timing is of the launches only
+    if not quiet:
+        dt = time.time() - t0
+        print(f"encoded {n} images{' and captions' if txts else ''} in {dt:.1f}s ({n / dt:.0f} images/s)")
+    return {"image": torch.cat(imgs), "text": torch.cat(txts) if txts else None,
+            "label": torch.cat(labels) if labels else None}
+
+
+def zeroshot_classifier(model, tokenizer, classes, templates=TEMPLATES, device=None, precision="fp32"):
+    """Class names -> (C, E) normalised class embeddings: every template's caption embedding, normalised,
+    averaged over templates and normalised again (CLIP's prompt ensembling). "a {}" + "apple" -> "an apple"."""
+    templates = list(templates)
+    if not templates or any("{}" not in t for t in templates):
+        raise ValueError(f"every template needs a '{{}}' for the class name; got {templates[:3]}")
+    if not classes:
+        raise ValueError("no class names")
+    prompts = [articles(t.replace("{}", c)) for c in classes for t in templates]  # C*T captions, class-major
+    emb = encode_texts(model, tokenizer, prompts, device, precision)  # (C*T, E)
+    emb = emb.view(len(classes), len(templates), -1).mean(1)  # (C, E) average over templates
+    return F.normalize(emb, dim=-1)
+
+
+# -----------------------------------------------------------------------------
+# metrics on embeddings
+
+
+def ranks_of_diagonal(queries, keys, chunk=1024):
+    """(N, E) queries, (N, E) keys -> (N,) rank of keys[i] for query i: 1 + #keys with a strictly higher
+    score. Works on `chunk` rows of the (N, N) score matrix at a time and keeps only the ranks."""
+    N = queries.shape[0]
+    ranks = torch.empty(N, dtype=torch.int64, device=queries.device)
+    for s in range(0, N, chunk):
+        scores = queries[s:s + chunk] @ keys.t()  # (c, N)
+        c = scores.shape[0]
+        true = scores[torch.arange(c, device=scores.device), torch.arange(s, s + c, device=scores.device)]  # (c,)
+        ranks[s:s + c] = (scores > true[:, None]).sum(1) + 1  # the true score from the same matmul: no rounding gap
+    return ranks
+
+
+def median(x):
+    """Median as numpy defines it: the mean of the two middle values for an even count."""
+    x = x.double().sort().values
+    n = len(x)
+    return float((x[(n - 1) // 2] + x[n // 2]) / 2)
+
+
+def evaluate_retrieval(image_emb, text_emb, chunk=1024):
+    """Paired (N, E) image and caption embeddings -> R@1/5/10, MRR and median rank, both directions."""
+    if image_emb.shape != text_emb.shape or image_emb.ndim != 2 or len(image_emb) == 0:
+        raise ValueError(f"need paired (N, E) embeddings, got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    out = {}
+    for name, queries, keys in (("i2t", image_emb, text_emb), ("t2i", text_emb, image_emb)):
+        r = ranks_of_diagonal(queries, keys, chunk)  # (N,)
+        for k in RECALL_AT:
+            out[f"{name}_R@{k}"] = (r <= k).double().mean().item()
+        out[f"{name}_mrr"] = (1.0 / r.double()).mean().item()
+        out[f"{name}_median_rank"] = median(r)
+    return out
+
+
+def evaluate_zeroshot(image_emb, labels, classifier, classes=None, heldout=None, chunk=4096):
+    """(N, E) images, (N,) true labels, (C, E) classifier -> zeroshot_top1, zeroshot_top5 (top-min(5, C)),
+    zeroshot_per_class {class: top-1}, confusion (C, C) int64 (rows true, columns argmax prediction), and
+    zeroshot_top1_seen / zeroshot_top1_heldout when `heldout` (class names or indices) is given.
+    Samples with a label outside [0, C) (-1: the shard's json had none) are left out and counted."""
+    C = classifier.shape[0]
+    labels = labels.to(image_emb.device)
+    keep = (labels >= 0) & (labels < C)
+    if not keep.any():
+        raise ValueError(f"no sample has a label in [0, {C})")
+    emb, y = image_emb[keep], labels[keep]  # (n, E), (n,)
+    classifier = classifier.to(emb.device, emb.dtype)
+    rank, pred = [], []
+    for s in range(0, len(y), chunk):
+        logits = emb[s:s + chunk] @ classifier.t()  # (c, C) cosine similarities
+        true = logits.gather(1, y[s:s + chunk, None])  # (c, 1)
+        rank.append((logits > true).sum(1) + 1)  # (c,) 1 + classes scored strictly higher
+        pred.append(logits.argmax(1))
+    rank, pred = torch.cat(rank).cpu(), torch.cat(pred).cpu()
+    y = y.cpu()
+    top1 = rank == 1
+    names = list(classes) if classes is not None else [str(c) for c in range(C)]
+    out = {"zeroshot_top1": top1.double().mean().item(),
+           "zeroshot_top5": (rank <= min(5, C)).double().mean().item(),
+           "zeroshot_n": len(y)}
+    if (~keep).any():
+        out["zeroshot_unlabelled"] = int((~keep).sum())
+        warnings.warn(f"{out['zeroshot_unlabelled']} samples have no label in [0, {C}) and were left out")
+    if heldout is not None:
+        idx = [names.index(h) if isinstance(h, str) else int(h) for h in heldout]
+        held = torch.isin(y, torch.tensor(idx, dtype=torch.int64))
+        for key, m in (("zeroshot_top1_seen", ~held), ("zeroshot_top1_heldout", held)):
+            if m.any():  # no samples of a group: no number (rather than NaN in the JSON)
+                out[key] = top1[m].double().mean().item()
+    count = torch.bincount(y, minlength=C)  # (C,) samples per class
+    hits = torch.bincount(y[top1], minlength=C)  # (C,) top-1 hits per class
+    out["zeroshot_per_class"] = {names[c]: hits[c].item() / count[c].item() for c in range(C) if count[c] > 0}
+    out["confusion"] = torch.bincount(y * C + pred, minlength=C * C).view(C, C)  # (C, C) true x predicted
+    return out
+
+
+def swap_accuracy(image_emb, true_emb, false_emb, types, groups=None, prefix="swap_"):
+    """Row-aligned (M, E) image, true-caption and swapped-caption embeddings, a swap type per row ->
+    {prefix+type: fraction with score(true) > score(swapped) strictly, prefix+type+"_n": rows}; with `groups`
+    (ARO's relation name / attribute pair per row) also prefix+type+"_macro": the mean of per-group accuracies."""
+    correct = ((image_emb * true_emb).sum(-1) > (image_emb * false_emb).sum(-1)).cpu()  # (M,) bool
+    out = {}
+    for t in dict.fromkeys(types):
+        rows = [i for i, x in enumerate(types) if x == t]
+        out[f"{prefix}{t}"] = correct[rows].double().mean().item()
+        out[f"{prefix}{t}_n"] = len(rows)
+        if groups is not None:
+            per = {}
+            for i in rows:
+                per.setdefault(groups[i], []).append(correct[i].item())
+            out[f"{prefix}{t}_macro"] = float(np.mean([np.mean(v) for v in per.values()]))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# swap tests from tensors, shards and files
+
+
+def evaluate_swaps(model, tokenizer, images, captions, swapped, precision="fp32", batch=256):
+    """images: uint8 (N, 3, S, S) (or float, normalised), captions: N true captions, swapped: {type: N captions,
+    None where a sample has no swap of that type} -> {"swap_<type>": accuracy, "swap_<type>_n": count}."""
+    if len(images) != len(captions) or any(len(v) != len(captions) for v in swapped.values()):
+        raise ValueError("images, captions and every swapped list must have the same length")
+    rows = [(i, t, s) for t, lst in swapped.items() for i, s in enumerate(lst) if s is not None]
+    if not rows:
+        raise ValueError("no swapped captions")
+    device = model_device(model)
+    img = encode_images(model, images, device, precision, batch)  # (N, E)
+    idx = torch.tensor([i for i, _, _ in rows], device=device)
+    true = encode_texts(model, tokenizer, [captions[i] for i, _, _ in rows], device, precision, batch)  # (M, E)
+    false = encode_texts(model, tokenizer, [s for _, _, s in rows], device, precision, batch)  # (M, E)
+    return swap_accuracy(img[idx], true, false, [t for _, t, _ in rows])
+
+
+def shard_swaps(loader):
+    """The json "swaps" {type: caption} of every sample of an unshuffled ShardLoader, as rows (sample index,
+    type, swapped caption), and the number of samples. Uses the loader's own shard list and completeness rule,
+    so sample i here is row i of its batches; tar members are read in memory (mmap), never extracted."""
+    rows, n = [], 0
+    for path in loader.make.paths:  # sorted, as the loader reads them when shuffle=False
+        data = map_file(path)
+        groups, _ = scan_tar(data)
+        for key in sorted(groups):
+            exts = groups[key]
+            if not complete(exts, loader.make.required, loader.make.fields):
+                continue
+            if "json" in exts:
+                off, size = exts["json"]
+                try:
+                    swaps = json.loads(data[off:off + size]).get("swaps") or {}
+                except (ValueError, AttributeError):
+                    swaps = {}
+                rows += [(n, t, s) for t, s in swaps.items() if isinstance(s, str)]
+            n += 1
+        if hasattr(data, "close"):
+            data.close()
+    return rows, n
+
+
+def read_swaps_jsonl(path):
+    """jsonl of {"image", "caption", "swaps": {type: caption}} or {"image", "true_caption", "false_caption",
+    "type"} (image paths relative to the file's folder) -> swap records; bad lines are skipped and counted."""
+    base, records, bad = os.path.dirname(os.path.abspath(path)), [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                bad += 1
+                continue
+            if not isinstance(row, dict) or not isinstance(row.get("image"), str):
+                bad += 1
+                continue
+            image = os.path.join(base, row["image"])
+            if isinstance(row.get("caption"), str) and isinstance(row.get("swaps"), dict):
+                records += [{"image": image, "box": None, "true": row["caption"], "false": s, "type": str(t)}
+                            for t, s in row["swaps"].items() if isinstance(s, str)]
+            elif isinstance(row.get("true_caption"), str) and isinstance(row.get("false_caption"), str):
+                records.append({"image": image, "box": None, "true": row["true_caption"],
+                                "false": row["false_caption"], "type": str(row.get("type", "swap"))})
+            else:
+                bad += 1
+    if bad:
+        warnings.warn(f"{path}: skipped {bad} line(s) that are not a swap record")
+    if not records:
+        raise ValueError(f"{path}: no swap records")
+    return records
+
+
+def read_aro(path, image_dir):
+    """ARO's VG-Relation / VG-Attribution file: a JSON list of {"image_path", "bbox_x", "bbox_y", "bbox_w",
+    "bbox_h", "true_caption", "false_caption", "relation_name" | "attributes"} -> swap records of type
+    "relation" / "attribute", grouped by relation name / attribute pair (for ARO's macro accuracy)."""
+    with open(path, encoding="utf-8") as f:
+        items = json.load(f)
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: expected a JSON list of ARO items, got {type(items).__name__}")
+    records, bad = [], 0
+    for it in items:
+        try:
+            x, y, w, h = (float(it[k]) for k in ("bbox_x", "bbox_y", "bbox_w", "bbox_h"))
+            rec = {"image": os.path.join(image_dir, it["image_path"]), "box": (x, y, x + w, y + h),
+                   "true": str(it["true_caption"]), "false": str(it["false_caption"])}
+        except (KeyError, TypeError, ValueError):
+            bad += 1
+            continue
+        if "relation_name" in it:
+            rec.update(type="relation", group=str(it["relation_name"]))
+        elif "attributes" in it:
+            a = it["attributes"]
+            rec.update(type="attribute", group=" / ".join(map(str, a)) if isinstance(a, list) else str(a))
+        else:
+            rec.update(type="swap", group="")
+        records.append(rec)
+    if bad:
+        warnings.warn(f"{path}: skipped {bad} item(s) without image_path, bbox or captions")
+    if not records:
+        raise ValueError(f"{path}: no ARO items")
+    return records
+
+
+def evaluate_swap_records(model, tokenizer, records, batch=256, precision="fp32", workers=4, quiet=True,
+                          prefix="swap_"):
+    """Swap records {"image", "box", "true", "false", "type"[, "group"]} -> swap_accuracy of those whose image
+    decodes (each distinct image/crop is encoded once); `prefix`skipped_images counts the rest."""
+    device = model_device(model)
+    items = list(dict.fromkeys((r["image"], r["box"]) for r in records))  # distinct (path, box)
+    where = {it: i for i, it in enumerate(items)}
+    images = ImageList(items, range(len(items)), model.config.vision.img_size, batch, workers)
+    enc = encode_split(model, images, device, precision, quiet)  # label = index of each decoded item
+    slot = torch.full((len(items),), -1, dtype=torch.int64)
+    slot[enc["label"].cpu()] = torch.arange(len(enc["label"]))  # item -> its row in enc["image"], -1 if failed
+    recs = [r for r in records if slot[where[(r["image"], r["box"])]] >= 0]
+    if not recs:
+        raise ValueError("no swap record has an image that decodes")
+    rows = torch.tensor([slot[where[(r["image"], r["box"])]].item() for r in recs], device=device)
+    true = encode_texts(model, tokenizer, [r["true"] for r in recs], device, precision, batch)
+    false = encode_texts(model, tokenizer, [r["false"] for r in recs], device, precision, batch)
+    groups = [r["group"] for r in recs] if all("group" in r for r in recs) else None
+    out = swap_accuracy(enc["image"][rows], true, false, [r["type"] for r in recs], groups, prefix)
+    out[f"{prefix}skipped_images"] = images.skipped
+    return out
+
+
+# -----------------------------------------------------------------------------
+# one call for train.py and the CLI
+
+
+def evaluate_checkpoint(model, tokenizer, data_dir, split="val", batch=256, device="cpu", precision="fp32",
+                        templates=None, quiet=True, classes=None, workers=0, chunk=1024, details=False):
+    """Everything that applies to data_dir, from one encoding pass: zero-shot (labelled data), retrieval and
+    swaps (shard sets). Returns numbers only (loggable as they are); details=True adds zeroshot_per_class and
+    the class names and the confusion matrix. data_dir: a shard set (index.json; `split` is read) or class folders."""
+    if not os.path.isdir(data_dir):
+        raise ValueError(f"data directory {data_dir!r} does not exist")
+    size, ctx = model.config.vision.img_size, model.config.text.context_length
+    was_training = model.training
+    model.eval()
+    heldout, loader, out = None, None, {}
+    try:
+        index_path = os.path.join(data_dir, "index.json")
+        if os.path.isfile(index_path):
+            with open(index_path, encoding="utf-8") as f:
+                index = json.load(f)
+            if int(index.get("img_size", size)) != size:
+                raise ValueError(f"{data_dir} has {index['img_size']} px images but the model takes {size} px")
+            loader = ShardLoader(data_dir, split, batch, tokenizer, ctx, shuffle=False, drop_last=False,
+                                 num_workers=workers)
+            names = index.get("classes")
+            if index.get("source") == "synthetic" and names and index.get("heldout"):
+                heldout = [names.index(h) for h in index["heldout"]]  # by index: --classes may rename them
+        else:
+            loader, names = image_folder(data_dir, size, batch, max(1, workers))
+        if classes is not None and names is not None and len(classes) != len(names):
+            raise ValueError(f"{len(classes)} class names given but {data_dir} has {len(names)} classes")
+        names = list(classes) if classes is not None and names is not None else names
+
+        enc = encode_split(model, loader, device, precision, quiet)
+        out["num_images"] = len(enc["image"])
+        if isinstance(loader, ImageList):
+            out["skipped_images"] = loader.skipped
+        if names and enc["label"] is not None:
+            classifier = zeroshot_classifier(model, tokenizer, names, templates or TEMPLATES, device, precision)
+            out.update(evaluate_zeroshot(enc["image"], enc["label"], classifier, names, heldout))
+            out["classes"] = list(names)
+        if enc["text"] is not None:
+            out.update(evaluate_retrieval(enc["image"], enc["text"], chunk))
+            rows, n = shard_swaps(loader)
+            if rows and n != len(enc["image"]):
+                warnings.warn(f"swap test skipped: the shards' json lists {n} samples, the loader gave "
+                              f"{len(enc['image'])}")
+            elif rows:
+                idx = torch.tensor([i for i, _, _ in rows], device=enc["image"].device)
+                false = encode_texts(model, tokenizer, [s for _, _, s in rows], device, precision, batch)
+                out.update(swap_accuracy(enc["image"][idx], enc["text"][idx], false, [t for _, t, _ in rows]))
+    finally:
+        model.train(was_training)
+        if loader is not None:
+            loader.close()
+    if not details:
+        out = {k: v for k, v in out.items() if isinstance(v, (int, float))}
+    return out
+
+
+# -----------------------------------------------------------------------------
+# output
+
+
+def plot_confusion(confusion, classes, path):
+    """Row-normalised confusion matrix (P(predicted | true)) as a PNG, written atomically. Figure + Agg
+    canvas, no pyplot: no display needed and no global state touched."""
+    C = confusion.shape[0]
+    rates = confusion.double() / confusion.sum(1, keepdim=True).clamp(min=1)  # (C, C) each row sums to 1
+    side = min(4 + 0.15 * C, 30)
+    fig = Figure(figsize=(side + 1, side), tight_layout=True)
+    ax = fig.add_subplot()
+    im = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    ax.set(title=f"zero-shot confusion ({C} classes)", xlabel="predicted", ylabel="true")
+    if C <= 100:  # beyond that the names are unreadable anyway
+        ax.set_xticks(range(C), classes, rotation=90, fontsize=6)
+        ax.set_yticks(range(C), classes, fontsize=6)
+    d, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def format_table(results):
+    """Plain aligned text: one "metric  value" line per number, then the 5 weakest and strongest classes."""
+    nums = {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    w = max(map(len, nums), default=0)
+    lines = [f"{k:<{w}}  {v if isinstance(v, int) else f'{v:.4f}'}" for k, v in nums.items()]
+    per = results.get("zeroshot_per_class")
+    if per and len(per) > 1:
+        ranked = sorted(per.items(), key=lambda kv: kv[1])
+        show = lambda kvs: ", ".join(f"{k} {v:.2f}" for k, v in kvs)
+        lines += [f"{'weakest classes':<{w}}  {show(ranked[:5])}", f"{'strongest classes':<{w}}  {show(ranked[::-1][:5])}"]
+    return "\n".join(lines)
+
+
+def read_lines(path):
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def main(argv=None):
+    from checkpoint_manager import load_model
+    from tokenizer import Tokenizer
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="checkpoint .pt (model, config, tokenizer)")
+    parser.add_argument("--data", help="shard set (index.json) or class folders DIR/<class>/*.jpg")
+    parser.add_argument("--split", default="val", help="split of a shard set")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--out", default="results.json", help="results JSON; the confusion PNG goes next to it")
+    parser.add_argument("--classes", help="file: one class name per line (replaces the data's names, same order)")
+    parser.add_argument("--templates", help="file: one template per line, {} marks the class name")
+    parser.add_argument("--tokenizer", help="tokenizer.json, for a checkpoint saved without one")
+    parser.add_argument("--swaps_jsonl", help='jsonl of {"image", "caption", "swaps": {type: caption}} or '
+                                              '{"image", "true_caption", "false_caption", "type"}')
+    parser.add_argument("--aro", help="ARO VG-Relation / VG-Attribution annotation JSON")
+    parser.add_argument("--aro_images", help="folder the ARO file's image_path values are relative to")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on cuda")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="loader processes (shards) / decoding threads (image files)")
+    parser.add_argument("--chunk", type=int, default=1024, help="similarity rows held at once in retrieval")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or speed line")
+    args = parser.parse_args(argv)
+
+    if not os.path.isfile(args.ckpt):
+        parser.error(f"--ckpt {args.ckpt}: no such file")
+    if args.data is None and not (args.aro or args.swaps_jsonl):
+        parser.error("--data is required (unless --aro or --swaps_jsonl is given)")
+    if args.data is not None and not os.path.isdir(args.data):
+        parser.error(f"--data {args.data}: no such directory")
+    for flag in ("classes", "templates", "tokenizer", "swaps_jsonl", "aro"):
+        if getattr(args, flag) is not None and not os.path.isfile(getattr(args, flag)):
+            parser.error(f"--{flag} {getattr(args, flag)}: no such file")
+    if bool(args.aro) != bool(args.aro_images) or (args.aro_images and not os.path.isdir(args.aro_images)):
+        parser.error("--aro FILE needs --aro_images DIR (an existing folder), and the other way round")
+    if args.batch < 1 or args.chunk < 1 or args.workers < 0:
+        parser.error("--batch and --chunk must be >= 1, --workers >= 0")
+    classes = read_lines(args.classes) if args.classes else None
+    templates = read_lines(args.templates) if args.templates else None
+    if templates is not None and (not templates or any("{}" not in t for t in templates)):
+        parser.error(f"--templates {args.templates}: every line needs a {{}} for the class name")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    precision = ("bf16" if device.startswith("cuda") else "fp32") if args.precision == "auto" else args.precision
+
+    try:
+        model, ckpt = load_model(args.ckpt, map_location=device)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        parser.error(str(e).splitlines()[0])
+    if args.tokenizer:
+        tokenizer = Tokenizer.load(args.tokenizer)
+    elif isinstance(ckpt.get("tokenizer"), dict):
+        tokenizer = Tokenizer.from_dict(ckpt["tokenizer"])
+    else:
+        parser.error(f"checkpoint {args.ckpt} has no tokenizer; pass --tokenizer FILE (e.g. DATA/tokenizer.json)")
+
+    results = {"ckpt": args.ckpt, "data": args.data, "split": args.split, "step": ckpt.get("step")}
+    try:
+        if args.data:
+            results.update(evaluate_checkpoint(model, tokenizer, args.data, args.split, args.batch, device, precision,
+                                               templates, args.quiet, classes, args.workers, args.chunk, details=True))
+        if args.swaps_jsonl:
+            results.update(evaluate_swap_records(model, tokenizer, read_swaps_jsonl(args.swaps_jsonl), args.batch,
+                                                 precision, args.workers, args.quiet, prefix="jsonl_"))
+        if args.aro:
+            results.update(evaluate_swap_records(model, tokenizer, read_aro(args.aro, args.aro_images), args.batch,
+                                                 precision, args.workers, args.quiet, prefix="aro_"))
+    except ValueError as e:
+        parser.error(str(e))
+
+    confusion = results.pop("confusion", None)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    write_atomic(args.out, json.dumps(results, indent=1) + "\n")
+    print(format_table(results))
+    print(f"wrote {args.out}")
+    if confusion is not None:
+        png = os.path.splitext(args.out)[0] + "_confusion.png"
+        plot_confusion(confusion, results["classes"], png)
+        print(f"wrote {png}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
