@@ -140,7 +140,12 @@ def _vit_b_16():  # OpenCLIP ViT-B-16
                       TextConfig(vocab_size=49408, context_length=77, width=512, layers=12, heads=8), embed_dim=512)
 
 
-PRESETS = {"tiny": _tiny, "seed": _seed, "vit-b-16": _vit_b_16}
+def _micro():  # tests and smoke runs: a step takes milliseconds
+    return CLIPConfig(VisionConfig(img_size=32, patch_size=8, width=32, layers=2, heads=2),
+                      TextConfig(vocab_size=1024, context_length=32, width=32, layers=2, heads=2), embed_dim=32)
+
+
+PRESETS = {"micro": _micro, "tiny": _tiny, "seed": _seed, "vit-b-16": _vit_b_16}
 
 
 def get_config(name, vocab_size=None, img_size=None, context_length=None, **overrides):

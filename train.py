@@ -1,0 +1,435 @@
+"""
+Train CLIP. One code path for a laptop CPU, one GPU, and many GPUs under torchrun.
+
+    python train.py                                   # built-in synthetic set, tiny preset, a few minutes on a CPU
+    python train.py --data data/t2i --preset seed --batch 1024 --max_lr 3e-4 --precision bf16 --compile
+    torchrun --standalone --nproc_per_node=8 train.py --data data/t2i --preset seed --batch 128
+
+--batch is per process and per micro-batch: the effective batch is batch x accum x processes, and every sample
+is contrasted against all of it (features are gathered across ranks and cached across micro-batches).
+
+Left out on purpose: FSDP/tensor parallelism (CLIP at these sizes fits one GPU per replica), gradient scaling
+(bf16 needs none), EMA weights, and wandb (metrics.jsonl + PNGs in logs/<run>/ instead).
+"""
+
+import argparse
+import json
+import contextlib
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import checkpoint_manager as cm
+import clip
+from dataloader import ShardLoader
+from logger import Logger
+from tokenizer import Tokenizer
+
+DEFAULT_DATA = os.path.join("data", "synthetic")
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    a = p.add_argument
+    a("--data", default=None, help=f"shard dir from prep_dataset.py (default: the built-in {DEFAULT_DATA}, made on first use)")
+    a("--preset", default="tiny", help=f"model size: {', '.join(clip.PRESETS)}")
+    a("--batch", type=int, default=256, help="micro-batch per process")
+    a("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    a("--epochs", type=float, default=1.0, help="passes over the training split (fractions allowed)")
+    a("--max_lr", type=float, default=1e-3)
+    a("--min_lr_frac", type=float, default=0.1, help="cosine decays to this fraction of max_lr")
+    a("--warmup_frac", type=float, default=0.02, help="fraction of steps with linear warmup")
+    a("--wd", type=float, default=0.2, help="AdamW weight decay (matrices only)")
+    a("--beta2", type=float, default=0.98)
+    a("--grad_clip", type=float, default=1.0, help="max grad norm (0: no clipping)")
+    a("--label_smoothing", type=float, default=0.0)
+    a("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast (GPU only; CPU stays fp32)")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--seed", type=int, default=0)
+    a("--workers", type=int, default=2, help="loader worker processes per rank")
+    a("--augment", action="store_true", help="random-resized-crop on training images")
+    # not --run / --logs: torchrun reads those as ambiguous abbreviations of its own --run-path / --logs-specs
+    a("--run_name", default=None, help="run name (default: <preset>-<data dir name>)")
+    a("--out", default="out", help="checkpoints go to <out>/<run_name>/ckpt")
+    a("--log_dir", default="logs", help="metrics go to <log_dir>/<run_name>/")
+    a("--eval_every", type=int, default=200, help="validation + zero-shot every N steps (0: only at the end)")
+    a("--eval_batches", type=int, default=0, help="cap the val loss to N batches (0: the whole split)")
+    a("--ckpt_every", type=int, default=500, help="checkpoint every N steps (and at the end)")
+    a("--keep", type=int, default=3, help="step checkpoints to keep (plus latest and best)")
+    a("--resume", default=None, help="'latest' or a checkpoint path: continue that run exactly")
+    a("--stop_at", type=int, default=None, help="end cleanly after this step, schedule unchanged")
+    a("--init", default=None, help="start from these weights (ours or an original CLIP state dict)")
+    a("--ignore_keys", nargs="*", default=[], help="regexes of --init keys not to load")
+    # model variants
+    a("--context_length", type=int, default=None, help="text context (default: the preset's)")
+    a("--pool", choices=clip.POOLS, default="eot", help="text pooling")
+    a("--pool_layers", type=int, default=1, help="average the pooled token over the last N layers")
+    a("--head", choices=clip.HEADS, default="linear", help="projection, or a fixed polytope head (simplex.py)")
+    a("--head_mode", choices=clip.HEAD_MODES, default="replace")
+    a("--quick_gelu", action="store_true", help="QuickGELU (what OpenAI's weights need)")
+    a("--quiet", action="store_true", help="no progress bars, fewer lines")
+    return p
+
+
+def validate(parser, args):
+    """User mistakes -> one clear line and exit 2 (argparse's parser.error)."""
+    if args.preset not in clip.PRESETS:
+        parser.error(f"unknown --preset {args.preset!r}; choose from {', '.join(clip.PRESETS)}")
+    for name in ("batch", "accum"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.max_lr <= 0 or args.epochs <= 0:
+        parser.error(f"--max_lr and --epochs must be > 0, got {args.max_lr} and {args.epochs}")
+    if not 0 <= args.min_lr_frac <= 1 or not 0 <= args.warmup_frac < 1:
+        parser.error("--min_lr_frac must be in [0, 1] and --warmup_frac in [0, 1)")
+    if args.wd < 0 or args.grad_clip < 0 or args.workers < 0 or args.eval_every < 0 or args.ckpt_every < 1:
+        parser.error("--wd, --grad_clip, --workers, --eval_every must be >= 0 and --ckpt_every >= 1")
+    if args.data is not None and not os.path.isfile(os.path.join(args.data, "index.json")):
+        what = "does not exist" if not os.path.exists(args.data) else "has no index.json (make it with prep_dataset.py)"
+        parser.error(f"--data {args.data} {what}")
+    if args.init is not None and not os.path.isfile(args.init):
+        parser.error(f"--init {args.init} does not exist")
+
+
+def lr_at(step, total, max_lr, warmup_frac, min_lr_frac):
+    """Linear warmup for warmup_frac of the steps, then cosine from max_lr down to min_lr_frac * max_lr."""
+    warmup = int(warmup_frac * total)
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)  # 0 -> 1 over the decay
+    min_lr = min_lr_frac * max_lr
+    return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# -----------------------------------------------------------------------------
+# the loss across ranks and micro-batches
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """(b, E) on every rank -> (world * b, E) in rank order. Backward: every rank's loss used every rank's rows,
+    so the gradient of row block r is the sum over ranks (all_reduce) of that block (works on gloo and nccl)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)  # (world * b, E)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: (world * b, E)
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        b = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * b:(dist.get_rank() + 1) * b]  # (b, E) this rank's rows
+
+
+def gather(x):
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    return GatherWithGrad.apply(x)
+
+
+def contrastive_loss(img, txt, scale, label_smoothing):
+    """This rank's rows against the global batch (features of all ranks), as if one big batch."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    img, txt = img.float(), txt.float()  # the loss in fp32, whatever the autocast
+    return clip.clip_loss(img, txt, scale, label_smoothing, all_img=gather(img), all_txt=gather(txt),
+                          offset=rank * img.shape[0])
+
+
+def forward_backward(model, images, tokens, accum, autocast, label_smoothing):
+    """One optimizer step's gradients; returns the loss. With accum > 1 (GradCache, Gao et al. 2021):
+    1) embed every micro-batch without gradients, 2) compute the loss of the whole batch on those cached
+    embeddings and its gradient w.r.t. them, 3) re-embed each micro-batch with gradients and backpropagate the
+    cached embedding gradients. Exactly the big batch's gradient, at the memory of one micro-batch."""
+    if accum == 1:
+        with autocast:
+            img, txt, scale = model(images, tokens)  # (B, E), (B, E), ()
+        loss = contrastive_loss(img, txt, scale, label_smoothing)
+        loss.backward()
+        return loss.detach()
+    chunks = list(zip(images.chunk(accum), tokens.chunk(accum)))
+    with torch.no_grad(), autocast:
+        cached = [model(im, tk) for im, tk in chunks]
+    img = torch.cat([c[0] for c in cached]).float().requires_grad_()  # (B, E) leaves
+    txt = torch.cat([c[1] for c in cached]).float().requires_grad_()
+    scale = cached[0][2].float().requires_grad_()
+    loss = contrastive_loss(img, txt, scale, label_smoothing)
+    loss.backward()  # fills img.grad, txt.grad, scale.grad; the model is untouched so far
+    sizes = [im.shape[0] for im, _ in chunks]
+    for i, (g_img, g_txt, (im, tk)) in enumerate(zip(img.grad.split(sizes), txt.grad.split(sizes), chunks)):
+        last = i == accum - 1  # DDP: all-reduce gradients once, on the last micro-batch
+        sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
+        with sync:
+            with autocast:
+                e_img, e_txt, e_scale = model(im, tk)
+            # d(loss)/d(theta) = sum over cached outputs of their gradient times d(output)/d(theta)
+            surrogate = (e_img.float() * g_img).sum() + (e_txt.float() * g_txt).sum() + e_scale * scale.grad / accum
+            surrogate.backward()
+    return loss.detach()
+
+
+# -----------------------------------------------------------------------------
+# evaluation during training
+
+
+@torch.no_grad()
+def val_loss(model, loader, device, autocast, max_batches):
+    model.eval()
+    total, n = 0.0, 0
+    for i, batch in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
+        with autocast:
+            img, txt, scale = model(clip.normalize_images(batch["image"].to(device)), batch["text"].to(device))
+        total += clip.clip_loss(img.float(), txt.float(), scale).item() * img.shape[0]
+        n += img.shape[0]
+    loader.load_state_dict({"epoch": 0, "batch": 0, "seed": loader.seed})  # a break leaves it mid-epoch
+    model.train()
+    return total / max(1, n)
+
+
+def zero_shot(model, tokenizer, data_dir, device, precision):
+    """Zero-shot and retrieval metrics from eval_zeroshot.py on the val split; {} if the data has no classes."""
+    import eval_zeroshot
+    model.eval()
+    try:
+        return eval_zeroshot.evaluate_checkpoint(model, tokenizer, data_dir, split="val", device=device,
+                                                 precision=precision, quiet=True)
+    finally:
+        model.train()
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def ensure_synthetic(path, quiet, master):
+    """The built-in dataset: made on first use (about a minute on 2 cores)."""
+    if master and not os.path.isfile(os.path.join(path, "index.json")):
+        print(f"no --data given and {path} does not exist yet: creating the built-in synthetic dataset there")
+        import prep_dataset
+        prep_dataset.main(["synthetic", "--out", path] + (["--quiet"] if quiet else []))
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def main(argv=None):
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    validate(parser, args)
+
+    # one code path for CPU, one GPU and torchrun: RANK/WORLD_SIZE come from torchrun when it launches us
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if ddp:
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    else:
+        rank, local_rank, world = 0, 0, 1
+    master = rank == 0
+    device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    torch.manual_seed(args.seed)  # the same init on every rank (DDP also broadcasts it)
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls/convs for whatever runs in fp32 on Ampere+
+    torch.backends.cudnn.allow_tf32 = True
+    use_bf16 = args.precision == "bf16" and device.startswith("cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    quiet = args.quiet or not master
+
+    data = args.data or DEFAULT_DATA
+    if args.data is None:
+        ensure_synthetic(data, args.quiet, master)
+    with open(os.path.join(data, "index.json")) as f:
+        index = json.load(f)
+    tokenizer = Tokenizer.load(os.path.join(data, "tokenizer.json"))
+    run = args.run_name or f"{args.preset}-{os.path.basename(os.path.normpath(data))}"
+    out_dir, log_dir = os.path.join(args.out, run), os.path.join(args.log_dir, run)
+
+    config = clip.get_config(args.preset, vocab_size=tokenizer.vocab_size, img_size=index["img_size"],
+                             context_length=args.context_length, pool=args.pool, pool_layers=args.pool_layers,
+                             head=args.head, head_mode=args.head_mode, quick_gelu=args.quick_gelu)
+    ckpt = None
+    if args.resume:
+        try:
+            ckpt = cm.load(cm.resolve(args.resume, out_dir), map_location="cpu")
+        except (FileNotFoundError, ValueError) as e:
+            parser.error(str(e))
+        if ckpt["config"] != config.to_dict():
+            diff = diff_configs(ckpt["config"], config.to_dict())
+            parser.error(f"--resume: the checkpoint's model differs from these flags: {diff}")
+
+    # data: each rank reads disjoint samples; the loader yields the whole step's batch (accum micro-batches)
+    step_batch = args.batch * args.accum
+    train_split = index["train"]["num_samples"]
+    if step_batch * world > train_split:
+        parser.error(f"--batch {args.batch} x --accum {args.accum} x {world} processes = {step_batch * world} "
+                     f"is larger than the {train_split} training samples")
+    loader = ShardLoader(data, "train", step_batch, tokenizer, config.text.context_length, seed=args.seed,
+                         rank=rank, world_size=world, num_workers=args.workers, augment=args.augment,
+                         pin_memory=device.startswith("cuda"))
+    val_loader = ShardLoader(data, "val", min(args.batch, index["val"]["num_samples"]), tokenizer,
+                             config.text.context_length, num_workers=0) if master and index.get("val", {}).get("num_samples") else None
+    total_steps = max(1, math.ceil(args.epochs * len(loader)))
+
+    model = clip.CLIP(config).to(device)
+    if args.init and not args.resume:
+        init_from(model, args.init, args.ignore_keys, quiet)
+    optimizer = clip.configure_optimizers(model, args.wd, args.max_lr, betas=(0.9, args.beta2))
+    step, best_val = 0, None
+    if ckpt is not None:
+        model.load_state_dict(cm.strip_prefixes(ckpt["model"]))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        loader.load_state_dict(ckpt["loader"])
+        cm.set_rng_state(ckpt["rng"])
+        step, best_val = ckpt["step"], ckpt.get("best_val_loss")
+        if master:
+            print(f"resumed from step {step} of {total_steps}")
+    raw_model = model
+    if args.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.startswith("cuda") else None)
+
+    manager = cm.CheckpointManager(out_dir, keep=args.keep) if master else None
+    logger = Logger(log_dir, config={"args": vars(args), "model": config.to_dict(), "world_size": world},
+                    resume_step=step if ckpt is not None else None, total_steps=total_steps,
+                    print_every=1 if total_steps < 50 else 10, quiet=args.quiet, enabled=master)
+    if master and not args.quiet:
+        print(f"{config.vision.img_size}px images, {raw_model.num_params() / 1e6:.2f}M parameters, "
+              f"{total_steps} steps of {step_batch * world} samples on {world} x {device}")
+
+    def save(val=None):
+        state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "config": config.to_dict(),
+                 "args": vars(args), "step": step, "epoch": loader.epoch, "loader": loader.state_dict(),
+                 "rng": cm.rng_state(), "best_val_loss": best_val, "tokenizer": tokenizer.to_dict()}
+        return manager.save(state, step, val_loss=val)
+
+    def evaluate():
+        nonlocal best_val
+        v = val_loss(raw_model, val_loader, device, autocast, args.eval_batches)
+        metrics = {"loss": v}
+        if "classes" in index:
+            metrics.update({k: v for k, v in zero_shot(raw_model, tokenizer, data, device, args.precision).items()
+                            if isinstance(v, (int, float))})
+        logger.log(step, "val", **metrics)
+        best_val = v if best_val is None else min(best_val, v)
+        return v, metrics
+
+    flops = clip.estimate_flops_per_sample(config)
+    batches = iter_forever(loader)
+    stop = min(total_steps, args.stop_at or total_steps)
+    bar = tqdm(total=stop, initial=step, disable=quiet, desc="train", dynamic_ncols=True)
+    t_start, metrics = time.time(), {}
+    model.train()
+    while step < stop:
+        t0 = time.time()
+        lr = lr_at(step, total_steps, args.max_lr, args.warmup_frac, args.min_lr_frac)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = next(batches)
+        images = clip.normalize_images(batch["image"].to(device, non_blocking=True))  # uint8 -> float on the device
+        tokens = batch["text"].to(device, non_blocking=True)
+        loss = forward_backward(model, images, tokens, args.accum, autocast, args.label_smoothing)
+        if ddp:  # log the global batch's loss: the mean of the ranks' means
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        if not torch.isfinite(loss):
+            last = (manager.step_files() or [None])[-1] if manager else None
+            msg = f"error: loss is {loss.item()} at step {step + 1}; stopping. Last good checkpoint: {last or 'none'}"
+            print(msg, file=sys.stderr)
+            cleanup(loader, logger, bar, ddp)
+            return 1
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        raw_model.clamp_logit_scale()
+        step += 1
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        sps = step_batch * world / dt
+        record = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+                  "logit_scale": raw_model.logit_scale.exp().item(), "samples_per_s": sps,
+                  "elapsed_s": time.time() - t_start}
+        mfu = clip.estimate_mfu(config, sps / world) if device.startswith("cuda") else None
+        if mfu is not None:
+            record["mfu"] = mfu
+        logger.log(step, "train", **record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+        last_step = step == stop
+        if master and val_loader is not None and ((args.eval_every and step % args.eval_every == 0) or last_step):
+            v, metrics = evaluate()
+            logger.plot()
+        if master and (step % args.ckpt_every == 0 or last_step):
+            save(metrics.get("loss") if (args.eval_every and step % args.eval_every == 0) or last_step else None)
+        if ddp:
+            dist.barrier()  # the others wait while rank 0 evaluates and saves
+    bar.close()
+    if master:
+        logger.plot()
+        summary(metrics, index, log_dir, flops, args.quiet)
+    cleanup(loader, logger, None, ddp)
+    return 0
+
+
+def iter_forever(loader):
+    while True:  # each pass is one epoch, resumed mid-epoch after load_state_dict
+        yield from loader
+
+
+def cleanup(loader, logger, bar, ddp):
+    loader.close()
+    logger.close()
+    if bar is not None:
+        bar.close()
+    if ddp:
+        dist.destroy_process_group()
+
+
+def diff_configs(a, b, prefix=""):
+    """Fields that differ between two config dicts, as 'name: saved -> flags'."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out.append(diff_configs(a[k], b[k], f"{prefix}{k}."))
+        elif a.get(k) != b.get(k):
+            out.append(f"{prefix}{k}: {a.get(k)!r} -> {b.get(k)!r}")
+    return ", ".join(x for x in out if x)
+
+
+def init_from(model, path, ignore_keys, quiet):
+    """--init: our checkpoint, or an original CLIP / OpenCLIP state dict (converted by clip.py)."""
+    sd = cm.load(path)
+    if "model" in sd:
+        sd = sd["model"]
+    elif "visual.conv1.weight" in sd or "state_dict" in sd:
+        sd = sd.get("state_dict", sd)
+        sd = clip.CLIP.from_openai_state_dict(cm.strip_prefixes(sd), quick_gelu=model.config.quick_gelu).state_dict()
+    report = cm.load_partial(model, sd, ignore_keys, quiet=quiet)
+    return report
+
+
+def summary(metrics, index, log_dir, flops, quiet):
+    """The last lines of a run: val loss and zero-shot accuracy against chance."""
+    if "loss" in metrics:
+        print(f"final val loss {metrics['loss']:.4f}")
+    if "zeroshot_top1" in metrics:
+        n = len(index.get("classes", [])) or 1
+        line = f"zero-shot top-1 on val: {100 * metrics['zeroshot_top1']:.1f}% (chance {100 / n:.1f}%)"
+        if "zeroshot_top1_heldout" in metrics:
+            line += (f"; seen combinations {100 * metrics['zeroshot_top1_seen']:.1f}%, held-out "
+                     f"{100 * metrics['zeroshot_top1_heldout']:.1f}%")
+        print(line)
+    print(f"metrics and plots: {log_dir}/")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
