@@ -556,9 +556,8 @@ def format_table(results):
     lines = [f"{k:<{w}}  {v if isinstance(v, int) else f'{v:.4f}'}" for k, v in nums.items()]
     per = results.get("zeroshot_per_class")
     if per and len(per) > 1:
-        ranked = sorted(per.items(), key=lambda kv: kv[1])
-        show = lambda kvs: ", ".join(f"{k} {v:.2f}" for k, v in kvs)
-        lines += [f"{'weakest classes':<{w}}  {show(ranked[:5])}", f"{'strongest classes':<{w}}  {show(ranked[::-1][:5])}"]
+        show = lambda sign: ", ".join(f"{k} {v:.2f}" for k, v in sorted(per.items(), key=lambda kv: sign * kv[1])[:5])
+        lines += [f"{'weakest classes':<{w}}  {show(1)}", f"{'strongest classes':<{w}}  {show(-1)}"]
     return "\n".join(lines)
 
 
