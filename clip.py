@@ -90,6 +90,9 @@ class CLIPConfig:
     head: str = "linear"        # linear projection, or a fixed polytope head (simplex.py)
     head_mode: str = "replace"  # replace the projection by the polytope head, or put the vertices after it
     quick_gelu: bool = False    # x * sigmoid(1.702 x): what OpenAI's original weights were trained with
+    adapters: int = 0           # > 0: bottleneck adapters with this reduction factor in every block (VL-Adapter: 8)
+    adapter_towers: tuple = ("visual", "text")
+    teacher_dim: int = 0        # > 0 and != output_dim: a learned projection to a distillation teacher's space
 
     def __post_init__(self):
         if isinstance(self.vision, dict):
@@ -97,6 +100,11 @@ class CLIPConfig:
         if isinstance(self.text, dict):
             self.text = TextConfig(**self.text)
         _positive(self, "embed_dim")
+        self.adapter_towers = tuple(self.adapter_towers)  # a list after a JSON round trip
+        if self.adapters < 0 or self.teacher_dim < 0:
+            raise ValueError(f"CLIPConfig.adapters and teacher_dim must be >= 0, got {self.adapters}, {self.teacher_dim}")
+        if not set(self.adapter_towers) <= {"visual", "text"}:
+            raise ValueError(f"CLIPConfig.adapter_towers must be a subset of ('visual', 'text'), got {self.adapter_towers}")
         if self.head not in HEADS:
             raise ValueError(f"CLIPConfig.head must be one of {HEADS}, got {self.head!r}")
         if self.head_mode not in HEAD_MODES:
@@ -118,7 +126,9 @@ class CLIPConfig:
         return polytope_vertices(self.head, self.embed_dim).shape[0]  # after: the K vertices of the d = embed_dim polytope
 
     def to_dict(self):
-        return asdict(self)
+        d = asdict(self)
+        d["adapter_towers"] = list(self.adapter_towers)  # JSON-able, and equal to itself after a round trip
+        return d
 
     @classmethod
     def from_dict(cls, d):
@@ -159,7 +169,7 @@ def get_config(name, vocab_size=None, img_size=None, context_length=None, **over
         d["text"]["context_length"] = context_length
     if img_size is not None:
         d["vision"]["img_size"] = img_size
-    for k in ("pool", "pool_layers", "freeze_positions"):
+    for k in ("pool", "pool_layers", "freeze_positions"):  # text-tower fields
         if k in overrides:
             d["text"][k] = overrides.pop(k)
     d.update(overrides)
@@ -340,6 +350,10 @@ class CLIP(nn.Module):
         self.text = TextTransformer(config)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # temperature 0.07, learned in log space
         self.init_weights()
+        if config.adapters:
+            self.add_adapters(config.adapters, config.adapter_towers)
+        if config.teacher_dim and config.teacher_dim != config.output_dim:  # student -> teacher space (distillation)
+            self.distill_proj = nn.Linear(config.output_dim, config.teacher_dim, bias=False)
 
     def init_weights(self):
         """CLIP's initialisation (openai/CLIP model.py): small embeddings, residual projections scaled by depth."""
@@ -370,10 +384,13 @@ class CLIP(nn.Module):
     def encode_text(self, tokens, return_hidden=False):  # int64 (B, T) -> (B, E)
         return self.text(tokens, return_hidden)
 
-    def forward(self, images, tokens):
+    def forward(self, images, tokens, tokens_short=None):
         img = F.normalize(self.encode_image(images), dim=-1)  # (B, E) on the unit sphere
         txt = F.normalize(self.encode_text(tokens), dim=-1)  # (B, E)
-        return img, txt, self.logit_scale.exp()
+        if tokens_short is None:
+            return img, txt, self.logit_scale.exp()
+        short = F.normalize(self.encode_text(tokens_short), dim=-1)  # (B, E) Long-CLIP's second caption
+        return img, txt, self.logit_scale.exp(), short
 
     @torch.no_grad()
     def clamp_logit_scale(self, max_scale=100.0):
@@ -381,12 +398,32 @@ class CLIP(nn.Module):
         self.logit_scale.clamp_(0, math.log(max_scale))
 
     def add_adapters(self, reduction, towers=("visual", "text")):
-        """Two bottleneck adapters per block (after attention, after MLP) in the chosen towers."""
+        """Two bottleneck adapters per block (after attention, after MLP) in the chosen towers (VL-Adapter)."""
         for name in towers:
             for block in getattr(self, name).blocks:
                 W = block.ln_1.normalized_shape[0]
                 block.adapter_attn = Adapter(W, reduction).to(block.ln_1.weight.device)
                 block.adapter_mlp = Adapter(W, reduction).to(block.ln_1.weight.device)
+
+    def lock(self, tower, unlocked_layers=0):
+        """Freeze a tower ("visual" or "text", LiT) except its last `unlocked_layers` blocks; when any block stays
+        trainable, so do the final norm and the projection after it. Frozen parameters leave the optimizer."""
+        t = getattr(self, tower)
+        for p in t.parameters():
+            p.requires_grad_(False)
+        if unlocked_layers:
+            last_norm = t.ln_post if tower == "visual" else t.ln_final
+            for m in list(t.blocks[len(t.blocks) - unlocked_layers:]) + [last_norm, t.proj]:
+                for p in m.parameters():
+                    p.requires_grad_(True)
+
+    def train(self, mode=True):
+        """Fully frozen towers stay in eval mode (they behave as the pretrained model did)."""
+        super().train(mode)
+        for t in (self.visual, self.text):
+            if mode and not any(p.requires_grad for p in t.parameters()):
+                t.eval()
+        return self
 
     def num_params(self, trainable_only=False):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
@@ -480,6 +517,66 @@ def clip_loss(img, txt, logit_scale, label_smoothing=0.0, all_img=None, all_txt=
     logits_t = logit_scale * txt @ all_img.t()  # (b, N) caption -> every image
     return (F.cross_entropy(logits_i, targets, label_smoothing=label_smoothing)
             + F.cross_entropy(logits_t, targets, label_smoothing=label_smoothing)) / 2
+
+
+def kd_loss(img, txt, logit_scale, t_img, t_txt, teacher_scale=100.0):
+    """Similarity distillation (CLIP-KD "CRD"/MobileCLIP): soft-target cross-entropy from the teacher's to the
+    student's image->text and text->image distributions, with P = softmax(teacher_scale * T_img @ T_txt^T):
+    loss = (-sum_j P_ij log softmax(s * img @ txt^T)_ij  +  the same on the transposes) / 2, averaged over rows.
+    Its minimum over student logits is the teacher's entropy, reached when the two distributions agree."""
+    s_logits = logit_scale * img @ txt.t()  # (B, B)
+    t_logits = teacher_scale * t_img @ t_txt.t()  # (B, B)
+    soft_ce = lambda t, s: -(F.softmax(t, dim=1) * F.log_softmax(s, dim=1)).sum(1).mean()
+    return (soft_ce(t_logits, s_logits) + soft_ce(t_logits.t(), s_logits.t())) / 2
+
+
+def mse_loss(img, txt, t_img, t_txt):
+    """Feature distillation: mean over elements of (img - t_img)^2 plus the same for text; inputs normalised."""
+    return F.mse_loss(img, t_img) + F.mse_loss(txt, t_txt)
+
+
+def icl_loss(img, txt, logit_scale, t_img, t_txt):
+    """Interactive contrastive (CLIP-KD): student images against teacher captions and student captions against
+    teacher images, with the usual diagonal targets: (CE(s * img @ t_txt^T) + CE(s * txt @ t_img^T)) / 2."""
+    targets = torch.arange(img.shape[0], device=img.device)
+    return (F.cross_entropy(logit_scale * img @ t_txt.t(), targets)
+            + F.cross_entropy(logit_scale * txt @ t_img.t(), targets)) / 2
+
+
+def pca_reconstruct(x, k):
+    """Long-CLIP's coarse feature: (B, E) -> (B, E) through the batch's first k principal components
+    (centre, SVD, project on the top-k right singular vectors, reconstruct, add the mean back)."""
+    mean = x.mean(0, keepdim=True)  # (1, E)
+    xc = x - mean  # (B, E)
+    _, _, Vh = torch.linalg.svd(xc.float(), full_matrices=False)  # Vh: (min(B, E), E), rows by singular value
+    V = Vh[:k].to(x.dtype)  # (k, E)
+    return xc @ V.t() @ V + mean  # (B, k) coordinates -> (B, E)
+
+
+def stretch_positions(pos, keep=20, factor=4):
+    """Long-CLIP's knowledge-preserving stretch: (T, C) -> (keep + factor * (T - keep), C). Rows < keep are kept;
+    old row j >= keep becomes `factor` rows pos[j] + (k / factor) * (pos[j+1] - pos[j]), k = 0..factor-1, where
+    the row after the last is extrapolated as 2 * pos[-1] - pos[-2]. 77 -> 20 + 4 * 57 = 248."""
+    old = pos[keep:]  # (T - keep, C)
+    after = torch.cat([old[1:], (2 * old[-1] - old[-2])[None]])  # (T - keep, C) each row's right neighbour
+    frac = torch.arange(factor, dtype=pos.dtype, device=pos.device) / factor  # (factor,)
+    new = old[:, None] + frac[None, :, None] * (after - old)[:, None]  # (T - keep, factor, C)
+    return torch.cat([pos[:keep], new.reshape(-1, pos.shape[1])])
+
+
+def stretch_text_model(model, keep=20, factor=4):
+    """A copy of a CLIP model whose text tower reads keep + factor * (ctx - keep) tokens (Long-CLIP: 77 -> 248);
+    the first `keep` positions are frozen (a buffer), the stretched rest trains."""
+    pos = model.text.positions().detach()  # (ctx, C)
+    config = CLIPConfig.from_dict(model.config.to_dict())
+    config.text.context_length = keep + factor * (pos.shape[0] - keep)
+    config.text.freeze_positions = keep
+    new = CLIP(config).to(pos.device)
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith(("text.pos_embed", "text.pos_fixed"))}
+    stretched = stretch_positions(pos, keep, factor)  # (ctx', C)
+    sd["text.pos_fixed"], sd["text.pos_embed"] = stretched[:keep], stretched[keep:]
+    new.load_state_dict(sd, strict=True)
+    return new
 
 
 # -----------------------------------------------------------------------------

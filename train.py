@@ -73,6 +73,21 @@ def get_parser():
     a("--head", choices=clip.HEADS, default="linear", help="projection, or a fixed polytope head (simplex.py)")
     a("--head_mode", choices=clip.HEAD_MODES, default="replace")
     a("--quick_gelu", action="store_true", help="QuickGELU (what OpenAI's weights need)")
+    # distillation (teacher embeddings stored in the shards by `prep_dataset.py add-teacher`, or --teacher online)
+    a("--distill", choices=("none", "kd", "mse", "icl"), default="none")
+    a("--distill_weight", type=float, default=0.5, help="total = (1 - w) * clip + w * distill")
+    a("--teacher", default=None, help="teacher checkpoint run online when the shards hold no teacher embeddings")
+    a("--teacher_scale", type=float, default=100.0, help="kd: the teacher's fixed logit scale")
+    # Long-CLIP
+    a("--long", action="store_true", help="long captions + short-caption PCA loss; with --init, stretch positions")
+    a("--long_pca", type=int, default=32, help="principal components of the coarse image feature")
+    # fine-tuning
+    a("--lock_image", action="store_true", help="freeze the image tower (LiT)")
+    a("--lock_text", action="store_true", help="freeze the text tower")
+    a("--unlocked_layers", type=int, default=0, help="with --lock_*: the last N blocks stay trainable")
+    a("--adapters", type=int, default=0, help="bottleneck adapters with this reduction (e.g. 8); all else frozen")
+    a("--adapter_towers", nargs="+", choices=("visual", "text"), default=["visual", "text"])
+    a("--train_heads", action="store_true", help="with --adapters: projections and logit scale train too")
     a("--quiet", action="store_true", help="no progress bars, fewer lines")
     return p
 
@@ -95,6 +110,12 @@ def validate(parser, args):
         parser.error(f"--data {args.data} {what}")
     if args.init is not None and not os.path.isfile(args.init):
         parser.error(f"--init {args.init} does not exist")
+    if args.teacher is not None and not os.path.isfile(args.teacher):
+        parser.error(f"--teacher {args.teacher} does not exist")
+    if not 0 <= args.distill_weight <= 1:
+        parser.error(f"--distill_weight must be in [0, 1], got {args.distill_weight}")
+    if args.adapters < 0 or args.unlocked_layers < 0 or args.long_pca < 1:
+        parser.error("--adapters and --unlocked_layers must be >= 0, --long_pca >= 1")
 
 
 def lr_at(step, total, max_lr, warmup_frac, min_lr_frac):
@@ -138,41 +159,82 @@ def gather(x):
 def contrastive_loss(img, txt, scale, label_smoothing):
     """This rank's rows against the global batch (features of all ranks), as if one big batch."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    img, txt = img.float(), txt.float()  # the loss in fp32, whatever the autocast
     return clip.clip_loss(img, txt, scale, label_smoothing, all_img=gather(img), all_txt=gather(txt),
                           offset=rank * img.shape[0])
 
 
-def forward_backward(model, images, tokens, accum, autocast, label_smoothing):
-    """One optimizer step's gradients; returns the loss. With accum > 1 (GradCache, Gao et al. 2021):
-    1) embed every micro-batch without gradients, 2) compute the loss of the whole batch on those cached
-    embeddings and its gradient w.r.t. them, 3) re-embed each micro-batch with gradients and backpropagate the
-    cached embedding gradients. Exactly the big batch's gradient, at the memory of one micro-batch."""
+def make_loss(args, model, teacher=None):
+    """loss_fn(outputs, batch) -> (total, terms). outputs = the model's (img, txt, scale[, short]) in fp32 for
+    the step's whole batch on this rank. Extra terms are computed on the gathered global batch on every rank
+    (identical values; DDP's gradient average then gives exactly the global loss's gradient)."""
+    smoothing = 0.1 if args.long and not args.label_smoothing else args.label_smoothing  # Long-CLIP uses 0.1
+
+    def loss_fn(outs, batch):
+        img, txt, scale = outs[:3]
+        loss = contrastive_loss(img, txt, scale, smoothing)
+        terms = {}
+        if args.long:  # fine: long caption vs image; coarse: short caption vs the image's top principal components
+            all_img, short = gather(img), gather(outs[3])  # (N, E)
+            coarse = F.normalize(clip.pca_reconstruct(all_img, args.long_pca), dim=-1)  # (N, E)
+            terms["loss_long"], terms["loss_short"] = loss, clip.clip_loss(coarse, short, scale, smoothing)
+            loss = loss + terms["loss_short"]
+        if args.distill != "none":
+            t_img, t_txt = teacher_features(batch, teacher, img.device)  # (b, Et) each, normalised
+            all_img, all_txt, t_img, t_txt = gather(img), gather(txt), gather(t_img), gather(t_txt)
+            if hasattr(model, "distill_proj"):  # student -> teacher space when the sizes differ
+                all_img = F.normalize(model.distill_proj(all_img), dim=-1)
+                all_txt = F.normalize(model.distill_proj(all_txt), dim=-1)
+            if args.distill == "kd":
+                d = clip.kd_loss(all_img, all_txt, scale, t_img, t_txt, args.teacher_scale)
+            elif args.distill == "mse":
+                d = clip.mse_loss(all_img, all_txt, t_img, t_txt)
+            else:
+                d = clip.icl_loss(all_img, all_txt, scale, t_img, t_txt)
+            terms["loss_clip"], terms["loss_distill"] = loss, d
+            loss = (1 - args.distill_weight) * loss + args.distill_weight * d
+        return loss, terms
+    return loss_fn
+
+
+def teacher_features(batch, teacher, device):
+    """Stored embeddings from the shards, else the online teacher (no gradient, never in the optimizer)."""
+    if "teacher_image" in batch:
+        return batch["teacher_image"].to(device).float(), batch["teacher_text"].to(device).float()
+    return teacher(batch)
+
+
+def forward_backward(model, inputs, accum, autocast, loss_fn, batch=None):
+    """One optimizer step's gradients; returns (loss, terms). inputs: the model's batched inputs (images, tokens
+    [, short tokens]). With accum > 1 (GradCache, Gao et al. 2021): 1) embed every micro-batch without
+    gradients, 2) compute the whole batch's loss on those cached embeddings and its gradient w.r.t. them,
+    3) re-embed each micro-batch with gradients and backpropagate the cached gradients. Exactly the big batch's
+    gradient, at the activation memory of one micro-batch, for one extra forward pass."""
     if accum == 1:
         with autocast:
-            img, txt, scale = model(images, tokens)  # (B, E), (B, E), ()
-        loss = contrastive_loss(img, txt, scale, label_smoothing)
+            outs = model(*inputs)  # img (B, E), txt (B, E), scale () [, short (B, E)]
+        loss, terms = loss_fn([o.float() for o in outs], batch)
         loss.backward()
-        return loss.detach()
-    chunks = list(zip(images.chunk(accum), tokens.chunk(accum)))
+        return loss.detach(), terms
+    chunks = list(zip(*(x.chunk(accum) for x in inputs)))
     with torch.no_grad(), autocast:
-        cached = [model(im, tk) for im, tk in chunks]
-    img = torch.cat([c[0] for c in cached]).float().requires_grad_()  # (B, E) leaves
-    txt = torch.cat([c[1] for c in cached]).float().requires_grad_()
-    scale = cached[0][2].float().requires_grad_()
-    loss = contrastive_loss(img, txt, scale, label_smoothing)
-    loss.backward()  # fills img.grad, txt.grad, scale.grad; the model is untouched so far
-    sizes = [im.shape[0] for im, _ in chunks]
-    for i, (g_img, g_txt, (im, tk)) in enumerate(zip(img.grad.split(sizes), txt.grad.split(sizes), chunks)):
+        cached = [model(*c) for c in chunks]
+    leaves = [(cached[0][j] if j == 2 else torch.cat([c[j] for c in cached])).float().requires_grad_()
+              for j in range(len(cached[0]))]  # (B, E) features and the () scale, as leaves
+    loss, terms = loss_fn(leaves, batch)
+    loss.backward()  # gradients w.r.t. the cached outputs only; the model is untouched so far
+    sizes = [c[0].shape[0] for c in chunks]
+    grads = [None if j == 2 else leaves[j].grad.split(sizes) for j in range(len(leaves))]
+    for i, c in enumerate(chunks):
         last = i == accum - 1  # DDP: all-reduce gradients once, on the last micro-batch
         sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
         with sync:
             with autocast:
-                e_img, e_txt, e_scale = model(im, tk)
+                outs = model(*c)
             # d(loss)/d(theta) = sum over cached outputs of their gradient times d(output)/d(theta)
-            surrogate = (e_img.float() * g_img).sum() + (e_txt.float() * g_txt).sum() + e_scale * scale.grad / accum
+            surrogate = sum((o.float() * g[i]).sum() for o, g in zip(outs, grads) if g is not None)
+            surrogate = surrogate + outs[2] * leaves[2].grad / accum  # the scale: once over all micro-batches
             surrogate.backward()
-    return loss.detach()
+    return loss.detach(), terms
 
 
 # -----------------------------------------------------------------------------
@@ -253,9 +315,20 @@ def main(argv=None):
     run = args.run_name or f"{args.preset}-{os.path.basename(os.path.normpath(data))}"
     out_dir, log_dir = os.path.join(args.out, run), os.path.join(args.log_dir, run)
 
-    config = clip.get_config(args.preset, vocab_size=tokenizer.vocab_size, img_size=index["img_size"],
-                             context_length=args.context_length, pool=args.pool, pool_layers=args.pool_layers,
-                             head=args.head, head_mode=args.head_mode, quick_gelu=args.quick_gelu)
+    # the teacher: stored in the shards (checked for every sample now, not mid-run), or run online
+    teacher, teacher_dim = None, 0
+    if args.distill != "none":
+        try:
+            teacher_dim = stored_teacher_dim(data, index)
+        except ValueError as e:
+            if args.teacher is None:
+                parser.error(str(e))
+            teacher = OnlineTeacher(args.teacher, tokenizer, device)
+            teacher_dim = teacher.dim
+    try:
+        config, tokenizer, init_sd = build_config(args, index, tokenizer, teacher_dim)
+    except ValueError as e:
+        parser.error(str(e))
     ckpt = None
     if args.resume:
         try:
@@ -274,14 +347,12 @@ def main(argv=None):
                      f"is larger than the {train_split} training samples")
     loader = ShardLoader(data, "train", step_batch, tokenizer, config.text.context_length, seed=args.seed,
                          rank=rank, world_size=world, num_workers=args.workers, augment=args.augment,
-                         pin_memory=device.startswith("cuda"))
+                         long_captions=args.long, pin_memory=device.startswith("cuda"))
     val_loader = ShardLoader(data, "val", min(args.batch, index["val"]["num_samples"]), tokenizer,
                              config.text.context_length, num_workers=0) if master and index.get("val", {}).get("num_samples") else None
     total_steps = max(1, math.ceil(args.epochs * len(loader)))
 
-    model = clip.CLIP(config).to(device)
-    if args.init and not args.resume:
-        init_from(model, args.init, args.ignore_keys, quiet)
+    model = build_model(args, config, init_sd if ckpt is None else None, quiet).to(device)
     optimizer = clip.configure_optimizers(model, args.wd, args.max_lr, betas=(0.9, args.beta2))
     step, best_val = 0, None
     if ckpt is not None:
@@ -296,14 +367,19 @@ def main(argv=None):
     if args.compile:
         model = torch.compile(model)
     if ddp:
+        if hasattr(raw_model, "distill_proj"):  # used outside forward (in the loss): its gradient is averaged by hand
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                raw_model, ["distill_proj.weight"])
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.startswith("cuda") else None)
+    loss_fn = make_loss(args, raw_model, teacher)
 
     manager = cm.CheckpointManager(out_dir, keep=args.keep) if master else None
     logger = Logger(log_dir, config={"args": vars(args), "model": config.to_dict(), "world_size": world},
                     resume_step=step if ckpt is not None else None, total_steps=total_steps,
                     print_every=1 if total_steps < 50 else 10, quiet=args.quiet, enabled=master)
     if master and not args.quiet:
-        print(f"{config.vision.img_size}px images, {raw_model.num_params() / 1e6:.2f}M parameters, "
+        print(f"{config.vision.img_size}px images, {raw_model.num_params() / 1e6:.2f}M parameters "
+              f"({raw_model.num_params(trainable_only=True) / 1e6:.2f}M trainable), "
               f"{total_steps} steps of {step_batch * world} samples on {world} x {device}")
 
     def save(val=None):
@@ -336,10 +412,14 @@ def main(argv=None):
             group["lr"] = lr
         batch = next(batches)
         images = clip.normalize_images(batch["image"].to(device, non_blocking=True))  # uint8 -> float on the device
-        tokens = batch["text"].to(device, non_blocking=True)
-        loss = forward_backward(model, images, tokens, args.accum, autocast, args.label_smoothing)
+        inputs = (images, batch["text"].to(device, non_blocking=True))
+        if args.long:
+            inputs += (batch["text_short"].to(device, non_blocking=True),)
+        loss, terms = forward_backward(model, inputs, args.accum, autocast, loss_fn, batch)
         if ddp:  # log the global batch's loss: the mean of the ranks' means
             dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+            if hasattr(raw_model, "distill_proj"):
+                dist.all_reduce(raw_model.distill_proj.weight.grad, op=dist.ReduceOp.AVG)
         if not torch.isfinite(loss):
             last = (manager.step_files() or [None])[-1] if manager else None
             msg = f"error: loss is {loss.item()} at step {step + 1}; stopping. Last good checkpoint: {last or 'none'}"
@@ -355,7 +435,7 @@ def main(argv=None):
             torch.cuda.synchronize()
         dt = time.time() - t0
         sps = step_batch * world / dt
-        record = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+        record = {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}, "lr": lr, "grad_norm": grad_norm.item(),
                   "logit_scale": raw_model.logit_scale.exp().item(), "samples_per_s": sps,
                   "elapsed_s": time.time() - t_start}
         mfu = clip.estimate_mfu(config, sps / world) if device.startswith("cuda") else None
@@ -405,16 +485,104 @@ def diff_configs(a, b, prefix=""):
     return ", ".join(x for x in out if x)
 
 
-def init_from(model, path, ignore_keys, quiet):
-    """--init: our checkpoint, or an original CLIP / OpenCLIP state dict (converted by clip.py)."""
+def read_init(path, quick_gelu):
+    """--init file -> (state dict, config dict, tokenizer dict or None): our checkpoint, or an original CLIP /
+    OpenCLIP ViT state dict (converted by clip.py)."""
     sd = cm.load(path)
-    if "model" in sd:
-        sd = sd["model"]
-    elif "visual.conv1.weight" in sd or "state_dict" in sd:
-        sd = sd.get("state_dict", sd)
-        sd = clip.CLIP.from_openai_state_dict(cm.strip_prefixes(sd), quick_gelu=model.config.quick_gelu).state_dict()
-    report = cm.load_partial(model, sd, ignore_keys, quiet=quiet)
-    return report
+    if "model" in sd and "config" in sd:
+        return cm.strip_prefixes(sd["model"]), sd["config"], sd.get("tokenizer")
+    sd = cm.strip_prefixes(sd.get("state_dict", sd))
+    model = clip.CLIP.from_openai_state_dict(sd, quick_gelu=quick_gelu)
+    return model.state_dict(), model.config.to_dict(), None
+
+
+def build_config(args, index, tokenizer, teacher_dim):
+    """The run's model config (and tokenizer): the preset sized to the data, or --init's architecture with the
+    pooling/adapter flags on top; --long with --init stretches the text positions (Long-CLIP)."""
+    init_sd = None
+    if args.init:
+        init_sd, cfg, tok = read_init(args.init, args.quick_gelu)
+        if tok is not None:  # the model's token embeddings go with its own tokenizer
+            tokenizer = Tokenizer.from_dict(tok)
+        if cfg["vision"]["img_size"] != index["img_size"]:
+            raise ValueError(f"--init model takes {cfg['vision']['img_size']} px images but the data has {index['img_size']} px")
+        cfg["text"].update(pool=args.pool, pool_layers=args.pool_layers)
+        config = clip.CLIPConfig.from_dict(cfg)
+    else:
+        config = clip.get_config(args.preset, vocab_size=tokenizer.vocab_size, img_size=index["img_size"],
+                                 context_length=args.context_length, pool=args.pool, pool_layers=args.pool_layers,
+                                 head=args.head, head_mode=args.head_mode, quick_gelu=args.quick_gelu)
+    config.adapters, config.adapter_towers, config.teacher_dim = args.adapters, tuple(args.adapter_towers), teacher_dim
+    if args.long and args.init and config.text.freeze_positions == 0:
+        n = config.text.context_length
+        config.text.context_length, config.text.freeze_positions = 20 + 4 * (n - 20), 20
+    return clip.CLIPConfig.from_dict(config.to_dict()), tokenizer, init_sd  # re-validated
+
+
+def build_model(args, config, init_sd, quiet):
+    """The model, initialised from --init (stretched for --long), with the fine-tuning freezes applied."""
+    model = clip.CLIP(config)
+    if init_sd is not None:
+        if config.text.freeze_positions and "text.pos_fixed" not in init_sd:  # --long: stretch 77 -> 248 style
+            cfg = clip.CLIPConfig.from_dict(config.to_dict())
+            cfg.text.context_length = init_sd["text.pos_embed"].shape[0]
+            cfg.text.freeze_positions = 0
+            base = clip.CLIP(cfg)
+            cm.load_partial(base, init_sd, args.ignore_keys, quiet=quiet)
+            model = clip.stretch_text_model(base)
+        else:
+            cm.load_partial(model, init_sd, args.ignore_keys, quiet=quiet)
+    if args.lock_image:
+        model.lock("visual", args.unlocked_layers)
+    if args.lock_text:
+        model.lock("text", args.unlocked_layers)
+    if args.adapters:  # only the adapters train (plus the heads with --train_heads)
+        for name, p in model.named_parameters():
+            head = name.startswith(("visual.proj", "text.proj", "logit_scale", "distill_proj"))
+            p.requires_grad_("adapter_" in name or (head and args.train_heads) or name.startswith("distill_proj"))
+    return model
+
+
+def stored_teacher_dim(data, index):
+    """Teacher embedding size when every training sample carries both teacher fields; else one clear error
+    naming the first shard that lacks them (checked before training, not discovered mid-run)."""
+    import io
+    import numpy as np
+    from dataloader import map_file, scan_tar
+    want, dim = {"teacher_image.npy", "teacher_text.npy"}, None
+    for name in index["train"]["shards"]:
+        buf = map_file(os.path.join(data, name))
+        groups, _ = scan_tar(buf)
+        have = [want <= exts.keys() for exts in groups.values()]
+        if not all(have):
+            raise ValueError(f"--distill: {sum(not h for h in have)} of {len(have)} samples in shard {name} have no "
+                             f"teacher embeddings (run `prep_dataset.py add-teacher`, or pass --teacher CKPT)")
+        if dim is None and groups:
+            off, size = next(iter(groups.values()))["teacher_image.npy"]
+            dim = np.load(io.BytesIO(buf[off:off + size]), allow_pickle=False).shape[-1]
+    return dim
+
+
+class OnlineTeacher:
+    """A frozen teacher run in-process when the shards hold no stored embeddings. It reads the captions with its
+    own tokenizer: our tokens are decoded back to text (lossless after clean()) and re-tokenized."""
+
+    def __init__(self, path, tokenizer, device):
+        self.model, ckpt = cm.load_model(path, map_location=device)
+        self.model.requires_grad_(False)  # never in the optimizer
+        self.tokenizer, self.own = tokenizer, Tokenizer.from_dict(ckpt["tokenizer"])
+        self.dim, self.size = self.model.config.output_dim, self.model.config.vision.img_size
+
+    @torch.no_grad()
+    def __call__(self, batch):
+        device = next(self.model.parameters()).device
+        images = clip.normalize_images(batch["image"].to(device))  # (B, 3, S, S)
+        if images.shape[-1] != self.size:
+            images = F.interpolate(images, size=(self.size, self.size), mode="bicubic", antialias=True)
+        texts = [self.tokenizer.decode([t for t in row.tolist() if t < self.tokenizer.sot]) for row in batch["text"]]
+        tokens = self.own.tokenize(texts, self.model.config.text.context_length).to(device)
+        img, txt, _ = self.model(images, tokens)
+        return img.float(), txt.float()
 
 
 def summary(metrics, index, log_dir, flops, quiet):

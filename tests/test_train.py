@@ -42,22 +42,30 @@ def test_lr_schedule_by_hand():
     assert train.lr_at(0, 10, 1.0, 0.0, 0.0) == pytest.approx(1.0)  # no warmup
 
 
-def test_accumulation_gives_the_big_batch_gradient():
+@pytest.mark.parametrize("flags", [[], ["--long"], ["--distill", "kd"], ["--distill", "mse"], ["--distill", "icl"]])
+def test_accumulation_gives_the_big_batch_gradient(flags):
+    """GradCache: 4 micro-batches of 3 = one batch of 12, for the plain, Long-CLIP and distillation losses."""
     torch.manual_seed(0)
-    model = clip.CLIP(clip.get_config("micro", vocab_size=300))
+    model = clip.CLIP(clip.get_config("micro", vocab_size=300, teacher_dim=24 if "--distill" in flags else 0))
     images = torch.randn(12, 3, 32, 32)
     tokens = torch.randint(1, 298, (12, 32))
     tokens[:, 9] = 299
+    inputs = (images, tokens) + ((tokens.roll(1, dims=0),) if "--long" in flags else ())
+    batch = {"teacher_image": torch.nn.functional.normalize(torch.randn(12, 24), dim=-1),
+             "teacher_text": torch.nn.functional.normalize(torch.randn(12, 24), dim=-1)}
+    loss_fn = train.make_loss(train.get_parser().parse_args(flags + ["--long_pca", "4"]), model)
     grads = []
     for accum in (1, 4):
         model.zero_grad()
-        loss = train.forward_backward(model, images, tokens, accum, contextlib.nullcontext(), 0.0)
+        loss, terms = train.forward_backward(model, inputs, accum, contextlib.nullcontext(), loss_fn, batch)
         grads.append((loss, {n: p.grad.clone() for n, p in model.named_parameters()}))
     (l1, g1), (l4, g4) = grads
     assert l1.item() == pytest.approx(l4.item(), abs=1e-6)
     for n in g1:
         assert torch.allclose(g1[n], g4[n], atol=1e-6, rtol=1e-4), n
     assert g1["logit_scale"].abs().item() > 0
+    if flags:
+        assert len(terms) == 2 and all(torch.isfinite(v) for v in terms.values())
 
 
 def test_stop_and_resume_is_bitwise_identical(synth, tmp_path):
