@@ -248,3 +248,33 @@ def set_rng_state(state):
     if "cuda" in state and torch.cuda.is_available():
         cuda = state["cuda"][:torch.cuda.device_count()]
         torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+
+# -----------------------------------------------------------------------------
+# adapters alone: a few hundred KB instead of the whole model (the base weights come from the base checkpoint)
+
+def adapter_state_dict(model):
+    """Only the adapter tensors (keys containing "adapter_"), wrapper prefixes stripped."""
+    return {k: v for k, v in strip_prefixes(model.state_dict()).items() if "adapter_" in k}
+
+def save_adapters(model, path):
+    """Write {"adapters": the adapter tensors, "config": the model's config} atomically."""
+    sd = adapter_state_dict(model)
+    if not sd:
+        raise ValueError("the model has no adapters to save (build it with config.adapters > 0)")
+    save_atomic({"adapters": sd, "config": model.config.to_dict()}, path)
+
+def load_adapters(model, path, quiet=False):
+    """Load save_adapters' file into a model that has adapters; returns a LoadReport whose `missing` lists the
+    model's adapter tensors the file did not have (left at their init, which is the identity)."""
+    ckpt = load(path)
+    if "adapters" not in ckpt:
+        raise ValueError(f"{path} has no 'adapters' entry; was it written by save_adapters?")
+    own = [k for k in model.state_dict() if "adapter_" in k]
+    if not own:
+        raise ValueError("the model has no adapters to load into (build it with config.adapters > 0)")
+    r = load_partial(model, ckpt["adapters"], quiet=True)
+    report = r._replace(missing=[k for k in r.missing if "adapter_" in k])  # the base weights are not the file's job
+    if not quiet:
+        print(f"load_adapters: loaded {len(own) - len(report.missing) - len(report.mismatched)}/{len(own)} adapter "
+              f"tensors" + "".join(f"; {name} {len(ks)}" for name, ks in report._asdict().items() if ks))
+    return report
