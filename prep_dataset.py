@@ -6,6 +6,7 @@ Image-caption sources -> webdataset shards + index.json + tokenizer.json (the la
     python prep_dataset.py folder --src photos/ --out data/photos          # a.jpg + a.txt, or class sub-folders
     python prep_dataset.py jsonl --src pairs.jsonl --out data/pairs        # {"image": path, "caption": text}
     python prep_dataset.py tar --src shards/ --out data/mine               # existing webdataset tars
+    python prep_dataset.py add-teacher --data data/synthetic --teacher out/big/ckpt/best.pt  # distillation
 
 Every sample is stored as <key>.jpg (RGB, shorter side resized + centre-cropped to S x S, JPEG q95), <key>.txt
 (the caption, UTF-8) and <key>.json (metadata), keys being 9-digit indices within a split. Shards are written to a
@@ -20,6 +21,11 @@ generalisation to unseen combinations can be measured on val.
 Bad data (undecodable or empty images, empty or non-UTF-8 captions, truncated tars, unsafe member names) is skipped,
 counted per reason in index.json["skipped"] and warned about, never silent. Tar members are only read into memory,
 never extracted to disk.
+
+add-teacher runs a trained checkpoint over every sample (its own tokenizer on the raw caption, images resized to
+its resolution) and writes <shard>.teacher.tar beside each shard: the same members plus <key>.teacher_image.npy
+and <key>.teacher_text.npy (float16, L2-normalised). index.json then lists the new shards ("shards_base" keeps the
+old list), and train.py --distill reads the stored embeddings instead of running the teacher.
 
 Left out on purpose: image deduplication, caption filtering by language or CLIP score, aspect-ratio bucketing
 (CLIP trains on square crops), and reading remote sources other than the one hub dataset.
@@ -658,6 +664,157 @@ def prep_records(args, source, make_records, classes=None):
     return finish(args.out, splits, extra, captions, args.vocab_size, skipped, args.quiet)
 
 
+# ----------------------------------------------------------------------------- teacher embeddings (distillation)
+
+def teacher_shard_name(name):
+    """'train-000000.tar' -> 'train-000000.teacher.tar': the new shard sits beside the old one."""
+    return (name[:-4] if name.endswith(".tar") else name) + ".teacher.tar"
+
+
+def npy_bytes(a):
+    """An array as .npy file bytes (in memory; plain dtypes only, so readers never need to unpickle)."""
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def shard_groups(path, skipped):
+    """A shard's members grouped by webdataset key, as the loader groups them: [(key, {ext: bytes})]."""
+    groups = {}
+    for name, data in tar_members(path, skipped):
+        head, base = os.path.split(name)
+        key, _, ext = base.partition(".")
+        groups.setdefault(os.path.join(head, key), {})[ext.lower()] = data
+    return list(groups.items())
+
+
+def done_teacher_shard(path, dim):
+    """Samples in a teacher shard left by an earlier run, or None when it must be (re)made. Shards are written
+    atomically, so one that exists is whole; it counts only if every sample has both embeddings of size dim."""
+    if not os.path.exists(path):
+        return None
+    from dataloader import map_file, scan_tar  # header scan only, no image data read
+    buf = map_file(path)
+    groups, _ = scan_tar(buf)
+    want = ("teacher_image.npy", "teacher_text.npy")
+    if not groups or not all(all(w in exts for w in want) for exts in groups.values()):
+        return None
+    off, size = next(iter(groups.values()))["teacher_image.npy"]
+    shape = np.load(io.BytesIO(buf[off:off + size]), allow_pickle=False).shape
+    return len(groups) if shape == (dim,) else None
+
+
+def teacher_embed(model, tok, images, captions, device):
+    """uint8 (B, 3, S, S) images + raw captions -> the teacher's L2-normalised embeddings, float16 (B, D) each."""
+    import torch
+    import torch.nn.functional as F
+    import clip
+    size = model.config.vision.img_size
+    x = clip.normalize_images(torch.from_numpy(images).to(device))  # (B, 3, S, S) float
+    if x.shape[-1] != size:  # the teacher was trained at another resolution (as train.OnlineTeacher does it)
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True)  # (B, 3, size, size)
+    tokens = tok.tokenize(captions, model.config.text.context_length).to(device)  # (B, ctx) its own tokens
+    with torch.no_grad():
+        img, txt, _ = model(x, tokens)  # (B, D) each, normalised in float32
+    return img.float().cpu().numpy().astype(np.float16), txt.float().cpu().numpy().astype(np.float16)
+
+
+def add_teacher(parser, args):
+    """Write <shard>.teacher.tar beside every shard: the original members plus <key>.teacher_image.npy and
+    <key>.teacher_text.npy (float16 (D,), L2-normalised); then point index.json at the new shards."""
+    import torch
+    import checkpoint_manager as cm
+    index_path = os.path.join(args.data, "index.json")
+    if not os.path.isfile(index_path):
+        parser.error(f"--data {args.data} has no index.json (make it with prep_dataset.py)")
+    if not os.path.isfile(args.teacher):
+        parser.error(f"--teacher {args.teacher} does not exist")
+    if args.batch < 1:
+        parser.error(f"--batch must be >= 1, got {args.batch}")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        parser.error(f"--device {args.device}: {e}")
+    try:
+        model, ckpt = cm.load_model(args.teacher, map_location=device)
+        tok = Tokenizer.from_dict(ckpt["tokenizer"])  # the teacher reads captions with its own tokenizer
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+        parser.error(f"--teacher {args.teacher}: not a usable checkpoint ({type(e).__name__}: {e})")
+    with open(index_path, encoding="utf-8") as f:
+        index = json.load(f)
+    dim, S = model.config.output_dim, int(index["img_size"])
+    data_tok = os.path.join(args.data, "tokenizer.json")
+    differs = not os.path.isfile(data_tok) or Tokenizer.load(data_tok).to_dict() != tok.to_dict()
+    # shards made for another teacher are redone, whatever they hold
+    redo = index.get("teacher", {}).get("ckpt") not in (None, args.teacher)
+    splits = [s for s, v in index.items() if isinstance(v, dict) and "shards" in v]
+    bases = {s: index[s].get("shards_base", index[s]["shards"]) for s in splits}  # a re-run starts from the originals
+    total = sum(sum(index[s].get("shard_sizes_base", index[s].get("shard_sizes", [0]))) for s in splits)
+    bar = tqdm(total=total or None, desc="add-teacher", unit="img", disable=args.quiet)
+    skipped, sizes = Counter(), {}
+    for split in splits:
+        sizes[split] = []
+        for name in bases[split]:
+            out = os.path.join(args.data, teacher_shard_name(name))
+            n = None if redo else done_teacher_shard(out, dim)
+            if n is None:
+                samples = []
+                for key, files in shard_groups(os.path.join(args.data, name), skipped):
+                    image = next((e for e in IMAGE_EXTS if e in files), None)
+                    if image is None or "txt" not in files:
+                        skipped["missing_image" if image is None else "missing_caption"] += 1
+                        continue
+                    try:
+                        img = Image.open(io.BytesIO(files[image]))
+                        img = img.convert("RGB") if img.mode != "RGB" else img
+                        img = img.resize((S, S), Image.BICUBIC) if img.size != (S, S) else img  # as the loader
+                        pixels = np.asarray(img).transpose(2, 0, 1)  # (S, S, 3) -> (3, S, S) uint8
+                    except Exception:  # PIL raises many types for bad data
+                        skipped["decode_error"] += 1
+                        continue
+                    caption = files["txt"].decode("utf-8", "replace")  # the raw caption, as the loader reads it
+                    files = {e: d for e, d in files.items() if e not in ("teacher_image.npy", "teacher_text.npy")}
+                    samples.append((key, files, pixels, caption))
+                for i in range(0, len(samples), args.batch):
+                    chunk = samples[i:i + args.batch]
+                    t_img, t_txt = teacher_embed(model, tok, np.stack([c[2] for c in chunk]), [c[3] for c in chunk],
+                                                 device)  # (b, D) float16 each
+                    for (key, files, _, _), a, b in zip(chunk, t_img, t_txt):
+                        files["teacher_image.npy"], files["teacher_text.npy"] = npy_bytes(a), npy_bytes(b)
+                    bar.update(len(chunk))
+                n = len(samples)
+                if n:
+                    write_tar(out, [(key, files) for key, files, _, _ in samples])
+            else:
+                bar.update(n)
+            if n:
+                sizes[split].append((teacher_shard_name(name), n))
+            else:
+                warnings.warn(f"{name}: no usable samples; left out of the teacher shards")
+    bar.close()
+
+    # Only now, with every new shard on disk, does index.json point at them (atomically).
+    for split in splits:
+        info = index[split]
+        if "shards_base" not in info:
+            info["shards_base"] = info["shards"]
+            if "shard_sizes" in info:
+                info["shard_sizes_base"] = info["shard_sizes"]
+        info["shards"] = [m for m, _ in sizes[split]]
+        info["shard_sizes"] = [n for _, n in sizes[split]]
+        info["num_samples"] = sum(info["shard_sizes"])
+    index["teacher"] = {"ckpt": args.teacher, "dim": dim, "tokenizer_differs": differs,
+                        "skipped": dict(sorted(skipped.items()))}
+    save_json(index_path, index)
+    counts = ", ".join(f"{s} {index[s]['num_samples']}" for s in splits)
+    print(f"teacher embeddings (dim {dim}{', own tokenizer' if differs else ''}) in {args.data}: {counts}")
+    if skipped:
+        msg = ", ".join(f"{n} {r}" for r, n in sorted(skipped.items()))
+        warnings.warn(f"add-teacher skipped {sum(skipped.values())} samples/members: {msg}")
+    return index
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None):
@@ -691,8 +848,16 @@ def main(argv=None):
         p = sub.add_parser(name, parents=[real], help=what)
         p.add_argument("--src", required=True, help=what)
         p.add_argument("--out", required=True)
+    p = sub.add_parser("add-teacher", help="store a teacher checkpoint's embeddings in new shards (distillation)")
+    p.add_argument("--data", required=True, help="a folder made by this script; index.json is rewritten")
+    p.add_argument("--teacher", required=True, help="a checkpoint of ours (train.py)")
+    p.add_argument("--batch", type=int, default=256, help="samples per teacher forward pass")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
+    if args.source == "add-teacher":
+        return add_teacher(parser, args)
     if args.shard_size < 1 or args.workers < 0:
         parser.error("--shard_size must be >= 1 and --workers >= 0")
     if args.img_size < 8:
