@@ -34,7 +34,6 @@ import argparse
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -48,7 +47,7 @@ from tqdm import tqdm
 
 from clip import normalize_images
 from dataloader import ShardLoader, complete, map_file, scan_tar
-from logger import write_atomic
+from logger import save_figure, write_atomic
 from prep_dataset import FOLDER_EXTS, articles
 
 # A short, generic CLIP-style template list (prompt ensembling); --templates replaces it.
@@ -537,16 +536,7 @@ def plot_confusion(confusion, classes, path):
     if C <= 100:  # beyond that the names are unreadable anyway
         ax.set_xticks(range(C), classes, rotation=90, fontsize=6)
         ax.set_yticks(range(C), classes, fontsize=6)
-    d, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    save_figure(fig, path)
 
 
 def format_table(results):

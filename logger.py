@@ -150,7 +150,7 @@ def _series(records, key, split):
            if r.get("split") == split and isinstance(r.get(key), (int, float))]
     return [p[0] for p in pts], [p[1] for p in pts]
 
-def _save(fig, path):
+def save_figure(fig, path):
     # to a temp name then os.replace, so an image viewer never shows a half-written PNG
     d, name = os.path.split(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{name}.", suffix=".tmp")
@@ -193,7 +193,7 @@ def plot_run(log_dir):
         if lines:
             fig, ax = _figure(title, key)
             _plot_lines(ax, lines, log)
-            _save(fig, os.path.join(log_dir, fname))
+            save_figure(fig, os.path.join(log_dir, fname))
             written.append(fname)
     # eval.png: every other numeric metric of the val/eval records (zeroshot_top1, i2t_R@1, ...)
     extra = sorted({(r["split"], k) for r in records if r.get("split") != "train"
@@ -201,7 +201,7 @@ def plot_run(log_dir):
     if extra:
         fig, ax = _figure("eval metrics", "value")
         _plot_lines(ax, [(*_series(records, k, s), f"{s}/{k}", {"marker": "o"}) for s, k in extra], False)
-        _save(fig, os.path.join(log_dir, "eval.png"))
+        save_figure(fig, os.path.join(log_dir, "eval.png"))
         written.append("eval.png")
     return [os.path.join(log_dir, f) for f in written]
 
@@ -217,7 +217,7 @@ def plot_runs(run_dirs, out_path):
             if steps:
                 lines.append((steps, ys, f"{name} {split}", {"color": color, **kw}))
     _plot_lines(ax, lines, True)
-    _save(fig, out_path)
+    save_figure(fig, out_path)
     return out_path
 
 # -----------------------------------------------------------------------------
