@@ -1,0 +1,235 @@
+#!/usr/bin/env bash
+# Fresh rented GPU box (Ubuntu) -> a .venv with torch for this driver's CUDA, the requirements, a GPU self-test
+# (bf16 matmul + one timed training step of the seed preset, samples/s and MFU), and optionally a slice of
+# text-to-image-2M. Idempotent: a re-run skips every step that is already done (venv, torch, requirements, data).
+#
+#   bash setup_gpu.sh                     # venv + torch + requirements + self-test
+#   bash setup_gpu.sh --prep t2i 100000   # ... then python prep_dataset.py text-to-image-2m --limit 100000
+#   bash setup_gpu.sh --dry_run           # print the plan (each command), install nothing
+#
+# Left out on purpose: installing the NVIDIA driver or the CUDA toolkit (rented boxes come with a driver; the
+# torch wheels carry their own CUDA runtime), conda, and Docker.
+set -euo pipefail
+
+usage() {
+    cat <<'EOF'
+usage: bash setup_gpu.sh [--dry_run] [--prep t2i N] [--cuda TAG] [--python PYTHON] [--batch B] [--no_selftest]
+
+Set up this repository on a fresh Ubuntu GPU box:
+  1. check the GPU (nvidia-smi) and Python (>= 3.9)
+  2. create .venv (skipped when it exists)
+  3. install torch built for the driver's CUDA (cu130/cu128/cu126/cu124/cu121/cu118 from
+     download.pytorch.org, else the default PyPI wheel); skipped when torch already sees the GPU
+  4. pip install -r requirements.txt (skipped when requirements.txt has not changed since the last run)
+  5. GPU self-test: a bf16 matmul check, then the seed preset trained at a small batch with bf16 autocast;
+     prints samples/s and MFU
+  6. with --prep t2i N: python prep_dataset.py text-to-image-2m --out data/t2i --limit N
+     (skipped when data/t2i already holds a run of >= N)
+
+options:
+  --dry_run        print each command it would run; runs nothing that installs or downloads
+  --prep t2i N     also build N samples of text-to-image-2M into data/t2i
+  --cuda TAG       wheel index to use instead of the detected one: cu130, cu128, ..., or "pypi"
+  --python PYTHON  the interpreter that creates .venv (default: python3)
+  --batch B        self-test batch size (default 32)
+  --no_selftest    skip step 5
+  -h, --help       this message
+EOF
+}
+
+die() { echo "setup_gpu.sh: error: $*" >&2; exit 1; }
+bad_usage() { echo "setup_gpu.sh: error: $*" >&2; echo "(bash setup_gpu.sh --help for usage)" >&2; exit 2; }
+
+DRY=0 PREP_N="" CUDA_TAG="" PYTHON=python3 BATCH=32 SELFTEST=1
+while (($#)); do
+    case "$1" in
+        -h | --help) usage; exit 0 ;;
+        --dry_run | --dry-run) DRY=1 ;;
+        --prep)
+            [[ $# -ge 3 ]] || bad_usage "--prep needs a dataset and a count, e.g. --prep t2i 100000"
+            [[ $2 == t2i ]] || bad_usage "--prep: unknown dataset '$2' (only t2i: text-to-image-2M)"
+            [[ $3 =~ ^[1-9][0-9]*$ ]] || bad_usage "--prep t2i N: N must be a positive integer, got '$3'"
+            PREP_N=$3; shift 2 ;;
+        --cuda)
+            [[ $# -ge 2 && $2 =~ ^(cu[0-9]+|pypi)$ ]] || bad_usage "--cuda needs a tag like cu128, or pypi"
+            CUDA_TAG=$2; shift ;;
+        --python)
+            [[ $# -ge 2 ]] || bad_usage "--python needs an interpreter"
+            PYTHON=$2; shift ;;
+        --batch)
+            [[ $# -ge 2 && $2 =~ ^[1-9][0-9]*$ ]] || bad_usage "--batch needs a positive integer"
+            BATCH=$2; shift ;;
+        --no_selftest) SELFTEST=0 ;;
+        *) bad_usage "unknown argument '$1'" ;;
+    esac
+    shift
+done
+
+cd "$(dirname "$0")"  # the repository root: .venv, requirements.txt and data/ live here
+VENV=.venv
+PY=$VENV/bin/python
+
+step() { printf '\n== %s\n' "$*"; }
+skip() { echo "skip: $*"; }
+run() {  # print the command; run it unless --dry_run
+    echo "+ $*"
+    if ((!DRY)); then "$@"; fi
+}
+
+# ---------------------------------------------------------------- 1. checks (read-only, also in a dry run)
+step "checking the GPU"
+CUDA_MAJOR="" CUDA_MINOR=""
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+    msg="no NVIDIA GPU found (nvidia-smi missing): install the NVIDIA driver (Ubuntu: sudo ubuntu-drivers install) or use a GPU box"
+    ((DRY)) || die "$msg"
+    echo "warning: $msg; --dry_run goes on with the default PyPI wheel"
+elif ! smi=$(nvidia-smi 2>&1); then
+    msg="nvidia-smi failed, so the driver is not usable: ${smi%%$'\n'*}"
+    ((DRY)) || die "$msg"
+    echo "warning: $msg; --dry_run goes on with the default PyPI wheel"
+else
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | sed 's/^/GPU: /'
+    # the header says "CUDA Version: 12.4": the newest CUDA this driver runs, so the newest wheel it can load
+    if [[ $smi =~ CUDA\ Version:\ *([0-9]+)\.([0-9]+) ]]; then
+        CUDA_MAJOR=${BASH_REMATCH[1]} CUDA_MINOR=${BASH_REMATCH[2]}
+        echo "driver supports CUDA $CUDA_MAJOR.$CUDA_MINOR"
+    else
+        echo "warning: no 'CUDA Version' in nvidia-smi's output; using the default PyPI wheel"
+    fi
+fi
+
+step "checking Python"
+command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found (Ubuntu: sudo apt-get install -y python3 python3-venv)"
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 9))' ||
+    die "Python >= 3.9 needed, $PYTHON is $("$PYTHON" -V 2>&1)"
+echo "$("$PYTHON" -V 2>&1) at $(command -v "$PYTHON")"
+
+# driver CUDA -> the newest PyTorch wheel index it can run (wheels bring their own CUDA runtime; the driver only
+# has to be at least as new). The cu121/cu124 indexes stop at older torch releases, which still satisfy
+# requirements.txt (torch >= 2.1).
+wheel_tag() {
+    local v=$((10#$1 * 100 + 10#$2)) t
+    for t in 1300:cu130 1208:cu128 1206:cu126 1204:cu124 1201:cu121 1108:cu118; do
+        if ((v >= ${t%%:*})); then echo "${t#*:}"; return; fi
+    done
+    echo pypi  # too old for any CUDA wheel index we know: let pip pick
+}
+if [[ -z $CUDA_TAG ]]; then
+    CUDA_TAG=pypi
+    [[ -n $CUDA_MAJOR ]] && CUDA_TAG=$(wheel_tag "$CUDA_MAJOR" "$CUDA_MINOR")
+fi
+echo "torch wheel: $CUDA_TAG"
+
+# ---------------------------------------------------------------- 2. the virtual environment
+step "virtual environment $VENV"
+if [[ -x $PY ]]; then
+    skip "$VENV exists"
+else
+    if ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then  # Ubuntu ships venv in its own package
+        echo "$PYTHON has no venv/ensurepip module: installing python3-venv"
+        SUDO=""
+        ((EUID == 0)) || SUDO=sudo
+        run $SUDO apt-get update
+        run $SUDO apt-get install -y python3-venv
+    fi
+    run "$PYTHON" -m venv "$VENV"
+    run "$PY" -m pip install --upgrade pip
+fi
+
+# ---------------------------------------------------------------- 3. torch for this CUDA
+step "torch"
+if [[ -x $PY ]] && "$PY" -c 'import sys, torch; sys.exit(not (torch.cuda.is_available() and torch.version.cuda))' \
+    >/dev/null 2>&1; then
+    skip "torch $("$PY" -c 'import torch; print(torch.__version__)') already sees the GPU"
+elif [[ $CUDA_TAG == pypi ]]; then
+    run "$PY" -m pip install torch
+else
+    run "$PY" -m pip install torch --index-url "https://download.pytorch.org/whl/$CUDA_TAG"
+fi
+
+# ---------------------------------------------------------------- 4. the other requirements
+step "requirements.txt"
+STAMP=$VENV/.requirements.sha256  # the hash of the requirements.txt last installed
+want=$(sha256sum requirements.txt | cut -d' ' -f1)
+if [[ -f $STAMP && $(<"$STAMP") == "$want" ]]; then
+    skip "requirements.txt unchanged since the last install"
+else
+    run "$PY" -m pip install -r requirements.txt  # torch is already there, so pip keeps the CUDA build
+    if ((!DRY)); then echo "$want" >"$STAMP"; fi
+fi
+
+# ---------------------------------------------------------------- 5. GPU self-test
+SELFTEST_PY=$(cat <<'EOF'
+import sys, time
+import torch
+import clip
+
+B = int(sys.argv[1])
+assert torch.cuda.is_available(), "torch cannot see the GPU (a CPU wheel, or a driver older than the wheel's CUDA)"
+print(f"{torch.cuda.get_device_name()}: torch {torch.__version__}, CUDA {torch.version.cuda}, "
+      f"bf16 supported: {torch.cuda.is_bf16_supported()}")
+
+# bf16 matmul against a float64 reference: bf16 keeps 8 mantissa bits, so ~3e-3 relative error is normal
+a, b = torch.randn(2048, 2048, device="cuda"), torch.randn(2048, 2048, device="cuda")
+ref = a.double() @ b.double()
+err = ((a.bfloat16() @ b.bfloat16()).double() - ref).norm().item() / ref.norm().item()
+assert err < 2e-2, f"bf16 matmul relative error {err:.1e} is too large"
+print(f"bf16 matmul: relative error {err:.1e} (ok)")
+
+# the seed preset at batch B with bf16 autocast, as train.py runs it: one warm-up step, then timed steps
+torch.backends.cuda.matmul.allow_tf32 = True
+config = clip.get_config("seed")
+model = clip.CLIP(config).cuda()
+opt = clip.configure_optimizers(model, 0.2, 1e-4)
+S, T, V = config.vision.img_size, config.text.context_length, config.text.vocab_size
+images = torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8, device="cuda")  # (B, 3, S, S) uint8
+tokens = torch.randint(1, V - 2, (B, T), device="cuda")  # (B, T)
+tokens[:, T // 2] = V - 1  # eot (the highest id) mid-caption: the text tower pools there
+
+def train_step():
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        img, txt, scale = model(clip.normalize_images(images), tokens)
+        loss = clip.clip_loss(img, txt, scale)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+train_step()  # the first step picks kernels and allocates memory: not timed
+torch.cuda.synchronize()
+steps, t0 = 3, time.time()
+for _ in range(steps):
+    loss = train_step()
+torch.cuda.synchronize()
+sps = steps * B / (time.time() - t0)
+assert torch.isfinite(loss), f"loss is {loss.item()}"
+mfu = clip.estimate_mfu(config, sps)
+print(f"seed preset ({model.num_params() / 1e6:.0f}M params), batch {B}, bf16: loss {loss.item():.3f}, "
+      f"{sps:.0f} samples/s, MFU " + (f"{mfu:.1%}" if mfu is not None else "unknown (no bf16 peak for this GPU)"))
+print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB; larger batches raise MFU")
+EOF
+)
+step "GPU self-test"
+if ((SELFTEST)); then
+    echo "+ $PY - $BATCH  # stdin: the self-test above (bf16 matmul check, timed seed-preset training steps)"
+    if ((!DRY)); then "$PY" - "$BATCH" <<<"$SELFTEST_PY" || die "GPU self-test failed (see above)"; fi
+else
+    skip "--no_selftest"
+fi
+
+# ---------------------------------------------------------------- 6. data
+if [[ -n $PREP_N ]]; then
+    step "text-to-image-2M: $PREP_N samples -> data/t2i"
+    DONE=data/t2i/.setup_gpu_limit  # written after a finished prep: the --limit it ran with
+    if [[ -f data/t2i/index.json && -f $DONE && $(<"$DONE") -ge $PREP_N ]]; then
+        skip "data/t2i already holds a prep run of $(<"$DONE") samples"
+    else  # prep_dataset.py resumes an interrupted or smaller run, keeping its finished shards
+        run "$PY" prep_dataset.py text-to-image-2m --out data/t2i --limit "$PREP_N"
+        if ((!DRY)); then echo "$PREP_N" >"$DONE"; fi
+    fi
+fi
+
+step "done$( ((DRY)) && echo ' (dry run: nothing was installed)')"
+DATA=DATA_DIR
+[[ -n $PREP_N ]] && DATA=data/t2i
+echo "next: $PY train.py --data $DATA --preset seed --batch 256 --precision bf16 --compile"

@@ -1,0 +1,156 @@
+"""setup_gpu.sh on this CPU machine: --help, the dry-run plan without a GPU and with a fake nvidia-smi (the driver's
+CUDA -> wheel index mapping), re-runs that skip what is done, argument errors, and shellcheck.
+Every run works on a copy of the script in tmp_path, so nothing can touch the repository's .venv."""
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_exe(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """A bare copy of what the script needs: itself and requirements.txt."""
+    d = tmp_path / "repo"
+    d.mkdir()
+    for f in ("setup_gpu.sh", "requirements.txt"):
+        shutil.copy(os.path.join(ROOT, f), d / f)
+    return d
+
+
+def no_gpu_path():
+    """PATH with this Python's folder first and no folder that has an nvidia-smi."""
+    dirs = [os.path.dirname(sys.executable)] + os.environ.get("PATH", "").split(os.pathsep)
+    return os.pathsep.join(d for d in dirs if d and not os.path.exists(os.path.join(d, "nvidia-smi")))
+
+
+def fake_gpu(tmp_path, cuda):
+    """A PATH whose nvidia-smi prints what a real one prints for an H100 on a driver with this CUDA version."""
+    write_exe(tmp_path / "fakebin" / "nvidia-smi", f"""#!/bin/sh
+case "$*" in
+  *--query-gpu*) echo "NVIDIA H100 80GB HBM3, 81559 MiB, 550.54.15" ;;
+  *) echo "| NVIDIA-SMI 550.54.15              Driver Version: 550.54.15      CUDA Version: {cuda}     |" ;;
+esac
+""")
+    return str(tmp_path / "fakebin") + os.pathsep + no_gpu_path()
+
+
+def run(repo, *args, path=None):
+    return subprocess.run(["bash", str(repo / "setup_gpu.sh"), *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PATH": path or no_gpu_path()})
+
+
+def test_help(repo):
+    r = run(repo, "--help")
+    assert r.returncode == 0 and r.stdout.startswith("usage: bash setup_gpu.sh")
+    for words in ("--dry_run", "--prep t2i N", "--cuda TAG", "samples/s and MFU"):
+        assert words in r.stdout
+
+
+def test_dry_run_without_gpu_prints_the_plan_and_installs_nothing(repo):
+    r = run(repo, "--dry_run", "--prep", "t2i", "500")
+    assert r.returncode == 0, r.stderr
+    assert "no NVIDIA GPU found (nvidia-smi missing): " in r.stdout
+    plan = [line for line in r.stdout.splitlines() if line.startswith("+ ")]
+    assert plan == ["+ python3 -m venv .venv",
+                    "+ .venv/bin/python -m pip install --upgrade pip",
+                    "+ .venv/bin/python -m pip install torch",  # no CUDA known: the default PyPI wheel
+                    "+ .venv/bin/python -m pip install -r requirements.txt",
+                    plan[4],
+                    "+ .venv/bin/python prep_dataset.py text-to-image-2m --out data/t2i --limit 500"]
+    assert plan[4].startswith("+ .venv/bin/python - 32  # stdin: the self-test")
+    assert "dry run: nothing was installed" in r.stdout
+    assert sorted(os.listdir(repo)) == ["requirements.txt", "setup_gpu.sh"]  # no .venv, no stamp, no data
+
+
+def test_without_gpu_a_real_run_stops_at_once(repo):
+    r = run(repo)
+    assert r.returncode == 1
+    assert "error: no NVIDIA GPU found (nvidia-smi missing): " in r.stderr
+    assert sorted(os.listdir(repo)) == ["requirements.txt", "setup_gpu.sh"]
+
+
+@pytest.mark.parametrize("cuda, tag", [("13.0", "cu130"), ("12.9", "cu128"), ("12.8", "cu128"), ("12.6", "cu126"),
+                                       ("12.5", "cu124"), ("12.4", "cu124"), ("12.2", "cu121"), ("11.8", "cu118"),
+                                       ("11.4", "pypi")])
+def test_driver_cuda_picks_the_newest_wheel_it_can_run(repo, tmp_path, cuda, tag):
+    r = run(repo, "--dry_run", path=fake_gpu(tmp_path, cuda))
+    assert r.returncode == 0, r.stderr
+    assert "GPU: NVIDIA H100 80GB HBM3, 81559 MiB, 550.54.15" in r.stdout and f"driver supports CUDA {cuda}" in r.stdout
+    torch_line = next(line for line in r.stdout.splitlines() if line.startswith("+ .venv/bin/python -m pip install torch"))
+    want = "" if tag == "pypi" else f" --index-url https://download.pytorch.org/whl/{tag}"
+    assert torch_line == "+ .venv/bin/python -m pip install torch" + want
+    assert "no NVIDIA GPU" not in r.stdout + r.stderr
+
+
+def test_rerun_skips_what_is_done(repo, tmp_path):
+    """A .venv whose torch sees the GPU, the requirements stamp and a finished data prep: a real (not dry) run
+    only runs the self-test. The venv's python is a stand-in that records what it is asked to do."""
+    write_exe(repo / ".venv" / "bin" / "python", f"""#!/bin/bash
+echo "$*" >> {tmp_path}/calls
+case "$1" in
+  -c) [[ $2 == *print* ]] && echo 2.13.0; exit 0 ;;
+  -) script=$(cat); [[ $script == *estimate_mfu* ]] && echo "self-test ran at batch $2"; exit 0 ;;
+esac
+exit 3
+""")
+    digest = subprocess.run(["sha256sum", str(repo / "requirements.txt")], capture_output=True, text=True)
+    (repo / ".venv" / ".requirements.sha256").write_text(digest.stdout.split()[0] + "\n")
+    os.makedirs(repo / "data" / "t2i")
+    (repo / "data" / "t2i" / "index.json").write_text("{}")
+    (repo / "data" / "t2i" / ".setup_gpu_limit").write_text("1000\n")
+
+    r = run(repo, "--prep", "t2i", "500", "--batch", "8", path=fake_gpu(tmp_path, "12.4"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    for words in ("skip: .venv exists", "skip: torch 2.13.0 already sees the GPU",
+                  "skip: requirements.txt unchanged", "skip: data/t2i already holds a prep run of 1000 samples",
+                  "self-test ran at batch 8"):
+        assert words in r.stdout
+    assert [line for line in r.stdout.splitlines() if line.startswith("+ ")] == \
+        ["+ .venv/bin/python - 8  # stdin: the self-test above (bf16 matmul check, timed seed-preset training steps)"]
+    assert "pip" not in (tmp_path / "calls").read_text() and "prep_dataset" not in (tmp_path / "calls").read_text()
+
+    # more data than was prepared, and a changed requirements.txt: those two steps run again
+    with open(repo / "requirements.txt", "a") as f:
+        f.write("# changed\n")
+    r = run(repo, "--dry_run", "--prep", "t2i", "2000", path=fake_gpu(tmp_path, "12.4"))
+    plan = [line for line in r.stdout.splitlines() if line.startswith("+ ")]
+    assert "+ .venv/bin/python -m pip install -r requirements.txt" in plan
+    assert "+ .venv/bin/python prep_dataset.py text-to-image-2m --out data/t2i --limit 2000" in plan
+
+
+def test_old_python_is_refused(repo, tmp_path):
+    write_exe(tmp_path / "py38", """#!/bin/sh
+[ "$1" = "-V" ] && { echo "Python 3.8.10"; exit 0; }
+exit 1
+""")
+    r = run(repo, "--dry_run", "--python", str(tmp_path / "py38"))
+    assert r.returncode == 1 and "Python >= 3.9 needed" in r.stderr and "Python 3.8.10" in r.stderr
+
+
+@pytest.mark.parametrize("args, words", [(["--prep", "foo", "5"], "unknown dataset 'foo'"),
+                                         (["--prep", "t2i", "abc"], "N must be a positive integer, got 'abc'"),
+                                         (["--prep", "t2i"], "--prep needs a dataset and a count"),
+                                         (["--cuda", "12.4"], "--cuda needs a tag"),
+                                         (["--bogus"], "unknown argument '--bogus'")])
+def test_bad_arguments_exit_2(repo, args, words):
+    r = run(repo, *args)
+    assert r.returncode == 2 and words in r.stderr and "--help" in r.stderr
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None,
+                    reason="shellcheck is not installed (apt-get install -y shellcheck; .ci/run does)")
+def test_shellcheck_clean():
+    r = subprocess.run(["shellcheck", os.path.join(ROOT, "setup_gpu.sh")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
