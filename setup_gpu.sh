@@ -80,7 +80,8 @@ run() {  # print the command; run it unless --dry_run
 step "checking the GPU"
 CUDA_MAJOR="" CUDA_MINOR=""
 if ! command -v nvidia-smi >/dev/null 2>&1; then
-    msg="no NVIDIA GPU found (nvidia-smi missing): install the NVIDIA driver (Ubuntu: sudo ubuntu-drivers install) or use a GPU box"
+    msg="no NVIDIA GPU found (nvidia-smi missing): install the NVIDIA driver (Ubuntu: sudo ubuntu-drivers install)"
+    msg+=" or run this on a GPU box"
     ((DRY)) || die "$msg"
     echo "warning: $msg; --dry_run goes on with the default PyPI wheel"
 elif ! smi=$(nvidia-smi 2>&1); then

@@ -88,7 +88,8 @@ def test_driver_cuda_picks_the_newest_wheel_it_can_run(repo, tmp_path, cuda, tag
     r = run(repo, "--dry_run", path=fake_gpu(tmp_path, cuda))
     assert r.returncode == 0, r.stderr
     assert "GPU: NVIDIA H100 80GB HBM3, 81559 MiB, 550.54.15" in r.stdout and f"driver supports CUDA {cuda}" in r.stdout
-    torch_line = next(line for line in r.stdout.splitlines() if line.startswith("+ .venv/bin/python -m pip install torch"))
+    torch_line = next(line for line in r.stdout.splitlines()
+                      if line.startswith("+ .venv/bin/python -m pip install torch"))
     want = "" if tag == "pypi" else f" --index-url https://download.pytorch.org/whl/{tag}"
     assert torch_line == "+ .venv/bin/python -m pip install torch" + want
     assert "no NVIDIA GPU" not in r.stdout + r.stderr
