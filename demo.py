@@ -101,28 +101,32 @@ class Gallery:
                 ext = image_ext(exts)
                 self.items.append((memoryview(buf)[exts[ext][0]:exts[ext][0] + exts[ext][1]], ext))
                 self.captions.append(get(exts["txt"]).decode("utf-8", "replace").strip() if "txt" in exts else "")
-                meta = json.loads(get(exts["json"])) if "json" in exts else {}
-                self.labels.append(int(meta.get("label", -1)))
+                try:
+                    label = int(json.loads(get(exts["json"])).get("label", -1)) if "json" in exts else -1
+                except (ValueError, TypeError, AttributeError):  # broken json: the image stays, unlabelled
+                    label, skipped = -1, skipped + 1
+                self.labels.append(label)
         if skipped:
-            warnings.warn(f"{skipped} tar members or samples without an image were skipped in {root} ({split})")
+            warnings.warn(f"{skipped} tar members, samples without an image or broken json were skipped in "
+                          f"{root} ({split})")
 
     def read_folder(self, root):
-        paths = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(root) for f in fs
-                       if f.rsplit(".", 1)[-1].lower() in FOLDER_EXTS)
-        # class folders (root/<class>/...jpg, nothing at the top): folder names become candidate class texts
-        tops = [os.path.relpath(p, root).split(os.sep)[0] for p in paths]
-        nested = all(os.sep in os.path.relpath(p, root) for p in paths)
-        self.classes = sorted({t.replace("_", " ") for t in tops}) if paths and nested else []
-        for p, top in zip(paths, tops):
-            self.files.append(p)
+        self.files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(root) for f in fs
+                            if f.rsplit(".", 1)[-1].lower() in FOLDER_EXTS)
+        for p in self.files:
             self.items.append((p, None))
-            txt = os.path.splitext(p)[0] + ".txt"  # a.jpg + a.txt, prep_dataset's captioned-folder layout
-            caption = ""
-            if os.path.isfile(txt):
-                with open(txt, "rb") as f:
-                    caption = f.read().decode("utf-8", "replace").strip()
-            self.captions.append(caption)
-            self.labels.append(self.classes.index(top.replace("_", " ")) if self.classes else -1)
+            txt = os.path.splitext(p)[0] + ".txt"  # a.jpg + a.txt: prep_dataset's captioned-folder layout
+            with open(txt, "rb") if os.path.isfile(txt) else io.BytesIO() as f:
+                self.captions.append(f.read().decode("utf-8", "replace").strip())
+        # class folders (root/<class>/**/*.jpg, no captions, nothing at the top): folder names are the classes
+        rel = [os.path.relpath(p, root) for p in self.files]
+        tops = [r.split(os.sep)[0] for r in rel]
+        if self.files and not any(self.captions) and all(os.sep in r for r in rel):
+            dirs = sorted(set(tops))
+            self.classes = [d.replace("_", " ") for d in dirs]
+            self.labels = [dirs.index(t) for t in tops]
+        else:
+            self.labels = [-1] * len(self.files)
 
     def __len__(self):
         return len(self.items)

@@ -211,6 +211,17 @@ def test_folder_of_images_with_class_folders(ckpt, tmp_path):
     assert status == 200 and [r["true"] for r in ans["results"] if r["text"] == "a photo of a red thing."] == [True]
     assert sum(r["true"] for r in ans["results"]) == 1
 
+    # a captioned folder (a.jpg + a.txt, images without a .txt still shown): captions are the candidates
+    os.makedirs(tmp_path / "capt" / "sub")
+    Image.new("RGB", (32, 32), (0, 200, 0)).save(tmp_path / "capt" / "sub" / "a.jpg")
+    (tmp_path / "capt" / "sub" / "a.txt").write_text("a green square\n")
+    Image.new("RGB", (32, 32), (0, 0, 0)).save(tmp_path / "capt" / "b.webp")
+    d = demo.build(ckpt, str(tmp_path / "capt"), cache=None)
+    assert d.gallery.captions == ["", "a green square"] and d.gallery.classes == [] and d.gallery.labels == [-1, -1]
+    assert d.texts == [("a green square", "caption")]
+    assert d.similar_texts(1)[1]["results"][0]["true"] and not d.similar_texts(0)[1]["results"][0]["true"]
+    assert d.gallery.jpeg(1)[:2] == b"\xff\xd8" and d.gallery.jpeg(0)[:2] == b"\xff\xd8"
+
 
 def test_cli_errors_exit_2(ckpt, synth, tmp_path, capsys):
     for argv, words in [(["--ckpt", str(tmp_path / "missing.pt"), "--images", synth], "--ckpt"),
