@@ -614,6 +614,6 @@ def configure_optimizers(model, weight_decay, lr, betas=(0.9, 0.98), eps=1e-6, f
     params = [p for p in model.parameters() if p.requires_grad]  # frozen towers stay out of the optimizer
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    if fused is None:  # fused kernel: one launch for all parameters, when every parameter is on a GPU
-        fused = all(p.is_cuda for p in params)
+    if fused is None:  # one fused kernel for all parameters (CUDA, and CPU since torch 2.4: ~3x the per-tensor loop)
+        fused = all(p.device.type in ("cuda", "cpu") for p in params)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
