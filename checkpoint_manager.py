@@ -149,6 +149,9 @@ def load(path, map_location="cpu"):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # not a torch zip archive at all: garbage, not forbidden objects
+                raise ValueError(f"cannot load checkpoint {path}: corrupt, truncated or not a torch file") from e
         # holds objects weights_only refuses to build: never fall back to weights_only=False
         why = [l for l in str(e).splitlines() if "GLOBAL" in l or "Unsupported" in l]
         raise ValueError(f"cannot load checkpoint {path}: it holds objects other than tensors, "
