@@ -548,7 +548,7 @@ def pca_reconstruct(x, k):
     (centre, SVD, project on the top-k right singular vectors, reconstruct, add the mean back)."""
     mean = x.mean(0, keepdim=True)  # (1, E)
     xc = x - mean  # (B, E)
-    _, _, Vh = torch.linalg.svd(xc.float(), full_matrices=False)  # Vh: (min(B, E), E), rows by singular value
+    _, _, Vh = torch.linalg.svd(xc if xc.dtype == torch.float64 else xc.float(), full_matrices=False)  # (min(B, E), E)
     V = Vh[:k].to(x.dtype)  # (k, E)
     return xc @ V.t() @ V + mean  # (B, k) coordinates -> (B, E)
 

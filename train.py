@@ -48,7 +48,7 @@ def get_parser():
     a("--wd", type=float, default=0.2, help="AdamW weight decay (matrices only)")
     a("--beta2", type=float, default=0.98)
     a("--grad_clip", type=float, default=1.0, help="max grad norm (0: no clipping)")
-    a("--label_smoothing", type=float, default=0.0)
+    a("--label_smoothing", type=float, default=None, help="default 0, or 0.1 with --long (as Long-CLIP)")
     a("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast (GPU only; CPU stays fp32)")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--seed", type=int, default=0)
@@ -114,6 +114,8 @@ def validate(parser, args):
         parser.error(f"--teacher {args.teacher} does not exist")
     if not 0 <= args.distill_weight <= 1:
         parser.error(f"--distill_weight must be in [0, 1], got {args.distill_weight}")
+    if args.label_smoothing is not None and not 0 <= args.label_smoothing < 1:
+        parser.error(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
     if args.adapters < 0 or args.unlocked_layers < 0 or args.long_pca < 1:
         parser.error("--adapters and --unlocked_layers must be >= 0, --long_pca >= 1")
 
@@ -167,7 +169,7 @@ def make_loss(args, model, teacher=None):
     """loss_fn(outputs, batch) -> (total, terms). outputs = the model's (img, txt, scale[, short]) in fp32 for
     the step's whole batch on this rank. Extra terms are computed on the gathered global batch on every rank
     (identical values; DDP's gradient average then gives exactly the global loss's gradient)."""
-    smoothing = 0.1 if args.long and not args.label_smoothing else args.label_smoothing  # Long-CLIP uses 0.1
+    smoothing = args.label_smoothing if args.label_smoothing is not None else 0.1 if args.long else 0.0
 
     def loss_fn(outs, batch):
         img, txt, scale = outs[:3]
@@ -349,7 +351,7 @@ def main(argv=None):
                          rank=rank, world_size=world, num_workers=args.workers, augment=args.augment,
                          long_captions=args.long, pin_memory=device.startswith("cuda"))
     val_loader = ShardLoader(data, "val", min(args.batch, index["val"]["num_samples"]), tokenizer,
-                             config.text.context_length, num_workers=0) if master and index.get("val", {}).get("num_samples") else None
+                             config.text.context_length, num_workers=0, long_captions=args.long) if master and index.get("val", {}).get("num_samples") else None
     total_steps = max(1, math.ceil(args.epochs * len(loader)))
 
     model = build_model(args, config, init_sd if ckpt is None else None, quiet).to(device)
