@@ -385,20 +385,21 @@ def main(argv=None):
               f"{total_steps} steps of {step_batch * world} samples on {world} x {device}")
 
     def save(val=None):
+        nonlocal best_val
         state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "config": config.to_dict(),
                  "args": vars(args), "step": step, "epoch": loader.epoch, "loader": loader.state_dict(),
                  "rng": cm.rng_state(), "best_val_loss": best_val, "tokenizer": tokenizer.to_dict()}
-        return manager.save(state, step, val_loss=val)
+        path = manager.save(state, step, val_loss=val)  # best.pt when val beats the best so far
+        best_val = manager.best_val_loss
+        return path
 
     def evaluate():
-        nonlocal best_val
         v = val_loss(raw_model, val_loader, device, autocast, args.eval_batches)
         metrics = {"loss": v}
         if "classes" in index:
             metrics.update({k: v for k, v in zero_shot(raw_model, tokenizer, data, device, args.precision).items()
                             if isinstance(v, (int, float))})
         logger.log(step, "val", **metrics)
-        best_val = v if best_val is None else min(best_val, v)
         return v, metrics
 
     flops = clip.estimate_flops_per_sample(config)

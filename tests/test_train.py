@@ -72,6 +72,8 @@ def test_stop_and_resume_is_bitwise_identical(synth, tmp_path):
     assert train.main(argv(synth, tmp_path, "full", "--epochs", "1.25")) == 0  # 20 steps of 32
     assert train.main(argv(synth, tmp_path, "split", "--epochs", "1.25", "--stop_at", "10")) == 0
     assert cm.load(str(tmp_path / "out" / "split" / "ckpt" / "latest.pt"))["step"] == 10
+    best = cm.load(str(tmp_path / "out" / "split" / "ckpt" / "best.pt"))  # evaluated at the stop step
+    assert best["step"] == 10 and best["best_val_loss"] is not None
     assert train.main(argv(synth, tmp_path, "split", "--epochs", "1.25", "--resume", "latest")) == 0
     a, b = final_weights(tmp_path, "full"), final_weights(tmp_path, "split")
     assert all(torch.equal(a[k], b[k]) for k in a)
