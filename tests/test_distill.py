@@ -120,11 +120,15 @@ def copy_data(src, dst):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def no_plots():
-    """The PNGs train.py draws cost seconds per run here and are not what this file tests."""
+def fast():
+    """The PNGs train.py draws cost seconds per run and are not what this file tests; one torch thread, because
+    on a shared 2-core machine two spinning intra-op threads make micro-sized steps many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train.Logger, "plot", lambda self: None)
         yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -255,11 +259,12 @@ def test_stored_teacher_costs_no_forward_pass(stored, teacher, tmp_path, monkeyp
         raise AssertionError("the teacher must not be built when the shards hold its embeddings")
     monkeypatch.setattr(train, "OnlineTeacher", no_teacher)
     monkeypatch.setattr(cm, "load_model", no_teacher)
-    assert train.main(train_argv(stored, tmp_path, "kd", "--distill", "kd", "--teacher", teacher)) == 0
-    recs = train_records(tmp_path, "kd")
-    assert len(recs) == 4 and all(math.isfinite(r["loss_distill"]) and r["loss_distill"] > 0 for r in recs)
-    # total = (1 - w) * clip + w * distill, w = 0.5
-    assert all(r["loss"] == pytest.approx(0.5 * (r["loss_clip"] + r["loss_distill"]), rel=1e-5) for r in recs)
+    for mode in ("kd", "mse", "icl"):
+        assert train.main(train_argv(stored, tmp_path, mode, "--distill", mode, "--teacher", teacher)) == 0
+        recs = train_records(tmp_path, mode)
+        assert len(recs) == 4 and all(math.isfinite(r["loss_distill"]) and r["loss_distill"] > 0 for r in recs)
+        # total = (1 - w) * clip + w * distill, w = 0.5
+        assert all(r["loss"] == pytest.approx(0.5 * (r["loss_clip"] + r["loss_distill"]), rel=1e-5) for r in recs)
 
 
 def test_partly_stored_teacher_is_an_error(stored, tmp_path, capsys):
