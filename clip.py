@@ -409,6 +409,8 @@ class CLIP(nn.Module):
         """Freeze a tower ("visual" or "text", LiT) except its last `unlocked_layers` blocks; when any block stays
         trainable, so do the final norm and the projection after it. Frozen parameters leave the optimizer."""
         t = getattr(self, tower)
+        if not 0 <= unlocked_layers <= len(t.blocks):
+            raise ValueError(f"unlocked_layers must be in [0, {len(t.blocks)}] for the {tower} tower, got {unlocked_layers}")
         for p in t.parameters():
             p.requires_grad_(False)
         if unlocked_layers:

@@ -114,6 +114,10 @@ def validate(parser, args):
         parser.error(f"--teacher {args.teacher} does not exist")
     if not 0 <= args.distill_weight <= 1:
         parser.error(f"--distill_weight must be in [0, 1], got {args.distill_weight}")
+    if args.train_heads and not args.adapters:
+        parser.error("--train_heads only applies with --adapters")
+    if args.unlocked_layers and not (args.lock_image or args.lock_text):
+        parser.error("--unlocked_layers only applies with --lock_image or --lock_text")
     if args.label_smoothing is not None and not 0 <= args.label_smoothing < 1:
         parser.error(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
     if args.adapters < 0 or args.unlocked_layers < 0 or args.long_pca < 1:
@@ -354,7 +358,10 @@ def main(argv=None):
                              config.text.context_length, num_workers=0, long_captions=args.long) if master and index.get("val", {}).get("num_samples") else None
     total_steps = max(1, math.ceil(args.epochs * len(loader)))
 
-    model = build_model(args, config, init_sd if ckpt is None else None, quiet).to(device)
+    try:
+        model = build_model(args, config, init_sd if ckpt is None else None, quiet).to(device)
+    except ValueError as e:
+        parser.error(str(e))
     optimizer = clip.configure_optimizers(model, args.wd, args.max_lr, betas=(0.9, args.beta2))
     step, best_val = 0, None
     if ckpt is not None:
@@ -390,6 +397,8 @@ def main(argv=None):
                  "args": vars(args), "step": step, "epoch": loader.epoch, "loader": loader.state_dict(),
                  "rng": cm.rng_state(), "best_val_loss": best_val, "tokenizer": tokenizer.to_dict()}
         path = manager.save(state, step, val_loss=val)  # best.pt when val beats the best so far
+        if args.adapters:  # the adapters alone, small enough to share
+            cm.save_adapters(raw_model, os.path.join(out_dir, "adapters.pt"))
         best_val = manager.best_val_loss
         return path
 
@@ -450,7 +459,8 @@ def main(argv=None):
         last_step = step == stop
         if master and val_loader is not None and ((args.eval_every and step % args.eval_every == 0) or last_step):
             v, metrics = evaluate()
-            logger.plot()
+            if not last_step:  # the end of the run plots once below
+                logger.plot()
         if master and (step % args.ckpt_every == 0 or last_step):
             save(metrics.get("loss") if (args.eval_every and step % args.eval_every == 0) or last_step else None)
         if ddp:

@@ -1,6 +1,10 @@
 import pytest
+import torch
 
 import prep_dataset
+
+# one intra-op thread: on a shared 2-core CI box, two threads per process oversubscribe and run several times slower
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
