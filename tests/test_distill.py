@@ -120,15 +120,11 @@ def copy_data(src, dst):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def fast():
-    """The PNGs train.py draws cost seconds per run and are not what this file tests; one torch thread, because
-    on a shared 2-core machine two spinning intra-op threads make micro-sized steps many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def no_plots():
+    """The PNGs train.py draws cost seconds per run on 2 cores and are not what this file tests."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train.Logger, "plot", lambda self: None)
         yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
