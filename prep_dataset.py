@@ -836,7 +836,7 @@ def main(argv=None):
     p.add_argument("--out", default="data/synthetic")
     p.add_argument("--num_train", type=int, default=20000)
     p.add_argument("--num_val", type=int, default=2000)
-    p.add_argument("--img_size", type=int, default=64)
+    p.add_argument("--img_size", type=int, default=32, help="32 px: the CPU demo; shapes stay recognisable")
     p.add_argument("--vocab_size", type=int, default=1024)
     p = sub.add_parser("text-to-image-2m", parents=[real], help="jackyhate/text-to-image-2M, streamed")
     p.add_argument("--out", default="data/t2i")

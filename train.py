@@ -39,10 +39,10 @@ def get_parser():
     a = p.add_argument
     a("--data", default=None, help=f"shard dir from prep_dataset.py (default: the built-in {DEFAULT_DATA}, made on first use)")
     a("--preset", default="tiny", help=f"model size: {', '.join(clip.PRESETS)}")
-    a("--batch", type=int, default=256, help="micro-batch per process")
+    a("--batch", type=int, default=128, help="micro-batch per process")
     a("--accum", type=int, default=1, help="micro-batches per optimizer step")
-    a("--epochs", type=float, default=1.0, help="passes over the training split (fractions allowed)")
-    a("--max_lr", type=float, default=1e-3)
+    a("--epochs", type=float, default=3.0, help="passes over the training split (fractions allowed)")
+    a("--max_lr", type=float, default=2e-3)
     a("--min_lr_frac", type=float, default=0.1, help="cosine decays to this fraction of max_lr")
     a("--warmup_frac", type=float, default=0.02, help="fraction of steps with linear warmup")
     a("--wd", type=float, default=0.2, help="AdamW weight decay (matrices only)")
@@ -592,7 +592,8 @@ class OnlineTeacher:
         images = clip.normalize_images(batch["image"].to(device))  # (B, 3, S, S)
         if images.shape[-1] != self.size:
             images = F.interpolate(images, size=(self.size, self.size), mode="bicubic", antialias=True)
-        texts = [self.tokenizer.decode([t for t in row.tolist() if t < self.tokenizer.sot]) for row in batch["text"]]
+        eot = self.tokenizer.eot  # the ids between sot and eot: the zero padding after eot is not text
+        texts = [self.tokenizer.decode(row[1:row.index(eot)]) for row in batch["text"].tolist()]
         tokens = self.own.tokenize(texts, self.model.config.text.context_length).to(device)
         img, txt, _ = self.model(images, tokens)
         return img.float(), txt.float()
