@@ -88,7 +88,9 @@ class CLIPConfig:
     text: TextConfig = field(default_factory=TextConfig)
     embed_dim: int = 512
     head: str = "linear"        # linear projection, or a fixed polytope head (simplex.py)
-    head_mode: str = "replace"  # replace the projection by the polytope head, or put the vertices after it
+    head_mode: str = "replace"  # replace: the polytope head instead of the projection (= a linear head of width d);
+                                # after: vertices after the projection. The vertices are a tight frame (V^T V = (K/d) I),
+                                # so "after" leaves every cosine, hence the CLIP loss, unchanged: it only widens the output
     quick_gelu: bool = False    # x * sigmoid(1.702 x): what OpenAI's original weights were trained with
     adapters: int = 0           # > 0: bottleneck adapters with this reduction factor in every block (VL-Adapter: 8)
     adapter_towers: tuple = ("visual", "text")

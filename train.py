@@ -520,6 +520,8 @@ def build_config(args, index, tokenizer, teacher_dim):
         if cfg["vision"]["img_size"] != index["img_size"]:
             raise ValueError(f"--init model takes {cfg['vision']['img_size']} px images but the data has {index['img_size']} px")
         cfg["text"].update(pool=args.pool, pool_layers=args.pool_layers)
+        if args.head != "linear" and (cfg["head"], cfg["head_mode"]) != (args.head, args.head_mode):
+            raise ValueError(f"--head {args.head}/{args.head_mode}: the --init model has {cfg['head']}/{cfg['head_mode']}")
         config = clip.CLIPConfig.from_dict(cfg)
     else:
         config = clip.get_config(args.preset, vocab_size=tokenizer.vocab_size, img_size=index["img_size"],
