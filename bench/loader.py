@@ -11,7 +11,7 @@ The shards (default 4 x 1000 synthetic 224 px noise JPEGs at quality 95, a worst
 once into bench/.data/loader/ and reused.
 
 webdataset is not a dependency of this repo; install it into a separate venv to measure anchor (b):
-    python3 -m venv bench/.venv-anchors && bench/.venv-anchors/bin/pip install torch==2.13.0 -r requirements.txt webdataset
+    python3 -m venv bench/.venv-anchors && bench/.venv-anchors/bin/pip install torch==2.14.1 torchvision==0.29.1 open_clip_torch webdataset -r requirements.txt
     bench/.venv-anchors/bin/python bench/loader.py
 
     python bench/loader.py [--workers 2] [--batch 128] [--shards 4] [--per_shard 1000] [--repeats 3] [--quiet]
@@ -153,8 +153,8 @@ def main():
     except ImportError:
         have_wds = False
         print("webdataset is not installed here; skipping anchor (b). To measure it:\n"
-              "  python3 -m venv bench/.venv-anchors && bench/.venv-anchors/bin/pip install torch==2.13.0 "
-              "-r requirements.txt webdataset\n  bench/.venv-anchors/bin/python bench/loader.py")
+              "  python3 -m venv bench/.venv-anchors && bench/.venv-anchors/bin/pip install torch==2.14.1 "
+              "torchvision==0.29.1 open_clip_torch webdataset -r requirements.txt\n  bench/.venv-anchors/bin/python bench/loader.py")
     # best of --repeats, interleaved, so a burst of load from other processes hits every contender alike
     bare = single = ours = wds_rate = 0.0
     our_mem = wds_mem = []
