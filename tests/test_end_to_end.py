@@ -21,7 +21,7 @@ def test_a_few_hundred_steps_beat_chance_by_a_wide_margin(tmp_path):
         records = [json.loads(line) for line in f]
     train_steps = [r for r in records if r["split"] == "train"]
     val = [r for r in records if r["split"] == "val"][-1]
-    assert len(train_steps) == 282  # 6 epochs of 3000 // 64 = 46 full batches
+    assert len(train_steps) == 6 * (3000 // 64)  # 6 epochs of 46 full batches
     chance = 1 / 64  # 8 colours x 8 shapes
     assert val["zeroshot_top1"] > 6 * chance, val
     assert val["i2t_R@1"] > 10 / 320 and val["t2i_R@1"] > 10 / 320, val  # 10x chance over 320 val pairs
