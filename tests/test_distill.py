@@ -7,7 +7,6 @@ import json
 import math
 import os
 import shutil
-import tarfile
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ import prep_dataset
 import train
 from dataloader import ShardLoader
 from tokenizer import Tokenizer
+from test_prep_dataset import read_tar  # {key: {ext: bytes}} of a shard, read in memory
 
 
 # ----------------------------------------------------------------------------- the losses, by hand
@@ -157,16 +157,6 @@ def stored(base, teacher, tmp_path_factory):
     return data
 
 
-def read_shard(path):
-    """{key: {ext: bytes}} of a tar, read in memory (never extracted)."""
-    out = {}
-    with tarfile.open(path, "r:") as tar:
-        for m in tar:
-            key, _, ext = m.name.partition(".")
-            out.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    return out
-
-
 def teacher_on_raw(ckpt_path, samples):
     """The teacher's embeddings computed here, from raw JPEGs and raw captions with its own tokenizer."""
     from PIL import Image
@@ -196,8 +186,8 @@ def test_add_teacher_round_trip(base, teacher, stored):
     # every original member is kept byte for byte; two float16 (32,) arrays are added
     stored_img, stored_txt, samples = [], [], []
     for name in index["train"]["shards"]:
-        old = read_shard(os.path.join(stored, name.replace(".teacher", "")))
-        new = read_shard(os.path.join(stored, name))
+        old = read_tar(os.path.join(stored, name.replace(".teacher", "")))
+        new = read_tar(os.path.join(stored, name))
         assert list(new) == list(old)
         for key in sorted(new):
             assert {e: new[key][e] for e in old[key]} == old[key]
@@ -267,7 +257,7 @@ def test_partly_stored_teacher_is_an_error(stored, tmp_path, capsys):
     """A shard where only some samples have embeddings: exit 2 naming the shard, before any training."""
     data = copy_data(stored, tmp_path / "data")
     name = "train-000001.teacher.tar"
-    samples = sorted(read_shard(os.path.join(data, name)).items())
+    samples = sorted(read_tar(os.path.join(data, name)).items())
     for key, files in samples[::3]:  # a third of the samples lose their embeddings
         del files["teacher_image.npy"], files["teacher_text.npy"]
     prep_dataset.write_tar(os.path.join(data, name), samples)
@@ -324,7 +314,7 @@ def test_teacher_of_another_size_gets_a_projection(base, tmp_path, monkeypatch):
     prep_dataset.main(["add-teacher", "--data", data, "--teacher", path, "--device", "cpu", "--quiet"])
     with open(os.path.join(data, "index.json")) as f:
         assert json.load(f)["teacher"] == {"ckpt": path, "dim": 48, "tokenizer_differs": False, "skipped": {}}
-    samples = [s for _, s in sorted(read_shard(os.path.join(data, "train-000000.teacher.tar")).items())][:8]
+    samples = [s for _, s in sorted(read_tar(os.path.join(data, "train-000000.teacher.tar")).items())][:8]
     want_img, want_txt = teacher_on_raw(path, samples)  # 32 px -> 64 px bicubic, as add-teacher does it
     got = lambda w: torch.from_numpy(np.stack([np.load(io.BytesIO(s[f"teacher_{w}.npy"])) for s in samples]).astype(np.float32))
     assert torch.allclose(got("image"), want_img, atol=2e-3) and torch.allclose(got("text"), want_txt, atol=2e-3)

@@ -190,7 +190,7 @@ def test_flags_switch_heads_on_and_off(synth):
         with pytest.raises(SystemExit) as e:
             parser.parse_args(bad)
         assert e.value.code == 2
-    # every on/off flag: off when absent, on when given; --no-X really turns X off (the type=bool trap)
+    # every on/off flag: off when absent, on when given; --no-X really turns X off (the argparse boolean-type trap of our notes)
     switches = [act for act in parser._actions if act.nargs == 0 and act.dest != "help"]
     assert switches
     for act in switches:
