@@ -406,12 +406,11 @@ def main(argv=None):
         v = val_loss(raw_model, val_loader, device, autocast, args.eval_batches)
         metrics = {"loss": v}
         if "classes" in index:
-            metrics.update({k: v for k, v in zero_shot(raw_model, tokenizer, data, device, args.precision).items()
-                            if isinstance(v, (int, float))})
+            results = zero_shot(raw_model, tokenizer, data, device, args.precision)
+            metrics.update({k: x for k, x in results.items() if isinstance(x, (int, float))})
         logger.log(step, "val", **metrics)
         return v, metrics
 
-    flops = clip.estimate_flops_per_sample(config)
     batches = iter_forever(loader)
     stop = min(total_steps, args.stop_at or total_steps)
     bar = tqdm(total=stop, initial=step, disable=quiet, desc="train", dynamic_ncols=True)
@@ -468,7 +467,7 @@ def main(argv=None):
     bar.close()
     if master:
         logger.plot()
-        summary(metrics, index, log_dir, flops, args.quiet)
+        summary(metrics, index, log_dir)
     cleanup(loader, logger, None, ddp)
     return 0
 
@@ -601,7 +600,7 @@ class OnlineTeacher:
         return img.float(), txt.float()
 
 
-def summary(metrics, index, log_dir, flops, quiet):
+def summary(metrics, index, log_dir):
     """The last lines of a run: val loss and zero-shot accuracy against chance."""
     if "loss" in metrics:
         print(f"final val loss {metrics['loss']:.4f}")
