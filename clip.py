@@ -125,7 +125,10 @@ class CLIPConfig:
         if self.head_mode == "replace":  # K = embed_dim vertices in d = polytope_dim(K) dims
             polytope_dim(self.head, self.embed_dim)  # raises when the polytope cannot have K = embed_dim vertices
             return self.embed_dim
-        return polytope_vertices(self.head, self.embed_dim).shape[0]  # after: the K vertices of the d = embed_dim polytope
+        d = self.embed_dim  # after: the K vertices of the d = embed_dim polytope
+        if self.head == "cube" and d > 16:
+            polytope_vertices("cube", d)  # raises the clear "too many vertices" error
+        return {"simplex": d + 1, "orthoplex": 2 * d, "cube": 2 ** d}[self.head]
 
     def to_dict(self):
         d = asdict(self)

@@ -527,6 +527,9 @@ def build_config(args, index, tokenizer, teacher_dim):
                                  context_length=args.context_length, pool=args.pool, pool_layers=args.pool_layers,
                                  head=args.head, head_mode=args.head_mode, quick_gelu=args.quick_gelu)
     config.adapters, config.adapter_towers, config.teacher_dim = args.adapters, tuple(args.adapter_towers), teacher_dim
+    if args.long and not args.init:
+        print(f"note: --long without --init trains at context {config.text.context_length} from scratch "
+              f"(no stretching); longer captions are truncated")
     if args.long and args.init and config.text.freeze_positions == 0:
         n = config.text.context_length
         config.text.context_length, config.text.freeze_positions = 20 + 4 * (n - 20), 20
