@@ -162,13 +162,6 @@ def gather(x):
     return GatherWithGrad.apply(x)
 
 
-def contrastive_loss(img, txt, scale, label_smoothing):
-    """This rank's rows against the global batch (features of all ranks), as if one big batch."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return clip.clip_loss(img, txt, scale, label_smoothing, all_img=gather(img), all_txt=gather(txt),
-                          offset=rank * img.shape[0])
-
-
 def make_loss(args, model, teacher=None):
     """loss_fn(outputs, batch) -> (total, terms). outputs = the model's (img, txt, scale[, short]) in fp32 for
     the step's whole batch on this rank. Extra terms are computed on the gathered global batch on every rank
@@ -176,17 +169,20 @@ def make_loss(args, model, teacher=None):
     smoothing = args.label_smoothing if args.label_smoothing is not None else 0.1 if args.long else 0.0
 
     def loss_fn(outs, batch):
-        img, txt, scale = outs[:3]
-        loss = contrastive_loss(img, txt, scale, smoothing)
+        img, txt, scale = outs[:3]  # (b, E), (b, E), ()
+        all_img, all_txt = gather(img), gather(txt)  # (N, E): every rank's rows, gathered once per step
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        # this rank's rows against the global batch, as if one big batch
+        loss = clip.clip_loss(img, txt, scale, smoothing, all_img=all_img, all_txt=all_txt, offset=rank * img.shape[0])
         terms = {}
         if args.long:  # fine: long caption vs image; coarse: short caption vs the image's top principal components
-            all_img, short = gather(img), gather(outs[3])  # (N, E)
+            short = gather(outs[3])  # (N, E)
             coarse = F.normalize(clip.pca_reconstruct(all_img, args.long_pca), dim=-1)  # (N, E)
             terms["loss_long"], terms["loss_short"] = loss, clip.clip_loss(coarse, short, scale, smoothing)
             loss = loss + terms["loss_short"]
         if args.distill != "none":
             t_img, t_txt = teacher_features(batch, teacher, img.device)  # (b, Et) each, normalised
-            all_img, all_txt, t_img, t_txt = gather(img), gather(txt), gather(t_img), gather(t_txt)
+            t_img, t_txt = gather(t_img), gather(t_txt)  # (N, Et)
             if hasattr(model, "distill_proj"):  # student -> teacher space when the sizes differ
                 all_img = F.normalize(model.distill_proj(all_img), dim=-1)
                 all_txt = F.normalize(model.distill_proj(all_txt), dim=-1)
