@@ -42,21 +42,29 @@ import multiprocessing
 import os
 import queue
 import mmap
+import re
+import tarfile
+import threading
 import traceback
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 import numpy as np
 import torch
 import torch.multiprocessing as tmp
-from PIL import Image
+from PIL import Image, ImageOps
 
 from tokenizer import Tokenizer
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
+# ================================================================ the shard format
+# Everything that knows how samples sit on disk lives here, and prep_dataset.py, train.py, eval_zeroshot.py and
+# demo.py use it from here: tar members, grouping by key, the completeness rule, the one image decode, class
+# folders, index.json and tokenizer.json.
 
-# ---------------------------------------------------------------- reading tars (main process and workers)
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # image members of a shard
+FOLDER_EXTS = IMAGE_EXTS + ("bmp", "gif", "tif", "tiff")  # local files may be anything PIL opens
+
 
 def map_file(path):
     """The whole file as a read-only buffer: mmap shares the OS page cache between workers and ranks (no
@@ -100,6 +108,18 @@ def tar_members(buf):
             long_name = None
 
 
+def safe_name(name):
+    """Member names we accept: relative, without '..' parts (we never extract, but never trust them either)."""
+    return not (name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in re.split(r"[/\\]", name))
+
+
+def split_key(name):
+    """Webdataset key and extension: "dir/000012.teacher_image.npy" -> ("dir/000012", "teacher_image.npy")."""
+    head, base = os.path.split(name)
+    key, _, ext = base.partition(".")
+    return os.path.join(head, key), ext.lower()
+
+
 def scan_tar(buf):
     """Group a tar's members by webdataset key without reading their data.
     Returns ({key: {ext: (offset, size)}}, skipped): `skipped` counts members with unsafe names (absolute, or
@@ -109,24 +129,179 @@ def scan_tar(buf):
     for name, offset, size, kind in tar_members(buf):
         if kind == b"5":  # directory
             continue
-        if kind not in (b"0", b"\0", b"7") or name.startswith("/") or ".." in name.split("/") or \
-                "." not in os.path.basename(name) or offset + size > len(buf):  # last: data cut off
+        if kind not in (b"0", b"\0", b"7") or not safe_name(name) or "." not in os.path.basename(name) or \
+                offset + size > len(buf):  # last: data cut off
             skipped += 1
             continue
-        head, base = os.path.split(name)
-        key, ext = base.split(".", 1)  # "000012.teacher_image.npy" -> key "000012", ext "teacher_image.npy"
-        groups.setdefault(os.path.join(head, key), {})[ext.lower()] = (offset, size)
+        key, ext = split_key(name)
+        groups.setdefault(key, {})[ext] = (offset, size)
     return groups, skipped
+
+
+def read_tar(path):
+    """A whole shard in memory: ({key: {ext: bytes}} in key order, members skipped). For prep and tests; the
+    loader keeps (offset, size) spans into the mapped file instead."""
+    buf = map_file(path)
+    groups, skipped = scan_tar(buf)
+    return {k: {e: bytes(buf[o:o + n]) for e, (o, n) in groups[k].items()} for k in sorted(groups)}, skipped
+
+
+def write_tar(path, samples):
+    """samples: [(key, {ext: bytes})] -> a tar at `path`, atomically. Members have mtime 0, uid 0 and no user
+    names, so the bytes of a shard depend only on its samples (same args -> same bytes)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, files in samples:
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mode = len(data), 0o644
+                tar.addfile(info, io.BytesIO(data))
+    os.replace(tmp, path)
+
+
+def save_json(path, obj):
+    """JSON written to a temp name then os.replace'd: a reader sees the old file or the new one, never half."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+    os.replace(tmp, path)
 
 
 def image_ext(exts):
     return next((e for e in IMAGE_EXTS if e in exts), None)
 
 
-def complete(exts, required, fields=()):
+def complete(exts, required=("txt",), fields=()):
     """A sample is usable when it has an image, every required extension and every shared .npy field."""
     return image_ext(exts) is not None and all(e in exts for e in required) and \
         all(f + ".npy" in exts for f in fields)
+
+
+def is_image_file(path):
+    return path.rsplit(".", 1)[-1].lower() in FOLDER_EXTS and os.path.isfile(path)
+
+
+# ---------------------------------------------------------------- the one image decode + preprocess
+
+def to_rgb(img):
+    """Any PIL mode -> RGB: transparency composited on white, 16-bit greys scaled (not clipped) to 8 bits, CMYK
+    through PIL's converter (Adobe's inverted CMYK JPEGs are un-inverted by PIL's JPEG reader)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(img, dtype=np.float64)  # 16-bit values 0..65535
+        img = Image.fromarray(np.clip(a / 257.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":  # float images: assume 0..1 when the values fit, else 0..255
+        a = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(a * (255.0 if a.max(initial=0) <= 1 else 1.0) + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img)
+    return img.convert("RGB")  # L, CMYK, P, 1, YCbCr, RGBA-on-white ... -> RGB
+
+
+def decode_image(data, size=None, box=None):
+    """Encoded image bytes -> RGB PIL image: EXIF rotation applied, alpha composited on white, 16-bit and CMYK
+    converted, then (optional) cropped to box (x0, y0, x1, y1), and with `size` the shorter side resized to it
+    and centre-cropped to size x size (CLIP's preprocessing). Raises on bytes PIL cannot decode."""
+    img = Image.open(io.BytesIO(data))
+    if size is not None and box is None:
+        img.draft("RGB", (size, size))  # JPEG only: decode at a reduced DCT scale >= the target (much faster)
+    img.load()  # decodes now, so a truncated or corrupt file fails here
+    img = to_rgb(ImageOps.exif_transpose(img))
+    if box is not None:
+        img = img.crop(box)
+    if img.width < 1 or img.height < 1:
+        raise ValueError(f"empty image or crop box {box}")
+    if size is not None and img.size != (size, size):
+        img = ImageOps.fit(img, (size, size), method=Image.BICUBIC)  # shorter side -> size, centre crop
+    return img
+
+
+def image_array(img):
+    """RGB PIL image -> uint8 (3, H, W) numpy array, the layout of a batch's images."""
+    return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))  # (H, W, 3) -> (3, H, W)
+
+
+# ---------------------------------------------------------------- class folders, index.json, tokenizer.json
+
+def articles(text):
+    """'a orange' -> 'an orange' (class-name templates always write 'a')."""
+    return re.sub(r"\ba(?= [aeiou])", "an", text)
+
+
+def class_folders(root):
+    """root/<class>/**/<image> (the ImageNet layout) -> (class names, [(path, label)], empty folder names), or
+    None when root is not laid out that way: it has images at the top, .txt captions anywhere below, or no
+    sub-folder with an image. A sub-folder with no image is not a class. Names: folder names, "_" -> " "."""
+    if not os.path.isdir(root) or any(is_image_file(os.path.join(root, f)) for f in os.listdir(root)):
+        return None
+    classes, items, empty = [], [], []
+    for d in sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))):
+        files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(root, d)) for f in fs)
+        if any(f.endswith(".txt") for f in files):
+            return None  # captioned images in sub-folders, not classes
+        images = [f for f in files if is_image_file(f)]
+        if not images:
+            empty.append(d)
+            continue
+        items += [(f, len(classes)) for f in images]
+        classes.append(d.replace("_", " "))
+    return (classes, items, empty) if classes else None
+
+
+def read_index(data_dir, split=None):
+    """data_dir/index.json, checked: a JSON object with a positive img_size and at least one split
+    {"shards": [names], "num_samples": N, optional "shard_sizes" parallel to shards}, every shard on disk.
+    Any problem is one ValueError line naming the file and what is wrong (and `split`, when given, must exist)."""
+    path = os.path.join(data_dir, "index.json")
+    if not os.path.isdir(data_dir):
+        raise ValueError(f"data directory {data_dir} does not exist")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} not found (make the shards with prep_dataset.py)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(index, dict) or not index:
+        raise ValueError(f"{path} is empty or not a JSON object")
+    size = index.get("img_size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"{path} has no valid img_size (got {size!r})")
+    splits = [k for k, v in index.items() if isinstance(v, dict) and "shards" in v]
+    if not splits:
+        raise ValueError(f"{path} lists no split (expected e.g. \"train\": {{\"shards\": [...]}})")
+    for s in splits:
+        info = index[s]
+        shards, sizes = info["shards"], info.get("shard_sizes")
+        if not isinstance(shards, list) or not all(isinstance(n, str) and n for n in shards):
+            raise ValueError(f"{path}: {s}.shards must be a list of file names")
+        if sizes is not None and (not isinstance(sizes, list) or len(sizes) != len(shards) or
+                                  not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in sizes)):
+            raise ValueError(f"{path}: {s}.shard_sizes must be {len(shards)} non-negative integers, one per shard")
+        n = info.get("num_samples")
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+            raise ValueError(f"{path}: {s}.num_samples must be a non-negative integer, got {n!r}")
+        for name in shards:
+            if not safe_name(name) or not os.path.isfile(os.path.join(data_dir, name)):
+                raise ValueError(f"{path}: shard {name} of split {s} does not exist in {data_dir}")
+    if split is not None and (split not in splits or not index[split]["shards"]):
+        raise ValueError(f"split {split!r} not in {path} (it has {[s for s in splits if index[s]['shards']]})")
+    return index
+
+
+def load_tokenizer(path):
+    """tokenizer.json -> Tokenizer, or one ValueError line when it is missing, empty or not a tokenizer."""
+    if not os.path.isfile(path):
+        raise ValueError(f"tokenizer {path} not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object, got {type(d).__name__}")
+        return Tokenizer.from_dict(d)
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a usable tokenizer file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
 # ---------------------------------------------------------------- building batches (runs in the workers)
