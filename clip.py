@@ -18,6 +18,7 @@ model registry: presets are plain functions returning a config.
 import math
 import re
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -347,6 +348,15 @@ def normalize_images(images):
     return (images.float() / 255.0 - mean) / std
 
 
+class CLIPOutput(NamedTuple):
+    """What CLIP.forward returns; the loss functions take these tensors."""
+    image: torch.Tensor                         # (B, E) normalised image embeddings
+    text: torch.Tensor                          # (B, E) normalised caption embeddings
+    logit_scale: torch.Tensor                   # () exp(log scale), the inverse temperature
+    logit_bias: Optional[torch.Tensor] = None   # () SigLIP's learnable bias (None for the softmax loss)
+    text_short: Optional[torch.Tensor] = None   # (B, E) Long-CLIP's short-caption embeddings
+
+
 class CLIP(nn.Module):
     def __init__(self, config: CLIPConfig):
         super().__init__()
@@ -392,10 +402,8 @@ class CLIP(nn.Module):
     def forward(self, images, tokens, tokens_short=None):
         img = F.normalize(self.encode_image(images), dim=-1)  # (B, E) on the unit sphere
         txt = F.normalize(self.encode_text(tokens), dim=-1)  # (B, E)
-        if tokens_short is None:
-            return img, txt, self.logit_scale.exp()
-        short = F.normalize(self.encode_text(tokens_short), dim=-1)  # (B, E) Long-CLIP's second caption
-        return img, txt, self.logit_scale.exp(), short
+        short = None if tokens_short is None else F.normalize(self.encode_text(tokens_short), dim=-1)  # (B, E)
+        return CLIPOutput(img, txt, self.logit_scale.exp(), text_short=short)
 
     @torch.no_grad()
     def clamp_logit_scale(self, max_scale=100.0):

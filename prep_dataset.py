@@ -715,8 +715,8 @@ def teacher_embed(model, tok, images, captions, device):
         x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True)  # (B, 3, size, size)
     tokens = tok.tokenize(captions, model.config.text.context_length).to(device)  # (B, ctx) its own tokens
     with torch.no_grad():
-        img, txt, _ = model(x, tokens)  # (B, D) each, normalised in float32
-    return img.float().cpu().numpy().astype(np.float16), txt.float().cpu().numpy().astype(np.float16)
+        outs = model(x, tokens)  # (B, D) each, normalised in float32
+    return outs.image.float().cpu().numpy().astype(np.float16), outs.text.float().cpu().numpy().astype(np.float16)
 
 
 def add_teacher(parser, args):

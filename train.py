@@ -163,20 +163,20 @@ def gather(x):
 
 
 def make_loss(args, model, teacher=None):
-    """loss_fn(outputs, batch) -> (total, terms). outputs = the model's (img, txt, scale[, short]) in fp32 for
-    the step's whole batch on this rank. Extra terms are computed on the gathered global batch on every rank
-    (identical values; DDP's gradient average then gives exactly the global loss's gradient)."""
+    """loss_fn(outs, batch) -> (total, terms). outs = the model's CLIPOutput in fp32 for the step's whole batch on
+    this rank. Extra terms are computed on the gathered global batch on every rank (identical values; DDP's
+    gradient average then gives exactly the global loss's gradient)."""
     smoothing = args.label_smoothing if args.label_smoothing is not None else 0.1 if args.long else 0.0
 
     def loss_fn(outs, batch):
-        img, txt, scale = outs[:3]  # (b, E), (b, E), ()
+        img, txt, scale = outs.image, outs.text, outs.logit_scale  # (b, E), (b, E), ()
         all_img, all_txt = gather(img), gather(txt)  # (N, E): every rank's rows, gathered once per step
         rank = dist.get_rank() if dist.is_initialized() else 0
         # this rank's rows against the global batch, as if one big batch
         loss = clip.clip_loss(img, txt, scale, smoothing, all_img=all_img, all_txt=all_txt, offset=rank * img.shape[0])
         terms = {}
         if args.long:  # fine: long caption vs image; coarse: short caption vs the image's top principal components
-            short = gather(outs[3])  # (N, E)
+            short = gather(outs.text_short)  # (N, E)
             coarse = F.normalize(clip.pca_reconstruct(all_img, args.long_pca), dim=-1)  # (N, E)
             terms["loss_long"], terms["loss_short"] = loss, clip.clip_loss(coarse, short, scale, smoothing)
             loss = loss + terms["loss_short"]
@@ -198,6 +198,11 @@ def make_loss(args, model, teacher=None):
     return loss_fn
 
 
+def as_float(outs):
+    """A CLIPOutput with every tensor in fp32 (the loss is computed in fp32 under bf16 autocast)."""
+    return outs._replace(**{k: v.float() for k, v in outs._asdict().items() if v is not None})
+
+
 def teacher_features(batch, teacher, device):
     """Stored embeddings from the shards, else the online teacher (no gradient, never in the optimizer)."""
     if "teacher_image" in batch:
@@ -213,19 +218,22 @@ def forward_backward(model, inputs, accum, autocast, loss_fn, batch=None):
     gradient, at the activation memory of one micro-batch, for one extra forward pass."""
     if accum == 1:
         with autocast:
-            outs = model(*inputs)  # img (B, E), txt (B, E), scale () [, short (B, E)]
-        loss, terms = loss_fn([o.float() for o in outs], batch)
+            outs = model(*inputs)  # CLIPOutput: image (B, E), text (B, E), logit_scale () ...
+        loss, terms = loss_fn(as_float(outs), batch)
         loss.backward()
         return loss.detach(), terms
     chunks = list(zip(*(x.chunk(accum) for x in inputs)))
     with torch.no_grad(), autocast:
         cached = [model(*c) for c in chunks]
-    leaves = [(cached[0][j] if j == 2 else torch.cat([c[j] for c in cached])).float().requires_grad_()
-              for j in range(len(cached[0]))]  # (B, E) features and the () scale, as leaves
+    # the cached outputs as leaves: per-sample embeddings (B, E) concatenated, scalars (scale, bias) taken once
+    fields = [k for k, v in cached[0]._asdict().items() if v is not None]
+    scalar = {k for k in fields if cached[0]._asdict()[k].dim() == 0}
+    leaves = cached[0]._replace(**{k: (getattr(cached[0], k) if k in scalar else torch.cat([getattr(c, k) for c in cached]))
+                                   .float().requires_grad_() for k in fields})
     loss, terms = loss_fn(leaves, batch)
     loss.backward()  # gradients w.r.t. the cached outputs only; the model is untouched so far
     sizes = [c[0].shape[0] for c in chunks]
-    grads = [None if j == 2 else leaves[j].grad.split(sizes) for j in range(len(leaves))]
+    grads = {k: getattr(leaves, k).grad.split(sizes) for k in fields if k not in scalar}
     for i, c in enumerate(chunks):
         last = i == accum - 1  # DDP: all-reduce gradients once, on the last micro-batch
         sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
@@ -233,8 +241,9 @@ def forward_backward(model, inputs, accum, autocast, loss_fn, batch=None):
             with autocast:
                 outs = model(*c)
             # d(loss)/d(theta) = sum over cached outputs of their gradient times d(output)/d(theta)
-            surrogate = sum((o.float() * g[i]).sum() for o, g in zip(outs, grads) if g is not None)
-            surrogate = surrogate + outs[2] * leaves[2].grad / accum  # the scale: once over all micro-batches
+            surrogate = sum((getattr(outs, k).float() * g[i]).sum() for k, g in grads.items())
+            # the scalars (scale, bias): their gradient once, spread over the micro-batches
+            surrogate = surrogate + sum(getattr(outs, k) * getattr(leaves, k).grad / accum for k in scalar)
             surrogate.backward()
     return loss.detach(), terms
 
@@ -251,8 +260,9 @@ def val_loss(model, loader, device, autocast, max_batches):
         if max_batches and i >= max_batches:
             break
         with autocast:
-            img, txt, scale = model(clip.normalize_images(batch["image"].to(device)), batch["text"].to(device))
-        total += clip.clip_loss(img.float(), txt.float(), scale).item() * img.shape[0]
+            outs = model(clip.normalize_images(batch["image"].to(device)), batch["text"].to(device))
+        img, txt = outs.image.float(), outs.text.float()
+        total += clip.clip_loss(img, txt, outs.logit_scale).item() * img.shape[0]
         n += img.shape[0]
     loader.load_state_dict({"epoch": 0, "batch": 0, "seed": loader.seed})  # a break leaves it mid-epoch
     model.train()
@@ -595,8 +605,8 @@ class OnlineTeacher:
         eot = self.tokenizer.eot  # the ids between sot and eot: the zero padding after eot is not text
         texts = [self.tokenizer.decode(row[1:row.index(eot)]) for row in batch["text"].tolist()]
         tokens = self.own.tokenize(texts, self.model.config.text.context_length).to(device)
-        img, txt, _ = self.model(images, tokens)
-        return img.float(), txt.float()
+        outs = self.model(images, tokens)
+        return outs.image.float(), outs.text.float()
 
 
 def summary(metrics, index, log_dir):

@@ -29,8 +29,9 @@ def test_preset_shapes_on_meta(name):
     with torch.device("meta"):
         model = CLIP(config)
         vc, tc = config.vision, config.text
-        img, txt, scale = model(torch.zeros(2, 3, vc.img_size, vc.img_size),
-                                torch.zeros(2, tc.context_length, dtype=torch.long))
+        img, txt, scale, bias, short = model(torch.zeros(2, 3, vc.img_size, vc.img_size),
+                                             torch.zeros(2, tc.context_length, dtype=torch.long))
+    assert bias is None and short is None  # the softmax loss has no bias; no short captions given
     assert img.shape == txt.shape == (2, config.embed_dim)
     assert scale.shape == ()
 
@@ -258,7 +259,7 @@ def test_openai_round_trip_is_identity():
 def test_polytope_heads_give_equal_sizes_in_both_towers(head, mode):
     c = tiny(head=head, head_mode=mode, embed_dim=8)
     model = CLIP(c)
-    img, txt, _ = model(torch.randn(2, 3, 32, 32), tokens(2))
+    img, txt = model(torch.randn(2, 3, 32, 32), tokens(2))[:2]
     assert img.shape == txt.shape == (2, c.output_dim)
     assert c.output_dim == (8 if mode == "replace" else {"simplex": 9, "orthoplex": 16, "cube": 256}[head])
     assert clip.CLIPConfig.from_dict(c.to_dict()) == c

@@ -169,8 +169,8 @@ def teacher_on_raw(ckpt_path, samples):
         x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True)
     tokens = tok.tokenize([s["txt"].decode() for s in samples], model.config.text.context_length)
     with torch.no_grad():
-        img, txt, _ = model(x, tokens)
-    return img, txt
+        outs = model(x, tokens)
+    return outs.image, outs.text
 
 
 # ----------------------------------------------------------------------------- stored embeddings

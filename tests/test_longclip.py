@@ -65,7 +65,7 @@ def test_first_positions_bitwise_frozen_under_adamw():
     short = torch.randint(1, 299, (8, 68))
     short[:, 10] = 299
     for _ in range(3):
-        loss, terms = loss_fn([o.float() for o in model(images, tokens, short)], None)
+        loss, terms = loss_fn(train.as_float(model(images, tokens, short)), None)
         assert set(terms) == {"loss_long", "loss_short"}
         opt.zero_grad()
         loss.backward()
