@@ -304,6 +304,13 @@ def load_tokenizer(path):
         raise ValueError(f"{path} is not a usable tokenizer file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
+def auto_workers(local_world_size=1, cap=16):
+    """Loader processes per rank when --workers is not given: the cores this process may use, shared by the
+    ranks of this machine, minus one for the rank's own main process (at least 1, at most `cap`)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cap, cores // max(1, local_world_size) - 1))
+
+
 # ---------------------------------------------------------------- building batches (runs in the workers)
 
 class BatchMaker:
@@ -598,6 +605,12 @@ class ShardLoader:
 
     def __del__(self):
         self.close()
+
+    def pop_epoch_report(self):
+        """None, or once after each finished epoch {"epoch": e, "skipped": {reason: count}}: the bad samples met
+        in that epoch (each skipped and replaced), for the caller to print and log."""
+        report, self.epoch_report = getattr(self, "epoch_report", None), None
+        return report
 
     def state_dict(self):
         return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed}
