@@ -251,7 +251,8 @@ def class_folders(root):
 
 def read_index(data_dir, split=None):
     """data_dir/index.json, checked: a JSON object with a positive img_size and at least one split
-    {"shards": [names], "num_samples": N, optional "shard_sizes" parallel to shards}, every shard on disk.
+    {"shards": [names], "num_samples": N, optional "shard_sizes" parallel to shards}, every shard (of `split`,
+    when given) on disk.
     Any problem is one ValueError line naming the file and what is wrong (and `split`, when given, must exist)."""
     path = os.path.join(data_dir, "index.json")
     if not os.path.isdir(data_dir):
@@ -282,7 +283,7 @@ def read_index(data_dir, split=None):
         n = info.get("num_samples")
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
             raise ValueError(f"{path}: {s}.num_samples must be a non-negative integer, got {n!r}")
-        for name in shards:
+        for name in shards if split in (None, s) else ():  # a loader needs only its own split's files
             if not safe_name(name) or not os.path.isfile(os.path.join(data_dir, name)):
                 raise ValueError(f"{path}: shard {name} of split {s} does not exist in {data_dir}")
     if split is not None and (split not in splits or not index[split]["shards"]):
@@ -313,9 +314,13 @@ def auto_workers(local_world_size=1, cap=16):
 
 # ---------------------------------------------------------------- building batches (runs in the workers)
 
+class BadSample(Exception):
+    """A sample that cannot be trained on; args[0] is the reason it is counted under."""
+
+
 class BatchMaker:
     """Everything a worker needs to turn a list of (shard, sample) pairs into a batch. Picklable, so it can be
-    sent to a spawned worker; keeps an LRU cache of whole shards read into memory."""
+    sent to a spawned worker; keeps an LRU cache of whole shards mapped into memory."""
 
     def __init__(self, paths, sizes, fields, required, tokenizer, context_length, img_size, labels,
                  long_captions, augment, seed, cache_shards):
@@ -323,24 +328,25 @@ class BatchMaker:
         self.tokenizer, self.context_length, self.img_size = tokenizer, context_length, img_size
         self.labels, self.long_captions, self.augment, self.seed = labels, long_captions, augment, seed
         self.cache_shards = cache_shards
-        self.cache = OrderedDict()  # shard index -> (bytes of the whole tar, [sample exts dict, ...])
+        self.cache = OrderedDict()  # shard index -> (mapped tar, [{ext: (offset, size)} per key, sorted by key])
 
     def __getstate__(self):  # the cache stays behind when this object is sent to a worker
         return {k: (OrderedDict() if k == "cache" else v) for k, v in self.__dict__.items()}
 
     def shard(self, s, notes):
-        """Shard s as (data, samples), read whole into memory (never extracted) and kept in a small LRU."""
+        """Shard s as (data, samples): every key of the tar in sorted order (complete or not: an incomplete one
+        is a bad sample, found when it is used), mapped whole into memory (never extracted), in a small LRU."""
         if s in self.cache:
             self.cache.move_to_end(s)
             return self.cache[s]
         data = map_file(self.paths[s])
         groups, skipped = scan_tar(data)
-        samples = [groups[k] for k in sorted(groups) if complete(groups[k], self.required, self.fields)]
+        samples = [groups[k] for k in sorted(groups)]
         if len(samples) != self.sizes[s]:  # the count the order was built from (index.json) was wrong
-            notes.append(f"{self.paths[s]}: {len(samples)} usable samples but the index says {self.sizes[s]} "
+            notes.append(f"{self.paths[s]}: {len(samples)} samples but the index says {self.sizes[s]} "
                          f"({skipped} members skipped); positions past the end wrap around")
         if not samples:
-            raise ValueError(f"{self.paths[s]}: no usable samples")
+            raise ValueError(f"{self.paths[s]}: no samples")
         self.cache[s] = (data, samples)
         if len(self.cache) > self.cache_shards:
             self.cache.popitem(last=False)
@@ -358,49 +364,78 @@ class BatchMaker:
         x, y = int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1))
         return img.resize((self.img_size, self.img_size), Image.BICUBIC, box=(x, y, x + w, y + h))
 
+    def read(self, data, exts, epoch, pos):
+        """One sample -> (pixels uint8 (3, S, S), caption, short caption, label, {field: array}); raises
+        BadSample(reason) for anything that would make a wrong or broken (image, caption) pair."""
+        get = lambda ext: data[exts[ext][0]: exts[ext][0] + exts[ext][1]]  # member bytes
+        if image_ext(exts) is None:
+            raise BadSample("missing_image")
+        missing = [e for e in self.required if e not in exts] + [f for f in self.fields if f + ".npy" not in exts]
+        if missing:
+            raise BadSample(f"missing_{missing[0].split('.')[0]}")  # missing_txt, missing_json, missing_<field>
+        try:
+            txt = get("txt").decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadSample("bad_utf8") from None
+        meta = {}
+        if "json" in exts:  # metadata that does not parse: its label or long caption cannot be trusted
+            try:
+                meta = json.loads(get("json"))
+            except (ValueError, UnicodeDecodeError):
+                raise BadSample("bad_json") from None
+            if not isinstance(meta, dict):
+                raise BadSample("bad_json")
+        try:
+            arrays = {f: np.load(io.BytesIO(get(f + ".npy")), allow_pickle=False) for f in self.fields}
+        except (ValueError, OSError, EOFError):
+            raise BadSample("bad_array") from None
+        try:  # corrupt or truncated bytes fail inside decode (PIL raises many types)
+            img = decode_image(get(image_ext(exts)), None if self.augment else self.img_size)
+            if self.augment:
+                img = self.random_resized_crop(img, epoch, pos)
+        except Exception:
+            raise BadSample("bad_image") from None
+        caption, short = txt, ""
+        if self.long_captions:  # Long-CLIP: the long caption is the text, the short one its summary
+            caption, short = meta.get("long"), meta.get("short")
+            if not isinstance(caption, str) or not isinstance(short, str):
+                raise BadSample("missing_long_caption")
+        label = meta.get("label", -1) if self.labels else -1
+        if not isinstance(label, int) or isinstance(label, bool):
+            raise BadSample("bad_label")
+        return image_array(img), caption, short, label, arrays
+
     def __call__(self, epoch, positions, pairs):
         """positions: (n,) sample positions in the epoch order; pairs: (n, 2) (shard, sample index).
-        Returns (batch dict of tensors, list of warning messages)."""
-        notes, n, S = [], len(pairs), self.img_size
+        Returns (batch dict of tensors, notes, bad) where bad lists (shard, sample index, reason) of every bad
+        sample met. A bad sample is replaced by the first good one of the same shard, scanning on from a start
+        drawn from (seed, epoch, position): the same replacement in every run and after a resume."""
+        notes, bad, n, S = [], [], len(pairs), self.img_size
         image = np.empty((n, 3, S, S), dtype=np.uint8)  # (B, 3, S, S), filled in place
         captions, shorts, labels = [""] * n, [""] * n, [-1] * n
         arrays = {f: [None] * n for f in self.fields}
-        resized = missing = broken = 0
         # visit shards in order of first use, so a batch straddling two windows evicts the older one first
         for s in dict.fromkeys(pairs[:, 0].tolist()):
             data, samples = self.shard(s, notes)
             for i in np.flatnonzero(pairs[:, 0] == s):
-                exts = samples[pairs[i, 1] % len(samples)]
-                get = lambda ext: data[exts[ext][0]: exts[ext][0] + exts[ext][1]]  # member bytes
-                try:
-                    img = Image.open(io.BytesIO(get(image_ext(exts))))
-                    if img.mode != "RGB":
-                        img = img.convert("RGB")
-                    if self.augment:
-                        img = self.random_resized_crop(img, epoch, int(positions[i]))
-                    elif img.size != (S, S):
-                        img, resized = img.resize((S, S), Image.BICUBIC), resized + 1
-                    image[i] = np.asarray(img).transpose(2, 0, 1)  # (S, S, 3) -> (3, S, S)
-                except (OSError, ValueError, SyntaxError):  # corrupt image: keep batch shapes equal on all ranks
-                    image[i], broken = 0, broken + 1
-                txt = get("txt").decode("utf-8", "replace") if "txt" in exts else ""
-                meta = json.loads(get("json")) if "json" in exts else {}
-                if self.long_captions:  # Long-CLIP: the long caption is the text, the short one its summary
-                    missing += ("long" not in meta) + ("short" not in meta)
-                    captions[i], shorts[i] = meta.get("long", txt), meta.get("short", txt)
+                k, start = int(pairs[i, 1]) % len(samples), None
+                for _ in range(len(samples)):
+                    try:
+                        image[i], captions[i], shorts[i], labels[i], a = self.read(data, samples[k], epoch,
+                                                                                   int(positions[i]))
+                        break
+                    except BadSample as e:
+                        bad.append((s, k, e.args[0]))
+                        if start is None:  # the first replacement candidate: a seeded draw, then onwards
+                            start = int(np.random.default_rng([self.seed, epoch, int(positions[i])])
+                                        .integers(len(samples)))
+                            k = start
+                        else:
+                            k = (k + 1) % len(samples)
                 else:
-                    captions[i] = txt
-                if self.labels:
-                    missing += "label" not in meta
-                    labels[i] = int(meta.get("label", -1))
+                    raise ValueError(f"{self.paths[s]}: no usable sample in the whole shard")
                 for f in self.fields:
-                    arrays[f][i] = np.load(io.BytesIO(get(f + ".npy")), allow_pickle=False)
-        if resized:
-            notes.append(f"{resized} images were not {S}x{S} and were resized")
-        if broken:
-            notes.append(f"{broken} images could not be decoded and were replaced by black images")
-        if missing:
-            notes.append(f"{missing} json fields missing (long/short caption fell back to the .txt, label to -1)")
+                    arrays[f][i] = a[f]
         batch = {"image": torch.from_numpy(image),
                  "text": self.tokenizer.tokenize(captions, self.context_length)}  # int64 (B, ctx)
         if self.long_captions:
@@ -410,11 +445,12 @@ class BatchMaker:
         for f, arrs in arrays.items():
             # float16 -> float32 is exact, so stored teacher values arrive unchanged
             batch[f] = torch.from_numpy(np.stack(arrs).astype(np.float32))  # (B, ...)
-        return batch, notes
+        return batch, notes, bad
 
 
-def worker_loop(make, tasks, results):
-    """Worker process: take (batch index, epoch, positions, pairs), put (batch index, batch, notes) back."""
+def worker_loop(make, tasks, results, current):
+    """Worker process: take (generation, batch index, epoch, positions, pairs), put (generation, batch index,
+    batch, notes, bad) back. Tasks of an abandoned iteration (generation != current.value) are dropped."""
     torch.set_num_threads(1)  # the work here is PIL and Python; torch threads would only oversubscribe cores
     parent = os.getppid()
     while True:
@@ -426,12 +462,20 @@ def worker_loop(make, tasks, results):
             continue
         if task is None:
             return
-        b = task[0]
+        gen, b = task[:2]
+        if gen != current.value:
+            continue
         try:
-            batch, notes = make(*task[1:])
-            results.put((b, batch, notes))
+            results.put((gen, b, *make(*task[2:])))
         except Exception:
-            results.put((b, None, [traceback.format_exc()]))
+            results.put((gen, b, None, [traceback.format_exc()], []))
+
+
+def auto_workers(local_world_size=1, cap=16):
+    """Loader processes per rank when --workers is not given: the cores this process may use, shared by the
+    ranks of this machine, minus one for the rank's own main process (at least 1, at most `cap`)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cap, cores // max(1, local_world_size) - 1))
 
 
 # ---------------------------------------------------------------- the loader (main process)
@@ -439,22 +483,13 @@ def worker_loop(make, tasks, results):
 class ShardLoader:
     """Batches from `data_dir/index.json`'s `split`; one full pass over the split per `for` loop (an epoch).
     Iterating again continues from state (epoch, batch), so a loop interrupted by `break` or a restart resumes
-    exactly where it stopped."""
+    exactly where it stopped. Worker processes start on the first iteration and live until close()."""
 
     def __init__(self, data_dir, split="train", batch_size=32, tokenizer=None, context_length=77, seed=0,
                  shuffle=None, drop_last=None, rank=0, world_size=1, num_workers=0, prefetch=2,
                  shuffle_shards=4, long_captions=False, augment=False, pin_memory=False):
-        self.workers = []  # (process, task queue, result queue) while an epoch is being iterated
-        index_path = os.path.join(data_dir, "index.json")
-        if not os.path.isdir(data_dir):
-            raise ValueError(f"data directory {data_dir!r} does not exist")
-        if not os.path.isfile(index_path):
-            raise ValueError(f"{index_path} not found (make the shards with prep_dataset.py)")
-        with open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
-        if split not in index or not isinstance(index[split], dict) or not index[split].get("shards"):
-            splits = [k for k, v in index.items() if isinstance(v, dict) and "shards" in v]
-            raise ValueError(f"split {split!r} not in {index_path} (it has {splits})")
+        self.workers = []  # (process, task queue, result queue) once started
+        index = read_index(data_dir, split)
         if batch_size < 1 or not 0 <= rank < world_size or num_workers < 0 or prefetch < 1 or shuffle_shards < 1:
             raise ValueError(f"need batch_size >= 1, 0 <= rank < world_size, num_workers >= 0, prefetch >= 1, "
                              f"shuffle_shards >= 1; got {batch_size}, {rank}, {world_size}, {num_workers}, "
@@ -465,45 +500,41 @@ class ShardLoader:
         self.rank, self.world_size, self.num_workers, self.prefetch = rank, world_size, num_workers, prefetch
         self.shuffle_shards, self.pin_memory = shuffle_shards, pin_memory
         if tokenizer is None:
-            tokenizer = Tokenizer.load(os.path.join(data_dir, "tokenizer.json"))
+            tokenizer = load_tokenizer(os.path.join(data_dir, "tokenizer.json"))
 
         # shard list (sorted) and per-shard sample counts: from index.json when prep wrote them ("shard_sizes",
         # parallel to "shards"), else from the tar headers (no image data is read, but a header costs ~50 us)
         info = index[split]
-        names = list(info["shards"])
-        given = info.get("shard_sizes")
-        if given is not None and len(given) != len(names):
-            raise ValueError(f"{index_path}: {split} has {len(names)} shards but {len(given)} shard_sizes")
+        names, given = list(info["shards"]), info.get("shard_sizes")
         order = sorted(range(len(names)), key=lambda i: names[i])
         paths = [os.path.join(data_dir, names[i]) for i in order]
-        for p in paths:
-            if not os.path.isfile(p):
-                raise ValueError(f"shard {p} listed in {index_path} does not exist")
         labels = "classes" in index  # labelled sets list their classes; every sample's json then has "label"
         required = ("txt",) + (("json",) if long_captions or labels else ())
         sizes, fields, bad = [], None, []
         for p in paths[:1] if given is not None else paths:  # with given sizes, fields come from shard 0
             groups, skipped = scan_tar(map_file(p))
-            usable = [g for g in groups.values() if complete(g, required)]
-            for g in usable:  # .npy fields present in every sample of the split
-                have = {e[:-4] for e in g if e.endswith(".npy")}
-                fields = have if fields is None else fields & have
-            sizes.append(len(usable))
-            if skipped or len(usable) < len(groups):
-                bad.append(f"{os.path.basename(p)}: {skipped} members skipped (unsafe name, truncated or "
-                           f"not a file), {len(groups) - len(usable)} incomplete samples dropped")
+            for g in groups.values():  # .npy fields present in every complete sample of the split
+                if complete(g, required):
+                    have = {e[:-4] for e in g if e.endswith(".npy")}
+                    fields = have if fields is None else fields & have
+            sizes.append(len(groups))
+            if skipped:
+                bad.append(f"{os.path.basename(p)}: {skipped} members skipped (unsafe name, truncated or not a file)")
         if bad:
             warnings.warn(f"{len(bad)} shard(s) of {split} had problems: " + "; ".join(bad))
         self.sizes = [int(given[i]) for i in order] if given is not None else sizes
         self.num_samples = sum(self.sizes)
         if info.get("num_samples") is not None and info["num_samples"] != self.num_samples:
-            warnings.warn(f"{index_path}: {split} num_samples is {info['num_samples']} but the shards hold "
-                          f"{self.num_samples} usable samples; using {self.num_samples}")
+            warnings.warn(f"{data_dir}/index.json: {split} num_samples is {info['num_samples']} but the shards "
+                          f"hold {self.num_samples} samples; using {self.num_samples}")
         self.fields = sorted(fields or ())
         self.make = BatchMaker(paths, self.sizes, self.fields, required, tokenizer, context_length,
                                int(index["img_size"]), labels, long_captions, augment, seed,
                                cache_shards=shuffle_shards + 1)  # a window, plus one for batches that straddle
         self.epoch, self.batch = 0, 0
+        self.bad = {}  # (shard, sample) -> reason: the bad samples met so far this epoch (saved in state_dict)
+        self.epoch_report, self.noted = None, set()
+        self.generation, self.current = 0, None  # which iteration the workers' tasks belong to
         if len(self) == 0:
             raise ValueError(f"batch_size {batch_size} x world_size {world_size} = "
                              f"{batch_size * world_size} is larger than the {self.num_samples} samples "
@@ -536,60 +567,86 @@ class ShardLoader:
         return positions, g[self.rank::self.world_size][:n]
 
     def __iter__(self):
-        self.close()  # an earlier, interrupted iteration may still hold workers
         epoch, start, n = self.epoch, self.batch, len(self)
         order = self.epoch_order(epoch)
-        task = lambda b: (b, epoch, *self.batch_pairs(order, b))
+        tasks = ((b, epoch, *self.batch_pairs(order, b)) for b in range(start, n))
+        if self.num_workers == 0:
+            results = ((self.pin(batch), notes, bad) for batch, notes, bad in (self.make(*t[1:]) for t in tasks))
+        else:  # decoded by the workers; received (and pinned) by a thread, off the training loop's path
+            results = background(self.from_workers(tasks), self.prefetch, self.pin)
         try:
-            if self.num_workers > 0:
-                self.start_workers()
-                nw = self.num_workers
-                for b in range(start, min(n, start + nw * self.prefetch)):  # fill the pipeline
-                    self.workers[b % nw][1].put(task(b))
-            for b in range(start, n):
-                if self.num_workers > 0:
-                    batch, notes = self.receive(b)
-                    if b + nw * self.prefetch < n:  # keep `prefetch` batches in flight per worker
-                        self.workers[b % nw][1].put(task(b + nw * self.prefetch))
-                else:
-                    batch, notes = self.make(*task(b)[1:])
+            for b, (batch, notes, bad) in zip(range(start, n), results):
                 for note in notes:
-                    warnings.warn(note)
-                if self.pin_memory and torch.cuda.is_available():  # pinned -> .to(device, non_blocking=True)
-                    batch = {k: v.pin_memory() for k, v in batch.items()}
+                    if note not in self.noted:  # once per run, not per batch
+                        self.noted.add(note)
+                        warnings.warn(note)
+                self.bad.update({(s, k): reason for s, k, reason in bad})
                 self.batch = b + 1  # batches already yielded this epoch
                 yield batch
-            self.epoch, self.batch = epoch + 1, 0
-        finally:
-            self.close()
+        except BaseException as e:
+            results.close()  # stops the feeder thread
+            if not isinstance(e, GeneratorExit):
+                self.close()  # an error; an abandoned epoch (GeneratorExit) keeps the workers, who drop its tasks
+            raise
+        results.close()
+        counts = Counter(self.bad.values())
+        self.epoch_report = {"epoch": epoch, "skipped": dict(sorted(counts.items()))}
+        self.epoch, self.batch, self.bad = epoch + 1, 0, {}
+
+    def pin(self, batch):
+        if self.pin_memory and torch.cuda.is_available():  # pinned -> .to(device, non_blocking=True)
+            return {k: v.pin_memory() for k, v in batch.items()}
+        return batch
+
+    def from_workers(self, tasks):
+        """Send `tasks` to the workers round-robin, keeping `prefetch` in flight per worker; yield the results
+        in task order as (batch, notes, bad). Batch i goes to worker i % num_workers whatever the start, so the
+        output never depends on the number of workers."""
+        self.start_workers()
+        self.generation += 1
+        gen, inflight = self.generation, []
+        self.current.value = gen  # workers drop tasks of any earlier, abandoned iteration
+        for task in tasks:
+            self.workers[task[0] % self.num_workers][1].put((gen, *task))
+            inflight.append(task[0])
+            if len(inflight) >= self.num_workers * self.prefetch:
+                yield self.receive(inflight.pop(0), gen)
+        while inflight:
+            yield self.receive(inflight.pop(0), gen)
 
     def start_workers(self):
+        if self.workers and all(p.is_alive() for p, _, _ in self.workers):
+            return
+        self.close()
         # fork where the OS has it (instant, nothing to re-import), else spawn; queues pass tensors through
         # shared memory (torch.multiprocessing), so a batch costs a file descriptor, not a pickled copy
         ctx = tmp.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        self.current = ctx.Value("q", self.generation, lock=False)
         for _ in range(self.num_workers):
             tasks, results = ctx.Queue(), ctx.Queue()
-            p = ctx.Process(target=worker_loop, args=(self.make, tasks, results), daemon=True)
+            p = ctx.Process(target=worker_loop, args=(self.make, tasks, results, self.current), daemon=True)
             p.start()
             self.workers.append((p, tasks, results))
 
-    def receive(self, b):
-        p, _, results = self.workers[b % self.num_workers]
+    def receive(self, b, gen):
+        w = b % self.num_workers
+        p, _, results = self.workers[w]
         while True:
             try:
-                got, batch, notes = results.get(timeout=5)
-                break
+                got_gen, got, batch, notes, bad = results.get(timeout=5)
             except queue.Empty:
                 if not p.is_alive():
-                    raise RuntimeError(f"loader worker {b % self.num_workers} died (exit code {p.exitcode}) "
-                                       f"before sending batch {b}")
+                    raise RuntimeError(f"loader worker {w} died (exit code {p.exitcode}) before sending batch {b}")
+                continue
+            if got_gen == gen:  # older generations: results of an abandoned iteration, dropped
+                break
         assert got == b, f"worker sent batch {got}, expected {b}"
         if batch is None:
             raise RuntimeError(f"loader worker failed on batch {b}:\n{notes[0]}")
-        return batch, notes
+        return batch, notes, bad
 
     def close(self):
-        """Stop the worker processes (also called at the end of an epoch, on errors and by the GC)."""
+        """Stop the worker processes (called by the owner at the end, on errors and by the GC)."""
         for p, tasks, _ in self.workers:
             if p.is_alive():
                 tasks.put(None)
@@ -607,18 +664,62 @@ class ShardLoader:
         self.close()
 
     def pop_epoch_report(self):
-        """None, or once after each finished epoch {"epoch": e, "skipped": {reason: count}}: the bad samples met
-        in that epoch (each skipped and replaced), for the caller to print and log."""
-        report, self.epoch_report = getattr(self, "epoch_report", None), None
+        """None, or once after each finished epoch {"epoch": e, "skipped": {reason: count}}: the distinct bad
+        samples met in that epoch (each skipped and replaced), for the caller to print and log."""
+        report, self.epoch_report = self.epoch_report, None
         return report
 
     def state_dict(self):
-        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed}
+        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed,
+                "bad": [[s, k, r] for (s, k), r in sorted(self.bad.items())]}
 
     def load_state_dict(self, state):
         """Resume: the next iteration yields batches state["batch"]... of epoch state["epoch"]."""
         if not 0 <= state["batch"] <= len(self):
             raise ValueError(f"loader state batch {state['batch']} is outside 0..{len(self)} batches per epoch")
-        self.close()
+        if int(state["seed"]) != self.make.seed:
+            self.close()  # the workers hold the old seed (augmentation, replacements)
         self.epoch, self.batch, self.seed = int(state["epoch"]), int(state["batch"]), int(state["seed"])
         self.make.seed = self.seed
+        self.bad = {(int(s), int(k)): r for s, k, r in state.get("bad", [])}
+
+
+def background(results, size, pin):
+    """Run the generator `results` in a thread, `size` items ahead, applying `pin` to each batch there; the
+    training loop then only takes finished batches from a queue. Returns a generator; closing it stops the
+    thread (after the batch it is receiving, if any)."""
+    out, stop = queue.Queue(size), threading.Event()
+
+    def put(item):  # False once the consumer has gone
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def run():
+        try:
+            for batch, notes, bad in results:
+                if not put((pin(batch), notes, bad)):
+                    return
+            put(StopIteration)
+        except BaseException as e:  # handed to the consumer, raised there
+            put(e)
+        finally:
+            results.close()
+
+    thread = threading.Thread(target=run, daemon=True, name="loader-feeder")
+    thread.start()
+    try:
+        while True:
+            item = out.get()
+            if item is StopIteration:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
