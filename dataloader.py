@@ -582,6 +582,8 @@ class ShardLoader:
                         warnings.warn(note)
                 self.bad.update({(s, k): reason for s, k, reason in bad})
                 self.batch = b + 1  # batches already yielded this epoch
+                if self.batch == n:  # the last one: the epoch's report is ready, and the state moves on now
+                    self.finish_epoch(epoch)
                 yield batch
         except BaseException as e:
             results.close()  # stops the feeder thread
@@ -589,6 +591,10 @@ class ShardLoader:
                 self.close()  # an error; an abandoned epoch (GeneratorExit) keeps the workers, who drop its tasks
             raise
         results.close()
+        if self.epoch == epoch:  # resumed at the very end of an epoch: nothing was left to yield
+            self.finish_epoch(epoch)
+
+    def finish_epoch(self, epoch):
         counts = Counter(self.bad.values())
         self.epoch_report = {"epoch": epoch, "skipped": dict(sorted(counts.items()))}
         self.epoch, self.batch, self.bad = epoch + 1, 0, {}
