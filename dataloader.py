@@ -6,7 +6,7 @@ the training step runs.
     loader = ShardLoader("data/synth", "train", batch_size=256, num_workers=4, rank=rank, world_size=world)
     for batch in loader:          # one epoch; batch["image"] uint8 (B, 3, S, S), batch["text"] int64 (B, ctx)
         ...
-    state = loader.state_dict()   # {"epoch", "batch", "seed"}: resume mid-epoch with load_state_dict(state)
+    state = loader.state_dict()   # {"epoch", "batch", "seed", "bad"}: resume mid-epoch with load_state_dict(state)
 
 How an epoch is ordered (it depends only on (seed, epoch), never on num_workers or timing):
 1. the split's shards (sorted names from index.json) are permuted with a generator seeded by (seed, epoch);
@@ -24,15 +24,20 @@ shuffle=False (the default for splits other than "train") keeps sorted shard and
 Where the work happens: the main process only reads tar headers (or per-shard counts from index.json) to
 build the order; workers map whole shards into memory (mmap: never extracted to disk, and the OS page cache is
 shared by all workers and ranks, though each worker's mix of samples touches every shard of the window),
-decode JPEGs, tokenize captions and collate whole batches. Batch i goes to worker i % num_workers and results are read back in
-order, so the output is identical for any num_workers; each worker keeps `prefetch` batches in flight.
+decode images, tokenize captions and collate whole batches. Batch i goes to worker i % num_workers and results
+are read back in order, so the output is identical for any num_workers; each worker keeps `prefetch` batches in
+flight. Workers start on the first iteration and live until close() (no re-fork per epoch). A thread of the
+main process receives the batches (and pins them for CUDA), so the training loop only takes finished batches.
 
-Data problems (unsafe member names such as "../x" or "/etc/x", truncated tars, samples missing their image
-or caption) are skipped, counted and warned about, never silent.
+Bad records never stop a run and are never trained on wrongly: a sample whose image is missing or does not
+decode, whose caption is missing or not UTF-8, whose json or .npy field is broken, is skipped and replaced by
+the first good sample of the same shard from a start drawn with (seed, epoch, position) - the same replacement
+in every run, with any number of workers, and after a resume - so batches keep their size on every rank. The
+distinct bad samples met are counted per reason and reported once per epoch (pop_epoch_report). Unsafe member
+names ("../x", "/etc/x") and truncated tars are skipped at scan time and warned about once.
 
 Left out on purpose: decoding to float / normalising (done on the device, so only uint8 bytes cross PCIe),
-torchvision transforms (one optional random-resized-crop in PIL is enough for CLIP), streaming from URLs,
-persistent workers across epochs (forking a worker costs milliseconds next to an epoch).
+torchvision transforms (one optional random-resized-crop in PIL is enough for CLIP), streaming from URLs.
 """
 
 import io
