@@ -355,7 +355,7 @@ def shard_swaps(loader):
                 except (ValueError, AttributeError):  # corrupt json, or not an object: no swaps for this sample
                     swaps = None
                 if isinstance(swaps, dict):
-                    caption = get("txt").decode("utf-8", "replace")
+                    caption = get("txt").decode("utf-8", "replace") if "txt" in exts else ""
                     rows += [(n, t, s, caption) for t, s in swaps.items() if isinstance(s, str)]
             n += 1
         if hasattr(data, "close"):

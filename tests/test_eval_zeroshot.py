@@ -1,7 +1,6 @@
 """Tests for eval_zeroshot.py: metrics on hand-set embeddings, encoders replaced by fixed functions, the CLI on a
 tiny checkpoint and synthetic shards made here, ARO / jsonl swap files, class folders and bad input."""
 
-import io
 import json
 import os
 import shutil
@@ -398,7 +397,7 @@ def test_cli_aro_only_and_tokenizer_flag(synthetic, ckpt, tmp_path):
     (["--data", "{syn}", "--tokenizer", "{tmp}/empty.json"], "--tokenizer {tmp}/empty.json is not a usable tokenizer"),
     (["--data", "{syn}", "--tokenizer", "{tmp}/list.json"], "--tokenizer {tmp}/list.json is not a usable tokenizer"),
     (["--data", "{syn}", "--tokenizer", "{tmp}/t.txt"], "--tokenizer {tmp}/t.txt is not a usable tokenizer"),
-    (["--data", "{syn}", "--tokenizer", "{tmp}/big.json"], "the tokenizer has 558 tokens but the model was trained with"),
+    (["--data", "{syn}", "--tokenizer", "{tmp}/big.json"], "tokenizer has 558 tokens but the model was trained"),
     # text files that are not UTF-8, or empty
     (["--data", "{syn}", "--classes", "{tmp}/latin1.txt"], "--classes {tmp}/latin1.txt is not UTF-8 text"),
     (["--data", "{syn}", "--templates", "{tmp}/latin1.txt"], "--templates {tmp}/latin1.txt is not UTF-8 text"),
@@ -431,7 +430,8 @@ def test_cli_bad_input_exits_2(synthetic, ckpt, tmp_path, capsys, monkeypatch, a
 def test_cli_out_folder_is_made_before_evaluating(synthetic, ckpt, tmp_path, monkeypatch, capsys):
     out = tmp_path / "new" / "deeper" / "r.json"
     seen = []
-    monkeypatch.setattr(EZ, "evaluate_checkpoint", lambda *a, **k: seen.append(out.parent.is_dir()) or {"num_images": 1})
+    fake = lambda *a, **k: seen.append(out.parent.is_dir()) or {"num_images": 1}  # records the folder was there
+    monkeypatch.setattr(EZ, "evaluate_checkpoint", fake)
     EZ.main(["--ckpt", ckpt[0], "--data", synthetic, "--out", str(out), "--quiet"])
     assert seen == [True] and json.loads(out.read_text())["num_images"] == 1
 
