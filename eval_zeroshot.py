@@ -599,6 +599,8 @@ def check_out(path):
     if not os.path.basename(path) or os.path.isdir(path):
         raise ValueError(f"--out {path} is a directory; give a file name such as {os.path.join(path, 'results.json')}")
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"--out {path}: cannot create the folder {folder}: a file of that name exists")
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
