@@ -46,9 +46,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from clip import normalize_images
-from dataloader import ShardLoader, complete, map_file, scan_tar
+from dataloader import (ShardLoader, articles, class_folders, complete, decode_image, image_array, load_tokenizer,
+                        map_file, read_index, scan_tar)
 from logger import save_figure, write_atomic
-from prep_dataset import FOLDER_EXTS, articles
 
 # A short, generic CLIP-style template list (prompt ensembling); --templates replaces it.
 TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a rendering of a {}.", "a {}."]
@@ -58,28 +58,23 @@ RECALL_AT = (1, 5, 10)
 # images from files (class folders, jsonl / ARO swap files)
 
 
-def load_image(path, size, box=None):
-    """File -> uint8 (3, size, size): optional crop to box (x0, y0, x1, y1), shorter side resized to `size`,
-    centre crop; the same preparation as the shards (prep_dataset) and CLIP's preprocessing."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if box is not None:
-            im = im.crop(box)
-        w, h = im.size
-        if w < 1 or h < 1:
-            raise ValueError(f"empty image or crop box {box}")
-        s = size / min(w, h)
-        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-        x, y = (im.width - size) // 2, (im.height - size) // 2
-        im = im.crop((x, y, x + size, y + size))
-        return torch.from_numpy(np.ascontiguousarray(np.asarray(im).transpose(2, 0, 1)))  # (S, S, 3) -> (3, S, S)
+def load_image(src, size, box=None):
+    """Image file (a path or a binary file object) -> uint8 (3, size, size) through dataloader's one decode, the
+    same as the shards': EXIF rotation, alpha on white, optional crop to box (x0, y0, x1, y1) in the upright
+    image, shorter side resized to `size`, centre crop."""
+    if hasattr(src, "read"):
+        data = src.read()
+    else:
+        with open(src, "rb") as f:
+            data = f.read()
+    return torch.from_numpy(image_array(decode_image(data, size, box)))  # (3, S, S) uint8
 
 
 def try_load(item, size):
     """(path, box) -> uint8 (3, S, S), or None when the file does not decode (counted by the caller)."""
     try:
         return load_image(item[0], size, item[1])
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
         return None
 
 
@@ -119,25 +114,16 @@ class ImageList:
 
 
 def image_folder(root, img_size, batch_size=256, workers=4):
-    """Class folders root/<class>/**/<image> (ImageNet layout) -> (ImageList, class names). A class folder with
-    no image files is skipped with a warning naming it; class names are folder names with "_" -> " "."""
-    subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    items, labels, classes, empty = [], [], [], []
-    for d in subdirs:
-        files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(root, d)) for f in fs
-                       if f.rsplit(".", 1)[-1].lower() in FOLDER_EXTS)
-        if not files:
-            empty.append(d)
-            continue
-        items += [(f, None) for f in files]
-        labels += [len(classes)] * len(files)
-        classes.append(d.replace("_", " "))
+    """Class folders root/<class>/**/<image> (ImageNet layout, found by dataloader.class_folders) -> (ImageList,
+    class names). A folder with no image is not a class: it is left out with a warning naming it."""
+    found = class_folders(root)
+    if found is None:
+        raise ValueError(f"{root}: no index.json and not class folders with images (expected {root}/<class>/*.jpg "
+                         f"with no images at the top and no .txt captions beside the images)")
+    classes, items, empty = found
     if empty:
-        warnings.warn(f"skipped {len(empty)} class folder(s) with no images: {', '.join(empty)}")
-    if not classes:
-        raise ValueError(f"{root}: no class folders with images (expected {root}/<class>/*.jpg, or a shard set "
-                         f"with index.json)")
-    return ImageList(items, labels, img_size, batch_size, workers), classes
+        warnings.warn(f"skipped {len(empty)} folder(s) with no images (not classes): {', '.join(empty)}")
+    return ImageList([(p, None) for p, _ in items], [y for _, y in items], img_size, batch_size, workers), classes
 
 
 # -----------------------------------------------------------------------------
@@ -189,9 +175,10 @@ def encode_images(model, images, device=None, precision="fp32", batch=256):
 @torch.inference_mode()
 def encode_split(model, loader, device, precision="fp32", quiet=True):
     """Every batch of `loader` (ShardLoader or ImageList) -> dict(image=(N, E), text=(N, E) or None,
-    label=(N,) or None), embeddings normalised float32 on `device`."""
+    label=(N,) or None, tokens=(N, ctx) int64 on the CPU or None), embeddings normalised float32 on `device`.
+    The tokens say which caption each row got (shard_swaps checks its rows against them)."""
     device = torch.device(device)
-    imgs, txts, labels = [], [], []
+    imgs, txts, tokens, labels = [], [], [], []
     t0, n = time.time(), 0
     for batch in tqdm(loader, total=len(loader), desc="encode", unit="batch", disable=quiet, leave=False):
         x = normalize_images(batch["image"].to(device, non_blocking=True))  # uint8 -> float on the device
@@ -199,6 +186,8 @@ def encode_split(model, loader, device, precision="fp32", quiet=True):
             imgs.append(F.normalize(model.encode_image(x).float(), dim=-1))  # (B, E)
             if "text" in batch:
                 txts.append(F.normalize(model.encode_text(batch["text"].to(device, non_blocking=True)).float(), dim=-1))
+        if "text" in batch:
+            tokens.append(batch["text"].clone())  # a copy: a worker's shared-memory tensor holds a file descriptor
         if "label" in batch:
             labels.append(batch["label"].to(device))
         n += len(x)
@@ -210,7 +199,7 @@ def encode_split(model, loader, device, precision="fp32", quiet=True):
         dt = time.time() - t0
         print(f"encoded {n} images{' and captions' if txts else ''} in {dt:.1f}s ({n / dt:.0f} images/s)")
     return {"image": torch.cat(imgs), "text": torch.cat(txts) if txts else None,
-            "label": torch.cat(labels) if labels else None}
+            "label": torch.cat(labels) if labels else None, "tokens": torch.cat(tokens) if tokens else None}
 
 
 def zeroshot_classifier(model, tokenizer, classes, templates=TEMPLATES, device=None, precision="fp32"):
@@ -348,8 +337,9 @@ def evaluate_swaps(model, tokenizer, images, captions, swapped, precision="fp32"
 
 def shard_swaps(loader):
     """The json "swaps" {type: caption} of every sample of an unshuffled ShardLoader, as rows (sample index,
-    type, swapped caption), and the number of samples. Uses the loader's own shard list and completeness rule,
-    so sample i here is row i of its batches; tar members are read in memory (mmap), never extracted."""
+    type, swapped caption, the sample's own caption), and the number of samples. Uses the loader's own shard
+    list and completeness rule, so sample i here is row i of its batches unless the loader put another sample
+    in that row (evaluate_checkpoint checks the caption); tar members are read in memory (mmap), never extracted."""
     rows, n = [], 0
     for path in loader.make.paths:  # sorted, as the loader reads them when shuffle=False
         data = map_file(path)
@@ -359,12 +349,14 @@ def shard_swaps(loader):
             if not complete(exts, loader.make.required, loader.make.fields):
                 continue
             if "json" in exts:
-                off, size = exts["json"]
+                get = lambda ext: data[exts[ext][0]:exts[ext][0] + exts[ext][1]]  # member bytes
                 try:
-                    swaps = json.loads(data[off:off + size]).get("swaps") or {}
-                except (ValueError, AttributeError):
-                    swaps = {}
-                rows += [(n, t, s) for t, s in swaps.items() if isinstance(s, str)]
+                    swaps = json.loads(get("json")).get("swaps")
+                except (ValueError, AttributeError):  # corrupt json, or not an object: no swaps for this sample
+                    swaps = None
+                if isinstance(swaps, dict):
+                    caption = get("txt").decode("utf-8", "replace") if "txt" in exts else ""
+                    rows += [(n, t, s, caption) for t, s in swaps.items() if isinstance(s, str)]
             n += 1
         if hasattr(data, "close"):
             data.close()
@@ -375,13 +367,13 @@ def read_swaps_jsonl(path):
     """jsonl of {"image", "caption", "swaps": {type: caption}} or {"image", "true_caption", "false_caption",
     "type"} (image paths relative to the file's folder) -> swap records; bad lines are skipped and counted."""
     base, records, bad = os.path.dirname(os.path.abspath(path)), [], 0
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is one bad line, not an error for the file
         for line in f:
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except ValueError:
+            except ValueError:  # not JSON, or not UTF-8
                 bad += 1
                 continue
             if not isinstance(row, dict) or not isinstance(row.get("image"), str):
@@ -407,8 +399,11 @@ def read_aro(path, image_dir):
     """ARO's VG-Relation / VG-Attribution file: a JSON list of {"image_path", "bbox_x", "bbox_y", "bbox_w",
     "bbox_h", "true_caption", "false_caption", "relation_name" | "attributes"} -> swap records of type
     "relation" / "attribute", grouped by relation name / attribute pair (for ARO's macro accuracy)."""
-    with open(path, encoding="utf-8") as f:
-        items = json.load(f)
+    try:
+        with open(path, "rb") as f:
+            items = json.load(f)
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise ValueError(f"{path} is not a JSON file ({str(e).splitlines()[0]})") from None
     if not isinstance(items, list):
         raise ValueError(f"{path}: expected a JSON list of ARO items, got {type(items).__name__}")
     records, bad = [], 0
@@ -458,6 +453,31 @@ def evaluate_swap_records(model, tokenizer, records, batch=256, precision="fp32"
     return out
 
 
+def loader_swaps(model, tokenizer, loader, enc, device, precision="fp32", batch=256):
+    """Swap accuracy of the shards' json "swaps", on the images and captions encode_split already encoded.
+    A row whose caption is not its sample's own (a loader that filled a bad record's place with another sample)
+    is left out and counted as swap_misaligned: its image is not the one the swap was made for."""
+    rows, n = shard_swaps(loader)
+    if not rows:
+        return {}
+    if n != len(enc["image"]):
+        warnings.warn(f"swap test skipped: the shards list {n} samples, the loader gave {len(enc['image'])}")
+        return {}
+    ctx = enc["tokens"].shape[1]
+    idx = torch.tensor([i for i, _, _, _ in rows])  # (M,)
+    same = (enc["tokens"][idx] == tokenizer.tokenize([c for _, _, _, c in rows], ctx)).all(1)  # (M,) bool
+    out = {}
+    if not same.all():
+        out["swap_misaligned"] = int((~same).sum())
+        warnings.warn(f"swap test: left out {out['swap_misaligned']} swap(s) of samples the loader replaced")
+        rows, idx = [r for r, ok in zip(rows, same.tolist()) if ok], idx[same]
+    if rows:
+        idx = idx.to(enc["image"].device)
+        false = encode_texts(model, tokenizer, [s for _, _, s, _ in rows], device, precision, batch)  # (M, E)
+        out.update(swap_accuracy(enc["image"][idx], enc["text"][idx], false, [t for _, t, _, _ in rows]))
+    return out
+
+
 # -----------------------------------------------------------------------------
 # one call for train.py and the CLI
 
@@ -474,19 +494,21 @@ def evaluate_checkpoint(model, tokenizer, data_dir, split="val", batch=256, devi
     model.eval()
     heldout, loader, out = None, None, {}
     try:
-        index_path = os.path.join(data_dir, "index.json")
-        if os.path.isfile(index_path):
-            with open(index_path, encoding="utf-8") as f:
-                index = json.load(f)
-            if int(index.get("img_size", size)) != size:
+        if os.path.isfile(os.path.join(data_dir, "index.json")):
+            index = read_index(data_dir, split)  # one ValueError line for a missing shard, no img_size, ...
+            if index["img_size"] != size:
                 raise ValueError(f"{data_dir} has {index['img_size']} px images but the model takes {size} px")
+            names = index.get("classes")
+            if names is not None and not (isinstance(names, list) and all(isinstance(c, str) for c in names)):
+                raise ValueError(f"{data_dir}/index.json: classes must be a list of names")
+            if index.get("source") == "synthetic" and names and isinstance(index.get("heldout"), list):
+                heldout = [names.index(h) for h in index["heldout"] if h in names]  # indices: --classes may rename
             loader = ShardLoader(data_dir, split, batch, tokenizer, ctx, shuffle=False, drop_last=False,
                                  num_workers=workers)
-            names = index.get("classes")
-            if index.get("source") == "synthetic" and names and index.get("heldout"):
-                heldout = [names.index(h) for h in index["heldout"]]  # by index: --classes may rename them
         else:
             loader, names = image_folder(data_dir, size, batch, max(1, workers))
+        if classes is not None and names is None:
+            warnings.warn(f"class names given but {data_dir} has no labels: they are not used")
         if classes is not None and names is not None and len(classes) != len(names):
             raise ValueError(f"{len(classes)} class names given but {data_dir} has {len(names)} classes")
         names = list(classes) if classes is not None and names is not None else names
@@ -501,14 +523,7 @@ def evaluate_checkpoint(model, tokenizer, data_dir, split="val", batch=256, devi
             out["classes"] = list(names)
         if enc["text"] is not None:
             out.update(evaluate_retrieval(enc["image"], enc["text"], chunk))
-            rows, n = shard_swaps(loader)
-            if rows and n != len(enc["image"]):
-                warnings.warn(f"swap test skipped: the shards' json lists {n} samples, the loader gave "
-                              f"{len(enc['image'])}")
-            elif rows:
-                idx = torch.tensor([i for i, _, _ in rows], device=enc["image"].device)
-                false = encode_texts(model, tokenizer, [s for _, _, s in rows], device, precision, batch)
-                out.update(swap_accuracy(enc["image"][idx], enc["text"][idx], false, [t for _, t, _ in rows]))
+            out.update(loader_swaps(model, tokenizer, loader, enc, device, precision, batch))
     finally:
         model.train(was_training)
         if loader is not None:
@@ -552,8 +567,46 @@ def format_table(results):
 
 
 def read_lines(path):
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
+    """Non-empty, stripped lines of a UTF-8 text file (a BOM is dropped); one ValueError line when it is not UTF-8."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def pick_device(name):
+    """--device -> torch.device, or one ValueError line when it does not exist here (checked before the checkpoint
+    is loaded, which would otherwise fail with a misleading message)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device (auto, cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is visible to PyTorch on this machine (use --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine (use --device cpu)")
+    return device
+
+
+def check_out(path):
+    """--out must be a file whose folder exists or can be made: checked (and the folder made) before the
+    evaluation, so a typo does not cost a whole run. One ValueError line otherwise."""
+    if not os.path.basename(path) or os.path.isdir(path):
+        raise ValueError(f"--out {path} is a directory; give a file name such as {os.path.join(path, 'results.json')}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"--out {path}: cannot create the folder {folder}: a file of that name exists")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {path}: cannot create the folder {folder} ({e.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--out {path}: the folder {folder} is not writable")
 
 
 def main(argv=None):
@@ -582,6 +635,7 @@ def main(argv=None):
     parser.add_argument("--quiet", action="store_true", help="no progress bars or speed line")
     args = parser.parse_args(argv)
 
+    # every input is checked before the checkpoint is loaded and anything is encoded: each problem is one line
     if not os.path.isfile(args.ckpt):
         parser.error(f"--ckpt {args.ckpt}: no such file")
     if args.data is None and not (args.aro or args.swaps_jsonl):
@@ -595,23 +649,39 @@ def main(argv=None):
         parser.error("--aro FILE needs --aro_images DIR (an existing folder), and the other way round")
     if args.batch < 1 or args.chunk < 1 or args.workers < 0:
         parser.error("--batch and --chunk must be >= 1, --workers >= 0")
-    classes = read_lines(args.classes) if args.classes else None
-    templates = read_lines(args.templates) if args.templates else None
+
+    def checked(flag, fn, *a):  # fn's one-line ValueError -> "error: FLAG message", exit 2
+        try:
+            return fn(*a)
+        except ValueError as e:
+            parser.error(f"{flag}{e}")
+    classes = checked("--classes ", read_lines, args.classes) if args.classes else None
+    templates = checked("--templates ", read_lines, args.templates) if args.templates else None
+    if classes is not None and not classes:
+        parser.error(f"--classes {args.classes}: no class names in the file")
     if templates is not None and (not templates or any("{}" not in t for t in templates)):
         parser.error(f"--templates {args.templates}: every line needs a {{}} for the class name")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    precision = ("bf16" if device.startswith("cuda") else "fp32") if args.precision == "auto" else args.precision
+    tokenizer = checked("--tokenizer ", load_tokenizer, args.tokenizer) if args.tokenizer else None
+    device = checked("", pick_device, args.device)
+    checked("", check_out, args.out)
+    if args.data and os.path.isfile(os.path.join(args.data, "index.json")):
+        checked("--data ", read_index, args.data, args.split)  # a missing shard, {}, no img_size, ...
+    precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
 
     try:
         model, ckpt = load_model(args.ckpt, map_location=device)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         parser.error(str(e).splitlines()[0])
-    if args.tokenizer:
-        tokenizer = Tokenizer.load(args.tokenizer)
-    elif isinstance(ckpt.get("tokenizer"), dict):
-        tokenizer = Tokenizer.from_dict(ckpt["tokenizer"])
-    else:
-        parser.error(f"checkpoint {args.ckpt} has no tokenizer; pass --tokenizer FILE (e.g. DATA/tokenizer.json)")
+    if tokenizer is None:
+        if not isinstance(ckpt.get("tokenizer"), dict):
+            parser.error(f"checkpoint {args.ckpt} has no tokenizer; pass --tokenizer FILE (e.g. DATA/tokenizer.json)")
+        try:
+            tokenizer = Tokenizer.from_dict(ckpt["tokenizer"])
+        except (ValueError, KeyError, TypeError) as e:
+            parser.error(f"checkpoint {args.ckpt}: its tokenizer is not usable ({e}); pass --tokenizer FILE")
+    if tokenizer.vocab_size > model.config.text.vocab_size:  # token ids past the embedding table: wrong tokenizer
+        parser.error(f"the tokenizer has {tokenizer.vocab_size} tokens but the model was trained with "
+                     f"{model.config.text.vocab_size}: pass the tokenizer of its training data")
 
     results = {"ckpt": args.ckpt, "data": args.data, "split": args.split, "step": ckpt.get("step")}
     try:
@@ -628,7 +698,6 @@ def main(argv=None):
         parser.error(str(e))
 
     confusion = results.pop("confusion", None)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     write_atomic(args.out, json.dumps(results, indent=1) + "\n")
     print(format_table(results))
     print(f"wrote {args.out}")

@@ -7,7 +7,9 @@ Training logs: a metrics.jsonl file, a compact console line, and PNG plots.
                                 and eval.png for any extra eval metric (zeroshot_top1, i2t_R@1, ...)
 
 Resuming at step S keeps the records with step <= S and appends after them, so a resumed run's log
-has every step exactly once. Re-plot or compare runs from the shell:
+has every step exactly once. A line that is not such a record (the half-written last line of a killed
+run, a hand edit) is skipped, counted and named in one warning line, when reading and on resume.
+Re-plot or compare runs from the shell (bad input there is one error line and exit status 2):
 
     python logger.py logs/a                      # re-plot logs/a/*.png
     python logger.py logs/a logs/b --out c.png   # both runs' losses on one figure
@@ -48,19 +50,34 @@ def write_atomic(path, text):
         raise
 
 def read_metrics(path):
-    """All records of a metrics.jsonl; a broken line (a run killed mid-write) is skipped with a warning."""
-    records, bad = [], 0
-    with open(path) as f:
+    """All records of a metrics.jsonl: JSON objects with a numeric "step" and a string "split". Any other line is
+    skipped and counted, with one warning line per file: a broken last line (a run killed mid-write), a line
+    that is not JSON or not UTF-8, or a JSON value that is not such a record (`[1, 2]`, `"x"`, no step)."""
+    records, bad = [], collections.Counter()
+    with open(path, "rb") as f:  # bytes: a non-UTF-8 line is one bad line, not a UnicodeDecodeError
         for line in f:
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                bad += 1
+                r = json.loads(line)
+            except ValueError:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+                bad["not JSON"] += 1
+                continue
+            if not isinstance(r, dict):
+                bad["not a JSON object"] += 1
+            elif not _is_number(r.get("step")):
+                bad["no numeric step"] += 1
+            elif not isinstance(r.get("split"), str):
+                bad["no split"] += 1
+            else:
+                records.append(r)
     if bad:
-        print(f"warning: {path}: skipped {bad} unreadable line(s)", file=sys.stderr)
+        why = ", ".join(f"{n} {reason}" for reason, n in bad.items())
+        print(f"warning: {path}: skipped {sum(bad.values())} unreadable line(s) ({why})", file=sys.stderr)
     return records
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 def _number(v):
     # tensors / numpy scalars -> python numbers, so json writes 3.2 and not a repr
@@ -146,8 +163,7 @@ class Logger:
 # plots
 
 def _series(records, key, split):
-    pts = [(r["step"], r[key]) for r in records
-           if r.get("split") == split and isinstance(r.get(key), (int, float))]
+    pts = [(r["step"], r[key]) for r in records if r["split"] == split and _is_number(r.get(key))]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 def save_figure(fig, path):
@@ -178,9 +194,11 @@ def _plot_lines(ax, lines, log):
         ax.set_yscale("log")
     ax.legend()
 
-def plot_run(log_dir):
-    """Write loss/lr/grad_norm/logit_scale/eval PNGs for one run; a plot with no data is skipped."""
-    records = read_metrics(os.path.join(log_dir, "metrics.jsonl"))
+def plot_run(log_dir, records=None):
+    """Write loss/lr/grad_norm/logit_scale/eval PNGs for one run (records: read from its metrics.jsonl unless
+    given); a plot with no data is skipped. Returns the paths written."""
+    if records is None:
+        records = read_metrics(os.path.join(log_dir, "metrics.jsonl"))
     written = []
     plots = [("loss.png", "loss", "loss", [("train", {"lw": 1}), ("val", {"marker": "o"})], True),
              ("lr.png", "learning rate", "lr", [("train", {})], False),
@@ -196,8 +214,8 @@ def plot_run(log_dir):
             save_figure(fig, os.path.join(log_dir, fname))
             written.append(fname)
     # eval.png: every other numeric metric of the val/eval records (zeroshot_top1, i2t_R@1, ...)
-    extra = sorted({(r["split"], k) for r in records if r.get("split") != "train"
-                    for k, v in r.items() if k not in STANDARD and isinstance(v, (int, float))})
+    extra = sorted({(r["split"], k) for r in records if r["split"] != "train"
+                    for k, v in r.items() if k not in STANDARD and _is_number(v)})
     if extra:
         fig, ax = _figure("eval metrics", "value")
         _plot_lines(ax, [(*_series(records, k, s), f"{s}/{k}", {"marker": "o"}) for s, k in extra], False)
@@ -205,33 +223,62 @@ def plot_run(log_dir):
         written.append("eval.png")
     return [os.path.join(log_dir, f) for f in written]
 
-def plot_runs(run_dirs, out_path):
-    """Several runs' train (solid) and val (dashed, dots) loss on one figure, labelled by directory."""
+def plot_runs(run_dirs, out_path, records=None):
+    """Several runs' train (solid) and val (dashed, dots) loss on one figure, labelled by directory (records:
+    one list per run, read from each metrics.jsonl unless given). Returns out_path, or None when no run has a loss."""
     fig, ax = _figure("loss", "loss")
     lines = []
     for i, d in enumerate(run_dirs):
-        records = read_metrics(os.path.join(d, "metrics.jsonl"))
+        records_i = read_metrics(os.path.join(d, "metrics.jsonl")) if records is None else records[i]
         name, color = os.path.basename(os.path.normpath(d)), f"C{i % 10}"
         for split, kw in (("train", {"lw": 1}), ("val", {"ls": "--", "marker": "o"})):
-            steps, ys = _series(records, "loss", split)
+            steps, ys = _series(records_i, "loss", split)
             if steps:
                 lines.append((steps, ys, f"{name} {split}", {"color": color, **kw}))
+    if not lines:
+        return None
     _plot_lines(ax, lines, True)
     save_figure(fig, out_path)
     return out_path
 
 # -----------------------------------------------------------------------------
 
-if __name__ == "__main__":
+def main(argv=None):
     parser = argparse.ArgumentParser(description="Re-plot a run's PNGs, or compare several runs' losses.")
     parser.add_argument("runs", nargs="+", help="log directories holding metrics.jsonl")
     parser.add_argument("--out", default=None, help="comparison figure (default: compare.png in the cwd)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    out = args.out if args.out is not None or len(args.runs) == 1 else "compare.png"
+    if out is not None:  # checked before any plotting: a bad --out is not found after the work is done
+        folder = os.path.dirname(os.path.abspath(out))
+        if os.path.isdir(out) or not os.path.basename(out):
+            parser.error(f"--out {out} is a directory; give a file name such as {os.path.join(out, 'compare.png')}")
+        if not os.path.isdir(folder):
+            parser.error(f"--out {out}: folder {folder} does not exist")
+    records = []
     for d in args.runs:
-        if not os.path.isfile(os.path.join(d, "metrics.jsonl")):
+        path = os.path.join(d, "metrics.jsonl")
+        if not os.path.isdir(d):
+            parser.error(f"{d}: no such run directory (a folder holding metrics.jsonl)")
+        if not os.path.isfile(path):
             parser.error(f"{d}: no metrics.jsonl in this directory")
-    if len(args.runs) == 1 and args.out is None:
-        for p in plot_run(args.runs[0]):
-            print(f"wrote {p}")
-    else:
-        print(f"wrote {plot_runs(args.runs, args.out or 'compare.png')}")
+        records.append(read_metrics(path))
+        if not records[-1]:
+            parser.error(f"{path} has no records (empty, or no line is a {{\"step\", \"split\", ...}} object)")
+    try:
+        if out is None:
+            written = plot_run(args.runs[0], records[0])
+            if not written:
+                parser.error(f"{args.runs[0]}: nothing to plot (no loss, lr, grad_norm, logit_scale or eval metric)")
+        else:
+            written = [plot_runs(args.runs, out, records)]
+            if written[0] is None:
+                parser.error("nothing to compare: no run has a train or val loss")
+    except OSError as e:  # a read-only log folder, a full disk: one line, not a traceback
+        parser.error(f"cannot write {e.filename or out}: {e.strerror or e}")
+    for p in written:
+        print(f"wrote {p}")
+
+
+if __name__ == "__main__":
+    main()

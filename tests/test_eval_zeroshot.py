@@ -3,6 +3,7 @@ tiny checkpoint and synthetic shards made here, ARO / jsonl swap files, class fo
 
 import json
 import os
+import shutil
 import tarfile
 
 import numpy as np
@@ -190,6 +191,23 @@ def test_load_image_crops_resizes_and_centres(tmp_path):
     assert whole[0, :, :8].float().mean() > 240 and whole[2, :, -8:].float().mean() > 240
 
 
+def test_load_image_is_the_shared_decode(tmp_path):
+    """EXIF rotation and alpha on white, as in the shards (eval's old decode did neither)."""
+    a = np.zeros((20, 40, 3), np.uint8)
+    a[:, :20] = (255, 0, 0)  # stored 40 wide x 20 high: left red, right blue
+    a[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation 6: shown rotated 90 degrees clockwise, so red ends up on top
+    Image.fromarray(a).save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    up = EZ.load_image(str(tmp_path / "rot.jpg"), S)
+    assert up[0, :8].float().mean() > 200 and up[2, -8:].float().mean() > 200  # red top rows, blue bottom rows
+    Image.new("RGBA", (32, 32), (0, 0, 0, 0)).save(tmp_path / "clear.png")  # fully transparent black
+    assert EZ.load_image(str(tmp_path / "clear.png"), S).min() == 255  # composited on white, not black
+    with open(tmp_path / "clear.png", "rb") as f:  # a file object works too (demo.py uploads)
+        assert torch.equal(EZ.load_image(f, S), EZ.load_image(str(tmp_path / "clear.png"), S))
+    assert EZ.try_load((str(tmp_path / "rot.jpg"), (0, 0, 0, 5)), S) is None  # an empty crop box is skipped
+
+
 def test_aro_file_end_to_end(tok, tmp_path):
     path, img_dir = aro_files(tmp_path)
     records = EZ.read_aro(path, img_dir)
@@ -205,6 +223,9 @@ def test_aro_file_end_to_end(tok, tmp_path):
     bad.write_text(json.dumps({"not": "a list"}))
     with pytest.raises(ValueError, match="JSON list"):
         EZ.read_aro(str(bad), img_dir)
+    bad.write_bytes(b"\xff\xfe not json")
+    with pytest.raises(ValueError, match="bad.json is not a JSON file"):
+        EZ.read_aro(str(bad), img_dir)
 
 
 def test_swaps_jsonl_both_formats(tok, tmp_path, monkeypatch):
@@ -218,8 +239,8 @@ def test_swaps_jsonl_both_formats(tok, tmp_path, monkeypatch):
                          "type": "colour"}),
              "{broken", json.dumps({"image": "r.png"})]
     path = tmp_path / "swaps.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    with pytest.warns(UserWarning, match="skipped 2 line"):
+    path.write_bytes(("\n".join(lines) + "\n").encode() + b'{"image": "r.png", "caption": "\xff"}\n')  # not UTF-8
+    with pytest.warns(UserWarning, match="skipped 3 line"):
         records = EZ.read_swaps_jsonl(str(path))
     assert len(records) == 4 and records[1]["image"] == str(tmp_path / "r.png")
     with pytest.warns(UserWarning, match="gone.png"):  # a missing image drops its record; the others keep theirs
@@ -259,12 +280,38 @@ def test_shard_swaps_line_up_with_loader_rows(synthetic):
     rows, n = EZ.shard_swaps(loader)
     assert n == 64 and len(text) == 64
     with tarfile.open(os.path.join(synthetic, "val-000000.tar")) as tf:
-        metas = {m.name.split(".")[0]: json.loads(tf.extractfile(m).read()) for m in tf if m.name.endswith(".json")}
-    metas = [metas[k] for k in sorted(metas)]
-    want = [(i, t, s) for i, m in enumerate(metas) for t, s in m.get("swaps", {}).items()]
-    assert rows == want and {t for _, t, _ in rows} == {"attribute", "relation"}
-    for i, _, _ in rows:  # row i of the loader is the caption the swap was made from
+        members = {m.name: tf.extractfile(m).read() for m in tf}
+    keys = sorted(k[:-5] for k in members if k.endswith(".json"))
+    metas = [json.loads(members[k + ".json"]) for k in keys]
+    want = [(i, t, s, members[k + ".txt"].decode()) for i, (k, m) in enumerate(zip(keys, metas))
+            for t, s in m.get("swaps", {}).items()]
+    assert rows == want and {t for _, t, _, _ in rows} == {"attribute", "relation"}
+    for i, _, _, caption in rows:  # row i of the loader is the caption the swap was made from
         assert torch.equal(text[i], tok.tokenize(metas[i]["short"], 24)[0])
+        assert torch.equal(text[i], tok.tokenize(caption, 24)[0])
+
+
+def test_swaps_of_a_replaced_row_are_left_out(synthetic, monkeypatch):
+    """A loader that puts another sample in a row (as one that replaces bad records does) must not have that
+    sample's image scored against the swaps of the sample it replaced: those swaps are left out and counted."""
+    stok = Tokenizer.load(os.path.join(synthetic, "tokenizer.json"))
+    model = tiny_model(stok.vocab_size)
+    base = EZ.evaluate_checkpoint(model, stok, synthetic, batch=16)
+    text = torch.cat([b["text"] for b in ShardLoader(synthetic, "val", 64, stok, 24, shuffle=False)])
+    rows, _ = EZ.shard_swaps(ShardLoader(synthetic, "val", 64, stok, 24, shuffle=False))
+    a = next(i for i, _, _, _ in rows if not torch.equal(text[i], text[5]))  # a sample with swaps, unlike sample 5
+    lost = sum(i == a for i, _, _, _ in rows)
+
+    class Replacing(ShardLoader):
+        def __iter__(self):  # batch=64: one batch; row a gets sample 5's image and caption
+            for batch in super().__iter__():
+                batch["image"][a], batch["text"][a] = batch["image"][5], batch["text"][5]
+                yield batch
+    monkeypatch.setattr(EZ, "ShardLoader", Replacing)
+    with pytest.warns(UserWarning, match=f"left out {lost} swap"):
+        r = EZ.evaluate_checkpoint(model, stok, synthetic, batch=64)
+    assert r["swap_misaligned"] == lost > 0 and "swap_misaligned" not in base
+    assert r["swap_attribute_n"] + r["swap_relation_n"] == base["swap_attribute_n"] + base["swap_relation_n"] - lost
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -312,7 +359,7 @@ def test_cli_class_folders_with_bad_images(tok, tmp_path, monkeypatch):
             save_png(root / cls / f"{i}.png", colour, size=(50 + 10 * i, 40))
     (root / "blue_thing" / "broken.jpg").write_bytes(b"not a jpeg")
     (root / "empty_class").mkdir()
-    (root / "empty_class" / "notes.txt").write_text("no images here")
+    (root / "empty_class" / "notes.md").write_text("no images here")
     model = colour_model(tok, monkeypatch)
     with pytest.warns(UserWarning) as rec:
         r = EZ.evaluate_checkpoint(model, tok, str(root), batch=2, workers=2, details=True)
@@ -325,7 +372,7 @@ def test_cli_class_folders_with_bad_images(tok, tmp_path, monkeypatch):
         EZ.evaluate_checkpoint(model, tok, str(root), classes=["only one"])
     empty = tmp_path / "none"
     (empty / "a").mkdir(parents=True)
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match="no class folders with images"):
+    with pytest.raises(ValueError, match="not class folders with images"):
         EZ.evaluate_checkpoint(model, tok, str(empty))
 
 
@@ -345,13 +392,87 @@ def test_cli_aro_only_and_tokenizer_flag(synthetic, ckpt, tmp_path):
     ([], "--data is required"),
     (["--data", "{syn}", "--aro", "{syn}/index.json"], "--aro FILE needs --aro_images"),
     (["--data", "{syn}", "--templates", "{tmp}/t.txt"], "every line needs a {}"),
+    # --tokenizer: missing, empty, not a tokenizer, a tokenizer of other data (more tokens than the model has)
+    (["--data", "{syn}", "--tokenizer", "{tmp}/none.json"], "--tokenizer {tmp}/none.json: no such file"),
+    (["--data", "{syn}", "--tokenizer", "{tmp}/empty.json"], "--tokenizer {tmp}/empty.json is not a usable tokenizer"),
+    (["--data", "{syn}", "--tokenizer", "{tmp}/list.json"], "--tokenizer {tmp}/list.json is not a usable tokenizer"),
+    (["--data", "{syn}", "--tokenizer", "{tmp}/t.txt"], "--tokenizer {tmp}/t.txt is not a usable tokenizer"),
+    (["--data", "{syn}", "--tokenizer", "{tmp}/big.json"], "tokenizer has 558 tokens but the model was trained"),
+    # text files that are not UTF-8, or empty
+    (["--data", "{syn}", "--classes", "{tmp}/latin1.txt"], "--classes {tmp}/latin1.txt is not UTF-8 text"),
+    (["--data", "{syn}", "--templates", "{tmp}/latin1.txt"], "--templates {tmp}/latin1.txt is not UTF-8 text"),
+    (["--data", "{syn}", "--classes", "{tmp}/blank.txt"], "--classes {tmp}/blank.txt: no class names"),
+    # --out: a directory, or in a folder that cannot be made (its parent is a file)
+    (["--data", "{syn}", "--out", "{tmp}"], "--out {tmp} is a directory"),
+    (["--data", "{syn}", "--out", "{tmp}/sub/"], "--out {tmp}/sub/ is a directory"),
+    (["--data", "{syn}", "--out", "{tmp}/t.txt/res.json"], "--out {tmp}/t.txt/res.json: cannot create the folder"),
+    # --device
+    (["--data", "{syn}", "--device", "gpu0"], "--device gpu0: not a device"),
+    (["--data", "{syn}", "--split", "test"], "split 'test' not in"),
 ])
-def test_cli_bad_input_exits_2(synthetic, ckpt, tmp_path, capsys, args, message):
+def test_cli_bad_input_exits_2(synthetic, ckpt, tmp_path, capsys, monkeypatch, args, message):
     (tmp_path / "t.txt").write_text("a photo of a {}.\na photo without a slot\n")
+    (tmp_path / "empty.json").write_text("")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 {}\n".encode("latin-1"))
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    Tokenizer([(a, b) for a in range(150) for b in (32, 101)]).save(str(tmp_path / "big.json"))  # 300 merges
+    monkeypatch.setattr(EZ, "evaluate_checkpoint", lambda *a, **k: pytest.fail("input checked after evaluating"))
     args = [a.replace("{syn}", synthetic).replace("{tmp}", str(tmp_path)) for a in args]
     with pytest.raises(SystemExit) as e:
-        EZ.main(["--ckpt", ckpt[1] if "tokenizer" in message else ckpt[0], *args])
-    assert e.value.code == 2 and message in capsys.readouterr().err
+        EZ.main(["--ckpt", ckpt[1] if "has no tokenizer" in message else ckpt[0], *args])
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if "error:" in l]
+    assert e.value.code == 2 and len(lines) == 1, err
+    assert message.replace("{tmp}", str(tmp_path)) in lines[0] and "Traceback" not in err
+
+
+def test_cli_out_folder_is_made_before_evaluating(synthetic, ckpt, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "new" / "deeper" / "r.json"
+    seen = []
+    fake = lambda *a, **k: seen.append(out.parent.is_dir()) or {"num_images": 1}  # records the folder was there
+    monkeypatch.setattr(EZ, "evaluate_checkpoint", fake)
+    EZ.main(["--ckpt", ckpt[0], "--data", synthetic, "--out", str(out), "--quiet"])
+    assert seen == [True] and json.loads(out.read_text())["num_images"] == 1
+
+
+def test_cli_device_cuda_without_gpu(synthetic, ckpt, capsys, monkeypatch):
+    """Checked before the checkpoint is loaded (loading it onto a missing GPU used to read as a corrupt file)."""
+    import checkpoint_manager
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(checkpoint_manager, "load_model", lambda *a, **k: pytest.fail("checkpoint loaded first"))
+    for dev in ("cuda", "cuda:1"):
+        with pytest.raises(SystemExit) as e:
+            EZ.main(["--ckpt", ckpt[0], "--data", synthetic, "--device", dev])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"--device {dev}: no CUDA GPU is visible" in err and "corrupt" not in err
+
+
+@pytest.mark.parametrize("case, message", [
+    ("not_json", "is not valid JSON"),
+    ("empty_object", "is empty or not a JSON object"),
+    ("no_img_size", "has no valid img_size"),
+    ("missing_shard", "shard val-000000.tar of split val does not exist"),
+    ("shard_sizes_length", "val.shard_sizes must be 1 non-negative integers"),
+])
+def test_cli_bad_index_json_exits_2(synthetic, ckpt, tmp_path, capsys, case, message):
+    data = tmp_path / "data"
+    shutil.copytree(synthetic, data)
+    index = json.loads((data / "index.json").read_text())
+    if case == "missing_shard":
+        os.remove(data / "val-000000.tar")
+    elif case == "shard_sizes_length":
+        index["val"]["shard_sizes"] *= 2
+    elif case == "no_img_size":
+        del index["img_size"]
+    text = {"not_json": "{broken", "empty_object": "{}"}.get(case, json.dumps(index))
+    (data / "index.json").write_text(text)
+    with pytest.raises(SystemExit) as e:
+        EZ.main(["--ckpt", ckpt[0], "--data", str(data), "--out", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if "error:" in l]
+    assert e.value.code == 2 and len(lines) == 1 and message in lines[0] and "index.json" in lines[0], err
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_cli_missing_ckpt_exits_2(synthetic, capsys):

@@ -4,8 +4,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
+import logger
 from logger import Logger, plot_run, plot_runs, read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,14 +103,78 @@ def test_cli_compare_and_replot(tmp_path):
     assert is_png(tmp_path / "b" / "loss.png") and not os.path.exists(tmp_path / "b" / "eval.png")
 
 
-def test_cli_bad_dir(tmp_path):
-    fake_run(tmp_path / "a")
-    r = subprocess.run([sys.executable, os.path.join(REPO, "logger.py"), str(tmp_path / "a"),
-                        str(tmp_path / "missing")], capture_output=True, text=True)
-    assert r.returncode == 2
-    errors = [l for l in r.stderr.splitlines() if "error:" in l]
-    assert len(errors) == 1 and "missing" in errors[0] and "metrics.jsonl" in errors[0]
-    assert "Traceback" not in r.stderr
+def test_read_metrics_skips_and_counts_what_is_not_a_record(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    good = [{"step": 1, "split": "train", "loss": 2.0}, {"step": 2, "split": "val", "loss": 1.5}]
+    lines = [json.dumps(good[0]), "[1, 2]", '"x"', "3", json.dumps({"split": "train", "loss": 1.0}),
+             json.dumps({"step": "4", "split": "train"}), json.dumps({"step": True, "split": "train"}),
+             json.dumps({"step": 5, "loss": 1.0}), json.dumps(good[1])]
+    path.write_bytes(("\n".join(lines) + "\n").encode() + b'{"step": 6, "split": "tr\xff\xfe"}\n{"step": 7, "sp')
+    assert read_metrics(path) == good
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"warning: {path}: skipped 9 unreadable line(s) (3 not a JSON object, 3 no numeric step, "
+                   f"1 no split, 2 not JSON)"]
+    # a resume over such a file keeps the good records and does not crash on the others
+    lg = Logger(tmp_path, resume_step=1, quiet=True)
+    lg.log(2, loss=0.5)
+    lg.close()
+    assert read_metrics(path) == [good[0], {"step": 2, "split": "train", "loss": 0.5}]
+
+
+def run_cli(argv, capsys):
+    """logger.main in-process -> (exit code, stdout, stderr)."""
+    try:
+        logger.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_dir", "nope: no such run directory (a folder holding metrics.jsonl)"),
+    ("no_metrics", "no metrics.jsonl in this directory"),
+    ("empty", "has no records"),
+    ("not_records", "has no records"),
+    ("no_metric", "nothing to plot"),
+    ("out_missing_folder", "does not exist"),
+    ("out_is_dir", "is a directory"),
+    ("compare_no_loss", "no run has a train or val loss"),
+])
+def test_cli_bad_input_is_one_line(tmp_path, capsys, case, message):
+    fake_run(tmp_path / "a", steps=5)
+    run = tmp_path / "r"
+    run.mkdir()
+    argv = [run]
+    if case == "missing_dir":
+        argv = [tmp_path / "nope"]
+    elif case == "empty":
+        (run / "metrics.jsonl").write_text("")
+    elif case == "not_records":
+        (run / "metrics.jsonl").write_text('[1, 2]\n"x"\n{"split": "train", "loss": 1}\n')
+    elif case in ("no_metric", "compare_no_loss"):
+        (run / "metrics.jsonl").write_text('{"step": 1, "split": "train", "samples_per_s": 10}\n')
+        argv = [run] if case == "no_metric" else [run, run, "--out", tmp_path / "c.png"]
+    elif case == "out_missing_folder":
+        argv = [tmp_path / "a", tmp_path / "a", "--out", tmp_path / "no" / "such" / "c.png"]
+    elif case == "out_is_dir":
+        argv = [tmp_path / "a", "--out", tmp_path]
+    code, out, err = run_cli(argv, capsys)
+    errors = [l for l in err.splitlines() if "error:" in l]
+    assert code == 2 and len(errors) == 1 and message in errors[0], err
+    assert "Traceback" not in err and out == ""
+    assert not (tmp_path / "a" / "loss.png").exists()  # nothing was plotted before the check
+
+
+def test_cli_in_process_replot_and_compare(tmp_path, capsys):
+    fake_run(tmp_path / "a", steps=5)
+    with open(tmp_path / "a" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "split": "tr')  # a run killed mid-line still plots, with one warning
+    code, out, err = run_cli([tmp_path / "a"], capsys)
+    assert code == 0 and out.count("wrote") == 5 and "skipped 1 unreadable line(s) (1 not JSON)" in err
+    code, out, err = run_cli([tmp_path / "a", tmp_path / "a", "--out", tmp_path / "c.png"], capsys)
+    assert code == 0 and out.strip() == f"wrote {tmp_path / 'c.png'}" and is_png(tmp_path / "c.png")
 
 
 def test_disabled_writes_nothing(tmp_path, capsys):
