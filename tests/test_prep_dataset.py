@@ -228,7 +228,8 @@ def test_tar_source_with_bad_members(tmp_path):
                                 "missing_caption": 1}
     assert not (tmp_path / "evil.txt").exists() and not os.path.exists("/abs.jpg")
     assert sorted(os.listdir(out)) == sorted(index["train"]["shards"] + index["val"]["shards"] +
-                                             [".prep_state.json", "index.json", "tokenizer.json"])
+                                             [".prep_source.json", ".prep_state.json", "index.json",
+                                              "tokenizer.json"])
 
 
 def open_webp():
@@ -318,6 +319,10 @@ def t2i_tars(tmp_path, n=30, per_tar=10):
     return paths
 
 
+def t2i_tars_names(tmp_path):
+    return [str(tmp_path / f"data_{t:06d}.tar") for t in range(3)]
+
+
 def t2i(tmp_path, out, limit, workers=1):
     P.main(["text-to-image-2m", "--out", str(out), "--img_size", "16", "--shard_size", "4", "--val_frac", "0.2",
             "--vocab_size", "300", "--workers", str(workers), "--quiet", "--data_files",
@@ -331,7 +336,9 @@ def test_t2i_local_and_restart(tmp_path):
     _, val = load_split(tmp_path / "full", "val")
     assert (len(train), len(val), index["skipped"]) == (23, 6, {"decode_error": 1})
     assert sorted(int(t.split()[1]) for _, _, t, _ in train + val) == [i for i in range(30) if i != 7]
-    assert {t for _, _, t, _ in val} == {f"prompt {i}" for i in (4, 9, 14, 19, 24, 29)}  # every 5th position
+    # val: every 5th position p, and position p is record p // 3 of tar p % 3 (round-robin over the 3 tars)
+    assert {t for _, _, t, _ in val} == {f"prompt {p % 3 * 10 + p // 3}" for p in (4, 9, 14, 19, 24, 29)}
+    assert (index["data_files"], index["data_files_taken"]) == (t2i_tars_names(tmp_path), [10, 10, 10])
 
     out = tmp_path / "restart"
     t2i(tmp_path, out, 13)  # positions 0..12: train 0..10 (shards 0, 1 full, 2 partial), val 0..1
