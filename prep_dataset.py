@@ -70,7 +70,7 @@ from dataloader import (articles, class_folders, decode_image, image_array, imag
 from tokenizer import Tokenizer
 
 # Not used here: kept importable only until eval_zeroshot.py and demo.py take them from dataloader (issue 13).
-from dataloader import FOLDER_EXTS  # noqa: F401,E402
+from dataloader import FOLDER_EXTS  # noqa: F401
 
 # jackyhate/text-to-image-2M, the 512 px part (webdataset tars of jpg + json {"prompt": ...}).
 T2I_URLS = [f"https://huggingface.co/datasets/jackyhate/text-to-image-2M/resolve/main/data_512_2M/data_{i:06d}.tar"
@@ -643,19 +643,24 @@ def overwrite(out):
             os.remove(os.path.join(out, f))
 
 
+SHARD_STATE = {"num_samples", "skipped", "end", "full"}  # what .prep_state.json keeps per shard
+
+
 def read_state(parser, out, settings, files):
     """The state of an earlier run into `out`, or a fresh one. Stops with one line (exit 2) when that run had
     other settings or another source, or when the state file is empty or malformed: never mix two listings."""
     path, again = os.path.join(out, ".prep_state.json"), "use --overwrite to delete its shards and start over"
     fresh = {"settings": settings, "source": fingerprint(files), "shards": {}}
     if not os.path.exists(path):
-        save_json(os.path.join(out, ".prep_source.json"), files)  # only to say what changed, on a later run
         return fresh
     try:
         with open(path, encoding="utf-8") as f:
             state = json.load(f)
-        assert all(isinstance(state[k], dict) for k in fresh)
-    except Exception:  # empty, not JSON, or not our layout: all the same to the user
+        ok = isinstance(state, dict) and all(isinstance(state.get(k), dict) for k in fresh) and \
+            all(isinstance(v, dict) and SHARD_STATE <= v.keys() for v in state["shards"].values())
+    except (OSError, ValueError):  # ValueError: empty or not JSON (UnicodeDecodeError included)
+        ok = False
+    if not ok:
         parser.error(f"{path} is empty or malformed; {again}")
     if state["settings"] != settings:
         diff = ", ".join(f"{k} {state['settings'].get(k)} -> {v}" for k, v in settings.items()
@@ -691,9 +696,10 @@ def prep_records(parser, args, source, records, skipped, files, classes=None, ex
     position of the first shard not done and leaves done shards untouched. `skipped` collects what the reader
     skips (it reads from position 0 on every run); `extra` goes into index.json once the stream is read."""
     ss, limit = args.shard_size, args.limit
-    settings = {"source": source, "src": getattr(args, "src", None), "img_size": args.img_size, "shard_size": ss,
-                "val_frac": args.val_frac, "seed": args.seed}
+    settings = {"source": source, "img_size": args.img_size, "shard_size": ss, "val_frac": args.val_frac,
+                "seed": args.seed}  # where the source lives is not one: its listing says what it is
     state = read_state(parser, args.out, settings, files)
+    save_json(os.path.join(args.out, ".prep_source.json"), files)  # the listing, to say what changed next time
     state_path = os.path.join(args.out, ".prep_state.json")
     done = {n for n, s in state["shards"].items()
             if s["full"] and (limit is None or s["end"] < limit) and os.path.exists(os.path.join(args.out, n))}
@@ -753,7 +759,7 @@ def prep_records(parser, args, source, records, skipped, files, classes=None, ex
                 if m in done:  # written by an earlier run: read its captions back for the tokenizer
                     captions += shard_captions(os.path.join(args.out, m))
     if not splits["train"]["num_samples"] + splits["val"]["num_samples"]:
-        parser.error(f"no samples written: all {end} records of the source were skipped ({skip_summary(skipped)})")
+        parser.error(f"no samples written: {end} records read, every one skipped ({skip_summary(skipped)})")
     if splits["val"]["num_samples"] == 0:
         warnings.warn(f"the val split is empty ({end} samples x val_frac {args.val_frac})")
     extra = {"img_size": args.img_size, "source": source, **({"classes": classes} if classes else {}), **(extra or {})}
@@ -940,7 +946,8 @@ def main(argv=None):
     real.add_argument("--img_size", type=int, default=224)
     real.add_argument("--vocab_size", type=int, default=8192)
     real.add_argument("--val_frac", type=float, default=0.05, help="fraction of samples for val")
-    real.add_argument("--limit", type=int, default=None, help="use only the first N samples of the source")
+    real.add_argument("--limit", type=int, default=None,
+                      help="use only the first N samples of the source (text-to-image-2m: round-robin over its files)")
     real.add_argument("--overwrite", action="store_true",
                       help="delete the shards and state of an earlier run into --out and start over")
 
@@ -993,7 +1000,7 @@ def main(argv=None):
         files = [m for f in args.data_files or T2I_URLS for m in ([f] if is_url(f) else sorted(glob.glob(f)) or [f])]
         missing = [f for f in files if not is_url(f) and not os.path.isfile(f)]
         if missing:
-            parser.error(f"--data_files: {missing[0]} does not exist")
+            parser.error(f"--data_files: {missing[0]} is not a file")
         taken = [0] * len(files)
         extra = {"data_files": files, "data_files_taken": taken}  # filled in as the stream is read
         make_out(parser, args.out, args.overwrite)
@@ -1018,7 +1025,7 @@ def main(argv=None):
         files = folder_listing(args.src)
     else:
         records, classes = jsonl_records(args.src, skipped, args.seed)
-        files = listing([args.src] + sorted({r["image"] for r in records}), os.path.dirname(args.src))
+        files = listing([args.src] + sorted({r["image"] for r in records}), os.path.dirname(os.path.abspath(args.src)))
     if not records:
         parser.error(f"--src {args.src}: no usable images found")
     make_out(parser, args.out, args.overwrite)

@@ -166,7 +166,7 @@ def test_folder_captions_and_classes(tmp_path):
     assert len({txt.replace(index["classes"][m["label"]], "X") for *_, txt, m in train + val}) > 1  # templates
 
 
-def test_jsonl(tmp_path):
+def test_jsonl(tmp_path, capsys):
     (tmp_path / "img").mkdir()
     lines = []
     for i in range(6):
@@ -184,6 +184,12 @@ def test_jsonl(tmp_path):
     assert sorted(t for _, _, t, _ in train + val) == ["a photo 0", "a photo 1", "a photo 2", "a photo 3",
                                                        "a photo 4", "a photo 5", "absolute path"]
     assert index["skipped"] == {"bad_json": 1, "missing_file": 1}
+    with open(tmp_path / "pairs.jsonl", "a") as f:  # the .jsonl itself is part of the source's fingerprint
+        f.write(json.dumps({"image": "img/0.jpg", "caption": "one more line"}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        P.main(["jsonl", "--src", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "o"), "--img_size", "16",
+                "--val_frac", "0.25", "--vocab_size", "300", "--workers", "1", "--quiet"])
+    assert e.value.code == 2 and "1 modified (e.g. pairs.jsonl)" in capsys.readouterr().err
 
 
 def make_tar(path, members):
@@ -381,7 +387,8 @@ def test_t2i_bad_records_caption_field_and_round_robin(tmp_path):
     assert (index["data_files"], index["data_files_taken"]) == (files, [6, 6, 3])
     caps = {m["id"]: t for _, _, t, m in train + val}
     assert len(caps) == len(train + val) == 14  # 15 records, one bad json
-    assert caps["data_000001.tar/0002"] == "caption field 1.2" and caps["data_000000.tar/0005"] == "both fields: caption"
+    assert caps["data_000001.tar/0002"] == "caption field 1.2"  # "caption" where the others have "prompt"
+    assert caps["data_000000.tar/0005"] == "both fields: caption"
     assert caps["data_000000.tar/0004"] == "prompt 0.4" and "data_000001.tar/0001" not in caps
 
     # --limit 13: A0 B0 C0 A1 B1 C1 A2 B2 C2 A3 B3, then C has run out: A4 B4
@@ -421,7 +428,8 @@ def test_t2i_url_retry_and_give_up(tmp_path):
     for name in ("a", "b"):
         members = []
         for i in range(8):
-            members += [(f"{i:04d}.jpg", noisy_jpeg()), (f"{i:04d}.json", json.dumps({"prompt": f"{name}{i}"}).encode())]
+            meta = json.dumps({"prompt": f"{name}{i}"}).encode()
+            members += [(f"{i:04d}.jpg", noisy_jpeg()), (f"{i:04d}.json", meta)]
         make_tar(tmp_path / f"{name}.tar", members)
         data[f"http://x/{name}.tar"] = (tmp_path / f"{name}.tar").read_bytes()
     assert len(data["http://x/b.tar"]) > 40000
