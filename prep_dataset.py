@@ -471,7 +471,8 @@ def url_samples(url, skipped, opener=None, tries=3, wait=1.0):
                     new, i = i >= seen, i + 1  # a retry passes over members it has counted before
                     seen = max(seen, i)
                     if not m.isfile() or not safe_name(m.name):
-                        skipped["unsafe_member"] += new and not m.isdir()
+                        if new and not m.isdir():
+                            skipped["unsafe_member"] += 1
                         continue
                     k, ext = split_key(m.name)
                     if k != key and group:
@@ -670,7 +671,7 @@ def read_state(parser, out, settings, files):
         try:
             with open(os.path.join(out, ".prep_source.json"), encoding="utf-8") as f:
                 what = listing_change(json.load(f), files)
-        except Exception:  # the old listing is gone: the digests still say it changed
+        except (OSError, ValueError, TypeError):  # the old listing is gone: the digests still say it changed
             what = f"{state['source'].get('files')} files then, {len(files)} now"
         parser.error(f"the source changed since the shards in {out} were made ({what}); {again}")
     return state
@@ -692,9 +693,9 @@ def prep_records(parser, args, source, records, skipped, files, classes=None, ex
 
     Stream position i goes to (split, j) = split_of(i) and shard j // shard_size of that split, so shard
     contents are a pure function of the stream. A shard counts as done when .prep_state.json says it was full
-    and its file exists; a re-run with the same settings and source passes over the stream up to the first
-    position of the first shard not done and leaves done shards untouched. `skipped` collects what the reader
-    skips (it reads from position 0 on every run); `extra` goes into index.json once the stream is read."""
+    and its file exists; a re-run with the same settings and source reads the stream again from position 0 (so
+    `skipped`, what the reader skips, and the reader's counts in `extra` cover it all) but leaves done shards
+    untouched. `extra` goes into index.json once the stream is read."""
     ss, limit = args.shard_size, args.limit
     settings = {"source": source, "img_size": args.img_size, "shard_size": ss, "val_frac": args.val_frac,
                 "seed": args.seed}  # where the source lives is not one: its listing says what it is
