@@ -9,18 +9,30 @@ Image-caption sources -> webdataset shards + index.json + tokenizer.json (the la
     python prep_dataset.py add-teacher --data data/synthetic --teacher out/big/ckpt/best.pt  # distillation
 
 Every sample is stored as <key>.jpg (RGB, shorter side resized + centre-cropped to S x S, JPEG q95), <key>.txt
-(the caption, UTF-8) and <key>.json (metadata), keys being 9-digit indices within a split. Shards are written to a
-temp name then os.replace'd, so a shard on disk is always whole; the streamed sources keep a small
-.prep_state.json so a re-run skips complete shards and continues where an interrupted one stopped.
+(the caption, UTF-8) and <key>.json (metadata), keys being 9-digit indices within a split. The shard format
+(writing tars, reading members, the one image decode, class folders) is dataloader.py's; this file only turns
+sources into samples.
+
+Re-runs are safe. Shards are written to a temp name then os.replace'd, so a shard on disk is always whole, and
+the real sources keep a .prep_state.json (settings, a fingerprint of the source, and what each shard holds) so a
+re-run into the same --out skips complete shards and continues where an interrupted one stopped. The fingerprint
+is the source's listing (relative paths, sizes, mtimes; for jsonl also the .jsonl itself) or its data files
+(local tars: names, sizes, mtimes; URLs: the list); the listing itself is kept in .prep_source.json. When the
+source or the settings changed, the re-run stops and says so: shards of two listings are never mixed. --overwrite
+deletes the old shards and state and starts over.
 
 The synthetic set is the one to debug a CLIP on: 8 colours x 8 shapes, 1-2 objects with sizes, positions and a
 relation, captions from templates, a long caption per image plus "swapped" negatives (colours swapped, relation
 reversed) for compositional evaluation, and 8 colour-shape combinations held out of the training split so zero-shot
 generalisation to unseen combinations can be measured on val.
 
-Bad data (undecodable or empty images, empty or non-UTF-8 captions, truncated tars, unsafe member names) is skipped,
-counted per reason in index.json["skipped"] and warned about, never silent. Tar members are only read into memory,
-never extracted to disk.
+Bad data (undecodable or empty images, empty or non-UTF-8 captions, bad json, truncated tars, unsafe member names,
+a dropped connection after 3 tries) is skipped, counted per reason in index.json["skipped"] and warned about, never
+silent; a run that ends with no sample at all is an error. Tar members are only read into memory, never extracted.
+
+text-to-image-2m reads the tars itself (local files memory-mapped, URLs streamed through tarfile's "r|" mode) and
+takes records round-robin over the data files (position p from file p % S, files that run out drop out), so a
+--limit draws from every file; the caption is json["caption"], else json["prompt"], decided per sample.
 
 add-teacher runs a trained checkpoint over every sample (its own tokenizer on the raw caption, images resized to
 its resolution) and writes <shard>.teacher.tar beside each shard: the same members plus <key>.teacher_image.npy
@@ -28,12 +40,14 @@ and <key>.teacher_text.npy (float16, L2-normalised). index.json then lists the n
 old list), and train.py --distill reads the stored embeddings instead of running the teacher.
 
 Left out on purpose: image deduplication, caption filtering by language or CLIP score, aspect-ratio bucketing
-(CLIP trains on square crops), and reading remote sources other than the one hub dataset.
+(CLIP trains on square crops), resuming a dropped download mid-file (a retry re-reads the file from its start),
+and reading remote sources other than tar URLs.
 """
 
 import argparse
 import glob
 import hashlib
+import http.client
 import io
 import itertools
 import json
@@ -42,36 +56,28 @@ import multiprocessing
 import os
 import re
 import tarfile
+import time
+import urllib.request
 import warnings
 from collections import Counter
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from dataloader import (articles, class_folders, decode_image, image_array, image_ext, is_image_file, map_file,
+                        read_tar, safe_name, save_json, scan_tar, split_key, tar_members, write_tar)
 from tokenizer import Tokenizer
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # what the tar source reads (the loader's set)
-FOLDER_EXTS = IMAGE_EXTS + ("bmp", "gif", "tif", "tiff")  # local files may be anything PIL opens
+# Not used here: kept importable only until eval_zeroshot.py and demo.py take them from dataloader (issue 13).
+from dataloader import FOLDER_EXTS  # noqa: F401
+
 # jackyhate/text-to-image-2M, the 512 px part (webdataset tars of jpg + json {"prompt": ...}).
 T2I_URLS = [f"https://huggingface.co/datasets/jackyhate/text-to-image-2M/resolve/main/data_512_2M/data_{i:06d}.tar"
             for i in range(47)]
 
 
 # ----------------------------------------------------------------------------- writing shards
-
-def write_tar(path, samples):
-    """samples: [(key, {ext: bytes})] -> a tar at `path`, atomically. Members have mtime 0, uid 0 and no user
-    names, so the bytes of a shard depend only on its samples (same args -> same bytes)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, files in samples:
-            for ext, data in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mode = len(data), 0o644
-                tar.addfile(info, io.BytesIO(data))
-    os.replace(tmp, path)
-
 
 def sample_files(img, caption, meta):
     """One sample's members: a q95 JPEG, the caption and the metadata JSON."""
@@ -81,24 +87,18 @@ def sample_files(img, caption, meta):
             "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
 
 
-def save_json(path, obj):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-    os.replace(tmp, path)
-
-
 def shard_captions(path):
     """The captions (.txt, plus json long/short when present) of a shard already on disk, for the tokenizer."""
     out = []
-    with tarfile.open(path, "r:") as tar:
-        for m in tar:
-            if m.name.endswith(".txt"):
-                out.append(tar.extractfile(m).read().decode("utf-8"))
-            elif m.name.endswith(".json"):
-                meta = json.loads(tar.extractfile(m).read())
-                out += [meta[k] for k in ("long", "short") if k in meta]
+    for files in read_tar(path)[0].values():
+        out += [files["txt"].decode("utf-8")] if "txt" in files else []
+        meta = json.loads(files["json"]) if "json" in files else {}
+        out += [meta[k] for k in ("long", "short") if k in meta]
     return out
+
+
+def skip_summary(skipped):
+    return ", ".join(f"{n} {r}" for r, n in sorted(skipped.items())) or "none"
 
 
 def finish(out, splits, extra, captions, vocab_size, skipped, quiet):
@@ -110,11 +110,8 @@ def finish(out, splits, extra, captions, vocab_size, skipped, quiet):
     counts = ", ".join(f"{s} {splits[s]['num_samples']} in {len(splits[s]['shards'])} shards" for s in splits)
     print(f"wrote {out}: {counts}, vocab {tok.vocab_size}")
     if skipped:
-        msg = ", ".join(f"{n} {r}" for r, n in sorted(skipped.items()))
-        warnings.warn(f"skipped {sum(skipped.values())} samples/members: {msg}")
-        print(f"skipped {sum(skipped.values())}: {msg}")
-    else:
-        print("skipped: none")
+        warnings.warn(f"skipped {sum(skipped.values())} samples/members: {skip_summary(skipped)}")
+    print(f"skipped {sum(skipped.values())}: {skip_summary(skipped)}" if skipped else "skipped: none")
     return index
 
 
@@ -142,11 +139,6 @@ SINGLE_TEMPLATES = ["a {z} {c} {s} {p}", "a {c} {s} {p}", "a picture of a {z} {c
 PAIR_TEMPLATES = ["a {c1} {s1} {rel} a {c2} {s2}", "there is a {c1} {s1} {rel} a {c2} {s2}",
                   "a picture of a {c1} {s1} {rel} a {c2} {s2}", "a {z1} {c1} {s1} {rel} a {z2} {c2} {s2}",
                   "a photo of a {c1} {s1} {rel} a {c2} {s2}"]
-
-
-def articles(text):
-    """'a orange' -> 'an orange' (templates always write 'a')."""
-    return re.sub(r"\ba(?= [aeiou])", "an", text)
 
 
 def shape_polygon(shape):
@@ -295,7 +287,6 @@ def synthetic_shard(job):
 
 
 def prep_synthetic(args):
-    os.makedirs(args.out, exist_ok=True)
     heldout = heldout_combos(args.seed)
     jobs, splits = [], {}
     for split, n in [("train", args.num_train), ("val", args.num_val)]:
@@ -341,27 +332,6 @@ class Ready:
 
 # ----------------------------------------------------------------------------- decoding real images
 
-def to_rgb(img):
-    """Any PIL mode -> RGB: transparency composited on white, 16-bit greys scaled (not clipped) to 8 bits."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        a = np.asarray(img, dtype=np.float64)  # 16-bit values 0..65535
-        img = Image.fromarray(np.clip(a / 257.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, img)
-    return img.convert("RGB")  # L, CMYK, P, 1, YCbCr, RGBA-on-white ... -> RGB
-
-
-def load_image(data, img_size):
-    """Encoded bytes -> RGB img_size x img_size: EXIF rotation applied, shorter side resized, centre-cropped."""
-    img = Image.open(io.BytesIO(data))
-    img.draft("RGB", (img_size, img_size))  # JPEG only: decode at a reduced DCT scale >= the target (much faster)
-    img.load()  # decodes now, so a truncated or corrupt file fails here
-    img = to_rgb(ImageOps.exif_transpose(img))
-    return ImageOps.fit(img, (img_size, img_size), method=Image.BICUBIC)  # resize shorter side + centre crop
-
-
 def read_caption(value):
     """bytes/str/None -> (caption, None) or (None, skip reason). Long captions are kept whole; only the
     tokenizer truncates, at training time."""
@@ -375,22 +345,28 @@ def read_caption(value):
     return value.strip(), None
 
 
+def json_caption(data):
+    """A sample's json member -> (caption, None) or (None, skip reason): json["caption"], else json["prompt"],
+    decided for this sample alone (hub tars mix the two)."""
+    try:
+        meta = json.loads(data.decode("utf-8")) if isinstance(data, bytes) else data
+    except UnicodeDecodeError:
+        return None, "bad_utf8"
+    except ValueError:
+        return None, "bad_json"
+    if not isinstance(meta, dict):
+        return None, "bad_json"
+    caption = meta.get("caption") or meta.get("prompt")
+    return (None, "missing_caption") if caption is None else read_caption(caption)
+
+
 def make_sample(rec, img_size):
     """A raw record -> (img, caption, None) or (None, None, skip reason). Records carry the image as bytes or a
     path, and the caption as bytes/str, or inside json bytes/dict under "caption" or "prompt"."""
-    caption = rec.get("caption")
-    if caption is None and rec.get("json") is not None:
-        meta = rec["json"]
-        if isinstance(meta, bytes):
-            try:
-                meta = json.loads(meta.decode("utf-8"))
-            except UnicodeDecodeError:
-                return None, None, "bad_utf8"
-            except ValueError:
-                return None, None, "bad_json"
-        meta = meta if isinstance(meta, dict) else {}
-        caption = meta.get("caption", meta.get("prompt"))
-    caption, reason = read_caption(caption)
+    if rec.get("caption") is None and rec.get("json") is not None:
+        caption, reason = json_caption(rec["json"])
+    else:
+        caption, reason = read_caption(rec.get("caption"))
     if reason:
         return None, None, reason
     data = rec.get("image")
@@ -403,7 +379,7 @@ def make_sample(rec, img_size):
     if not data:
         return None, None, "empty_file" if data is not None else "missing_image"
     try:
-        img = load_image(data, img_size)
+        img = decode_image(data, img_size)
     except Exception:  # PIL raises many types for bad data (OSError, SyntaxError, DecompressionBombError, ...)
         return None, None, "decode_error"
     return img, caption, None
@@ -428,111 +404,164 @@ def record_shard(path, split, items, img_size, source, full):
             "captions": captions if split == "train" else [], "end": max(i for _, i, _ in items), "full": full}
 
 
-# ----------------------------------------------------------------------------- sources of raw records
+# ----------------------------------------------------------------------------- tars: local files and URLs
 
-def split_of(i, val_frac):
-    """Stream position -> (split, index within the split). Val takes positions where floor(i * val_frac) steps,
-    so exactly floor(n * val_frac) of the first n are val, evenly spread, and the answer never depends on how
-    long the stream is (a larger --limit later extends the same splits)."""
-    if math.floor((i + 1) * val_frac) > math.floor(i * val_frac):
-        return "val", math.floor(i * val_frac)
-    return "train", i - math.floor(i * val_frac)
-
-
-def safe_name(name):
-    """Tar member names we accept: relative, without '..' parts (we never extract, but never trust them either)."""
-    return not (name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name)
-                or ".." in re.split(r"[/\\]", name))
-
-
-def tar_members(path, skipped):
-    """(name, bytes) of the regular, safely named members of one tar, read into memory. A truncated tar yields
-    its whole members, then counts one "truncated_tar" and warns."""
-    try:
-        tar = tarfile.open(path, "r:")
-    except (tarfile.ReadError, OSError) as e:
-        warnings.warn(f"{path}: not a readable tar ({e}); skipped")
-        skipped["bad_tar"] += 1
-        return
-    truncated = False
-    with tar:
-        while True:
-            try:
-                m = tar.next()
-            except (tarfile.ReadError, EOFError, OSError):
-                truncated = True
-                break
-            if m is None:
-                break
-            if not safe_name(m.name) or m.issym() or m.islnk():
-                skipped["unsafe_member"] += 1
-                continue
-            if not m.isfile():
-                continue  # directories and the like carry no data
-            try:
-                data = tar.extractfile(m).read()
-            except (tarfile.ReadError, EOFError, OSError):
-                data = b""
-            if len(data) != m.size:  # the file ends inside this member
-                truncated = True
-                break
-            yield m.name, data
-        # A whole tar ends with two zero blocks after the last member; missing ones mean the file was cut short
-        # at a member boundary, which tarfile itself reports as a normal end.
-        truncated = truncated or os.path.getsize(path) < tar.offset + 1024
-    if truncated:
-        warnings.warn(f"{path}: truncated tar; its complete members were read, the rest skipped")
+def file_samples(path, skipped):
+    """(key, {ext: bytes}) of one local tar, in member order, from a memory map (dataloader.tar_members). Unsafe
+    names, links and devices count as "unsafe_member"; a tar whose last member is not followed by the zero
+    end-of-archive block (cut short, or garbage inside) counts one "truncated_tar" after its whole samples."""
+    buf = map_file(path)
+    key, group, end = None, {}, 0
+    for name, offset, size, kind in tar_members(buf):
+        end = offset + (size + 511) // 512 * 512
+        if kind == b"5":  # a directory
+            continue
+        if offset + size > len(buf):  # the file ends inside this member's data
+            break
+        if kind not in (b"0", b"\0", b"7") or not safe_name(name):
+            skipped["unsafe_member"] += 1
+            continue
+        k, ext = split_key(name)
+        if k != key and group:
+            yield key, group
+            group = {}
+        key, group[ext] = k, bytes(buf[offset:offset + size])
+    if group:
+        yield key, group
+    if bytes(buf[end:end + 512]) != bytes(512):
+        warnings.warn(f"{path}: truncated or corrupt tar; its whole samples were read, the rest skipped")
         skipped["truncated_tar"] += 1
 
 
-def tar_records(paths, skipped):
-    """Webdataset grouping: consecutive members sharing a key (the name up to the basename's first dot) are one
-    sample; image from jpg/jpeg/png/webp, caption from .txt or .json["caption"/"prompt"]."""
-    def groups():
-        for path in paths:
-            key, group = None, {}
-            for name, data in tar_members(path, skipped):
-                head, base = os.path.split(name)
-                k, _, ext = base.partition(".")
-                k = os.path.join(head, k)
-                if k != key and group:
+class Whole:
+    """A response that raises ConnectionError when it ends before its Content-Length: urllib returns a short
+    read there, which tarfile would take for a truncated tar instead of a dropped connection."""
+
+    def __init__(self, f):
+        self.f, self.n = f, 0
+        self.want = int((getattr(f, "headers", None) or {}).get("Content-Length") or -1)
+
+    def read(self, size=-1):
+        data = self.f.read(size)
+        self.n += len(data)
+        if not data and size != 0 and self.n < self.want:
+            raise ConnectionError(f"connection closed after {self.n} of {self.want} bytes")
+        return data
+
+
+NETWORK_ERRORS = (OSError, http.client.HTTPException)  # URLError, timeouts, resets, ConnectionError, IncompleteRead
+
+
+def url_samples(url, skipped, opener=None, tries=3, wait=1.0):
+    """(key, {ext: bytes}) of a tar streamed from a URL (tarfile "r|": members read into memory in order, never
+    extracted). A network error re-opens the URL, up to `tries` times in a row without progress, waiting wait,
+    2 wait, 4 wait, ... seconds, and passes over what was already handed out; then the rest of the file is
+    skipped and counted once as "network_error". A cut or corrupt tar on a whole connection is "truncated_tar"."""
+    opener = opener or (lambda u: urllib.request.urlopen(u, timeout=60))
+    yielded = seen = failures = 0  # samples handed out and members looked at, over all tries
+    while True:
+        before = yielded
+        try:
+            with opener(url) as f:
+                tar = tarfile.open(fileobj=Whole(f), mode="r|")
+                n = i = 0
+                key, group = None, {}
+                while (m := tar.next()) is not None:
+                    tar.members = []  # tarfile keeps every header it read; a hub tar has ~80k members
+                    new, i = i >= seen, i + 1  # a retry passes over members it has counted before
+                    seen = max(seen, i)
+                    if not m.isfile() or not safe_name(m.name):
+                        if new and not m.isdir():
+                            skipped["unsafe_member"] += 1
+                        continue
+                    k, ext = split_key(m.name)
+                    if k != key and group:
+                        n += 1
+                        if n > yielded:
+                            yielded = n
+                            yield key, group
+                        group = {}
+                    key, group[ext] = k, tar.extractfile(m).read()
+                if group and n + 1 > yielded:
+                    yielded = n + 1
                     yield key, group
-                    group = {}
-                key = k
-                group[ext.lower()] = data
-            if group:
-                yield key, group
-    for key, g in groups():
-        image = next((g[e] for e in IMAGE_EXTS if e in g), None)
+            return
+        except NETWORK_ERRORS as e:
+            failures = 1 if yielded > before else failures + 1
+            if failures >= tries:
+                warnings.warn(f"{url}: {e}; gave up after {tries} tries, the rest of this file is skipped")
+                skipped["network_error"] += 1
+                return
+            time.sleep(wait * 2 ** (failures - 1))
+        except (tarfile.TarError, EOFError) as e:
+            warnings.warn(f"{url}: truncated or corrupt tar ({e}); its whole samples were read, the rest skipped")
+            skipped["truncated_tar"] += 1
+            return
+
+
+def is_url(f):
+    return re.match(r"^\w+://", f) is not None
+
+
+def tar_records(groups, name, skipped):
+    """Webdataset samples -> records: image from jpg/jpeg/png/webp, caption from .txt or .json."""
+    for key, g in groups:
+        image = image_ext(g)
         if image is None:
             skipped["missing_image"] += 1
         elif "txt" not in g and "json" not in g:
             skipped["missing_caption"] += 1
         else:
-            yield {"id": key, "image": image, "caption": g.get("txt"), "json": g.get("json")}
+            yield {"id": f"{name}/{key}", "image": g[image], "caption": g.get("txt"), "json": g.get("json")}
+
+
+def file_records(f, skipped, opener=None, wait=1.0):
+    """The records of one data file, a local tar or a URL; nothing is opened until the first record is asked for."""
+    groups = url_samples(f, skipped, opener, wait=wait) if is_url(f) else file_samples(f, skipped)
+    yield from tar_records(groups, os.path.basename(f.rstrip("/")), skipped)
+
+
+def round_robin(streams, taken):
+    """Position p takes the next record of stream p % S, over the streams not yet run out (one that runs out drops
+    out of the rotation); taken[k] counts the records drawn from stream k."""
+    active = list(enumerate(streams))
+    while active:
+        for k, s in list(active):
+            rec = next(s, None)
+            if rec is None:
+                active.remove((k, s))
+                continue
+            taken[k] += 1
+            yield rec
+
+
+def t2i_records(files, skipped, taken, opener=None, wait=1.0):
+    """jackyhate/text-to-image-2M (or any webdataset tars of jpg + json), round-robin over the data files so a
+    --limit samples all of them; images stay encoded bytes here (decoded in the workers)."""
+    return round_robin([file_records(f, skipped, opener, wait) for f in files], taken)
+
+
+# ----------------------------------------------------------------------------- local folders and jsonl
+
+CLASS_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a close-up photo of a {}.",
+                   "a photo of the {}.", "a {} in a photo."]
 
 
 def folder_records(src, skipped, seed):
-    """Captioned (a.jpg + a.txt anywhere below src) or class folders (src/<class>/**/*.jpg); returns
-    (records in a seeded order, class names or None)."""
-    is_image = lambda p: p.rsplit(".", 1)[-1].lower() in FOLDER_EXTS and os.path.isfile(p)
-    subdirs = sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d)))
-    top_images = [p for p in glob.glob(os.path.join(glob.escape(src), "*")) if is_image(p)]
-    records, classes = [], None
-    if subdirs and not top_images and not glob.glob(os.path.join(glob.escape(src), "**", "*.txt"), recursive=True):
-        classes = [d.replace("_", " ") for d in subdirs]
-        templates = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a close-up photo of a {}.",
-                     "a photo of the {}.", "a {} in a photo."]
-        for label, d in enumerate(subdirs):
-            for p in sorted(glob.glob(os.path.join(glob.escape(src), d, "**", "*"), recursive=True)):
-                if is_image(p):
-                    rel = os.path.relpath(p, src)
-                    t = templates[int(hashlib.md5(f"{seed}:{rel}".encode()).hexdigest(), 16) % len(templates)]
-                    records.append({"id": rel, "image": p, "caption": articles(t.format(classes[label])),
-                                    "label": label})
+    """Class folders (dataloader.class_folders: src/<class>/**/<image>) or captioned images (a.jpg + a.txt anywhere
+    below src); returns (records in a seeded order, class names or None)."""
+    found, records, classes = class_folders(src), [], None
+    if found:
+        classes, items, empty = found
+        for d in empty:
+            warnings.warn(f"{os.path.join(src, d)}: no images, so not a class")
+        for path, label in items:
+            rel = os.path.relpath(path, src)
+            t = CLASS_TEMPLATES[int(hashlib.md5(f"{seed}:{rel}".encode()).hexdigest(), 16) % len(CLASS_TEMPLATES)]
+            records.append({"id": rel, "image": path, "caption": articles(t.format(classes[label])), "label": label})
     else:
         for p in sorted(glob.glob(os.path.join(glob.escape(src), "**", "*"), recursive=True)):
-            if is_image(p):
+            if is_image_file(p):
                 txt = os.path.splitext(p)[0] + ".txt"
                 if not os.path.isfile(txt):
                     skipped["missing_caption"] += 1
@@ -566,37 +595,113 @@ def jsonl_records(src, skipped, seed):
     return [records[k] for k in order], None
 
 
-def t2i_records(data_files, start, stop):
-    """jackyhate/text-to-image-2M (or any webdataset tars with jpg + json["prompt"]), streamed with the datasets
-    library from position `start`; images stay encoded bytes here (decoded in the workers)."""
-    from datasets import Image as HFImage, load_dataset
-    ds = load_dataset("webdataset", data_files=data_files, split="train", streaming=True)
-    ds = ds.cast_column("jpg", HFImage(decode=False)).skip(start)  # skip() passes over raw examples, no decoding
-    for ex in ds if stop is None else ds.take(stop - start):
-        jpg = ex.get("jpg")
-        yield {"id": ex.get("__key__"), "image": jpg["bytes"] if jpg else None, "json": ex.get("json")}
+# ----------------------------------------------------------------------------- what the source is (for re-runs)
+
+def listing(paths, root=None):
+    """[[name, size, mtime_ns]] per file (name relative to root); [name, None, None] for a URL or a missing file.
+    Two runs over an unchanged source produce the same listing."""
+    out = []
+    for p in paths:
+        try:
+            st = None if is_url(p) else os.stat(p)
+        except OSError:
+            st = None
+        out.append([os.path.relpath(p, root) if root and not is_url(p) else p,
+                    st and st.st_size, st and st.st_mtime_ns])
+    return out
+
+
+def folder_listing(src):
+    """Every image and .txt file below src: a superset of what either folder layout reads, so a caption added
+    for an image that had none counts as a change too."""
+    paths = [os.path.join(dp, f) for dp, _, fs in os.walk(src) for f in fs]
+    return listing(sorted(p for p in paths if p.endswith(".txt") or is_image_file(p)), src)
+
+
+def listing_change(old, new):
+    """What differs between two listings, in a few words: '2 added (e.g. b.jpg), 1 removed (e.g. a.jpg)'."""
+    old, new = ({n: (s, t) for n, s, t in x} for x in (old, new))
+    parts = []
+    for what, names in [("added", new.keys() - old.keys()), ("removed", old.keys() - new.keys()),
+                        ("modified", {n for n in new.keys() & old.keys() if new[n] != old[n]})]:
+        if names:
+            parts.append(f"{len(names)} {what} (e.g. {min(names)})")
+    return ", ".join(parts) or "the listing differs"
+
+
+def fingerprint(files):
+    """A listing as its count and sha256: what .prep_state.json keeps (the listing itself may be large)."""
+    return {"files": len(files), "sha256": hashlib.sha256(json.dumps(files).encode()).hexdigest()}
+
+
+PREP_FILES = re.compile(r"(train|val)-\d{6}(\.teacher)?\.tar|index\.json|tokenizer\.json|\.prep_(state|source)\.json")
+
+
+def overwrite(out):
+    """--overwrite: delete what a prep run leaves in `out` (shards, index, tokenizer, state), nothing else."""
+    for f in os.listdir(out):
+        if PREP_FILES.fullmatch(f) or PREP_FILES.fullmatch(re.sub(r"\.tmp\d+$", "", f)):
+            os.remove(os.path.join(out, f))
+
+
+SHARD_STATE = {"num_samples", "skipped", "end", "full"}  # what .prep_state.json keeps per shard
+
+
+def read_state(parser, out, settings, files):
+    """The state of an earlier run into `out`, or a fresh one. Stops with one line (exit 2) when that run had
+    other settings or another source, or when the state file is empty or malformed: never mix two listings."""
+    path, again = os.path.join(out, ".prep_state.json"), "use --overwrite to delete its shards and start over"
+    fresh = {"settings": settings, "source": fingerprint(files), "shards": {}}
+    if not os.path.exists(path):
+        return fresh
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+        ok = isinstance(state, dict) and all(isinstance(state.get(k), dict) for k in fresh) and \
+            all(isinstance(v, dict) and SHARD_STATE <= v.keys() for v in state["shards"].values())
+    except (OSError, ValueError):  # ValueError: empty or not JSON (UnicodeDecodeError included)
+        ok = False
+    if not ok:
+        parser.error(f"{path} is empty or malformed; {again}")
+    if state["settings"] != settings:
+        diff = ", ".join(f"{k} {state['settings'].get(k)} -> {v}" for k, v in settings.items()
+                         if state["settings"].get(k) != v)
+        parser.error(f"{out} holds shards made with other settings ({diff}); {again}")
+    if state["source"] != fresh["source"]:
+        try:
+            with open(os.path.join(out, ".prep_source.json"), encoding="utf-8") as f:
+                what = listing_change(json.load(f), files)
+        except (OSError, ValueError, TypeError):  # the old listing is gone: the digests still say it changed
+            what = f"{state['source'].get('files')} files then, {len(files)} now"
+        parser.error(f"the source changed since the shards in {out} were made ({what}); {again}")
+    return state
 
 
 # ----------------------------------------------------------------------------- the streaming driver
 
-def prep_records(args, source, make_records, classes=None):
+def split_of(i, val_frac):
+    """Stream position -> (split, index within the split). Val takes positions where floor(i * val_frac) steps,
+    so exactly floor(n * val_frac) of the first n are val, evenly spread, and the answer never depends on how
+    long the stream is (a larger --limit later extends the same splits)."""
+    if math.floor((i + 1) * val_frac) > math.floor(i * val_frac):
+        return "val", math.floor(i * val_frac)
+    return "train", i - math.floor(i * val_frac)
+
+
+def prep_records(parser, args, source, records, skipped, files, classes=None, extra=None):
     """Cut a record stream into train/val shards in parallel, restartably.
 
     Stream position i goes to (split, j) = split_of(i) and shard j // shard_size of that split, so shard
     contents are a pure function of the stream. A shard counts as done when .prep_state.json says it was full
-    and its file exists; a re-run with the same settings starts the stream at the first position of the first
-    shard not done (make_records(start) skips the rest) and leaves done shards untouched."""
-    os.makedirs(args.out, exist_ok=True)
+    and its file exists; a re-run with the same settings and source reads the stream again from position 0 (so
+    `skipped`, what the reader skips, and the reader's counts in `extra` cover it all) but leaves done shards
+    untouched. `extra` goes into index.json once the stream is read."""
     ss, limit = args.shard_size, args.limit
-    settings = {"source": source, "src": getattr(args, "src", None), "data_files": getattr(args, "data_files", None),
-                "img_size": args.img_size, "shard_size": ss, "val_frac": args.val_frac, "seed": args.seed}
+    settings = {"source": source, "img_size": args.img_size, "shard_size": ss, "val_frac": args.val_frac,
+                "seed": args.seed}  # where the source lives is not one: its listing says what it is
+    state = read_state(parser, args.out, settings, files)
+    save_json(os.path.join(args.out, ".prep_source.json"), files)  # the listing, to say what changed next time
     state_path = os.path.join(args.out, ".prep_state.json")
-    state = {"settings": settings, "shards": {}}
-    if os.path.exists(state_path):
-        with open(state_path, encoding="utf-8") as f:
-            old = json.load(f)
-        if old.get("settings") == settings:
-            state = old
     done = {n for n, s in state["shards"].items()
             if s["full"] and (limit is None or s["end"] < limit) and os.path.exists(os.path.join(args.out, n))}
 
@@ -604,13 +709,9 @@ def prep_records(args, source, make_records, classes=None):
         split, j = split_of(i, args.val_frac)
         return f"{split}-{j // ss:06d}.tar"
 
-    start = next(i for i in itertools.count() if name_of(i) not in done)
-    start = start if limit is None else min(start, limit)
-    skipped = Counter()
-    records = make_records(start, skipped)
-
+    records = itertools.islice(records, limit)
     buffers, pending, captions = {"train": [], "val": []}, [], []
-    bar = tqdm(desc=source, unit="img", initial=start, total=limit, disable=args.quiet)
+    bar = tqdm(desc=source, unit="img", total=limit, disable=args.quiet)
 
     def collect():  # the oldest shard's result: record it in the state, atomically, before going on
         r = pending.pop(0).get()
@@ -628,12 +729,12 @@ def prep_records(args, source, make_records, classes=None):
             collect()
 
     with multiprocessing.Pool(args.workers) if args.workers > 1 else nullpool() as pool:
-        end = start
-        for i, rec in zip(itertools.count(start), records):
+        end = 0
+        for i, rec in enumerate(records):
             end = i + 1
             bar.update(1)
             split, j = split_of(i, args.val_frac)
-            if name_of(i) in done:
+            if name_of(i) in done:  # the reader still passes over it (its skips and counts are per run)
                 continue
             buffers[split].append((j, i, rec))
             if j % ss == ss - 1:
@@ -649,18 +750,20 @@ def prep_records(args, source, make_records, classes=None):
     splits, n_split = {}, {"train": end - math.floor(end * args.val_frac), "val": math.floor(end * args.val_frac)}
     for split, n in n_split.items():
         names = [f"{split}-{k:06d}.tar" for k in range(math.ceil(n / ss))]
+        for m in names:  # empty shards too: their samples were all skipped
+            skipped.update(state["shards"].get(m, {}).get("skipped", {}))
         names = [m for m in names if m in state["shards"] and state["shards"][m]["num_samples"] > 0]
-        for m in names:
-            skipped.update(state["shards"][m]["skipped"])
         sizes = [state["shards"][m]["num_samples"] for m in names]
         splits[split] = {"shards": names, "shard_sizes": sizes, "num_samples": sum(sizes)}
         if split == "train":
             for m in names:
                 if m in done:  # written by an earlier run: read its captions back for the tokenizer
                     captions += shard_captions(os.path.join(args.out, m))
+    if not splits["train"]["num_samples"] + splits["val"]["num_samples"]:
+        parser.error(f"no samples written: {end} records read, every one skipped ({skip_summary(skipped)})")
     if splits["val"]["num_samples"] == 0:
         warnings.warn(f"the val split is empty ({end} samples x val_frac {args.val_frac})")
-    extra = {"img_size": args.img_size, "source": source, **({"classes": classes} if classes else {})}
+    extra = {"img_size": args.img_size, "source": source, **({"classes": classes} if classes else {}), **(extra or {})}
     return finish(args.out, splits, extra, captions, args.vocab_size, skipped, args.quiet)
 
 
@@ -678,30 +781,53 @@ def npy_bytes(a):
     return buf.getvalue()
 
 
-def shard_groups(path, skipped):
-    """A shard's members grouped by webdataset key, as the loader groups them: [(key, {ext: bytes})]."""
-    groups = {}
-    for name, data in tar_members(path, skipped):
-        head, base = os.path.split(name)
-        key, _, ext = base.partition(".")
-        groups.setdefault(os.path.join(head, key), {})[ext.lower()] = data
-    return list(groups.items())
-
-
 def done_teacher_shard(path, dim):
-    """Samples in a teacher shard left by an earlier run, or None when it must be (re)made. Shards are written
+    """The sample keys of a teacher shard left by an earlier run, or None when it must be (re)made. Shards are written
     atomically, so one that exists is whole; it counts only if every sample has both embeddings of size dim."""
     if not os.path.exists(path):
         return None
-    from dataloader import map_file, scan_tar  # header scan only, no image data read
-    buf = map_file(path)
+    buf = map_file(path)  # header scan only, no image data read
     groups, _ = scan_tar(buf)
     want = ("teacher_image.npy", "teacher_text.npy")
     if not groups or not all(all(w in exts for w in want) for exts in groups.values()):
         return None
     off, size = next(iter(groups.values()))["teacher_image.npy"]
     shape = np.load(io.BytesIO(buf[off:off + size]), allow_pickle=False).shape
-    return len(groups) if shape == (dim,) else None
+    return set(groups) if shape == (dim,) else None
+
+
+def teacher_inputs(path, S, skipped, drop=()):
+    """A shard's usable samples as [(key, files, uint8 (3, S, S) pixels, raw caption)]; every other sample is
+    skipped and counted by reason (members the tar reader dropped count as "bad_member"). Keys in `drop` are
+    passed over without a decode (a re-run's samples that are already in a teacher shard)."""
+    groups, bad = read_tar(path)
+    if bad:
+        skipped["bad_member"] += bad
+    out = []
+    for key, files in groups.items():
+        if key in drop:
+            continue
+        image = image_ext(files)
+        if image is None or "txt" not in files:
+            skipped["missing_image" if image is None else "missing_caption"] += 1
+            continue
+        try:
+            caption = files["txt"].decode("utf-8")
+            json.loads(files.get("json", b"{}"))  # the loader skips a sample whose json is broken; so do we
+        except UnicodeDecodeError:
+            skipped["bad_utf8"] += 1
+            continue
+        except ValueError:
+            skipped["bad_json"] += 1
+            continue
+        try:
+            pixels = image_array(decode_image(files[image], S))  # (3, S, S), as the loader makes it
+        except Exception:  # PIL raises many types for bad data
+            skipped["decode_error"] += 1
+            continue
+        files = {e: d for e, d in files.items() if e not in ("teacher_image.npy", "teacher_text.npy")}
+        out.append((key, files, pixels, caption))
+    return out
 
 
 def teacher_embed(model, tok, images, captions, device):
@@ -741,8 +867,12 @@ def add_teacher(parser, args):
         tok = Tokenizer.from_dict(ckpt["tokenizer"])  # the teacher reads captions with its own tokenizer
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         parser.error(f"--teacher {args.teacher}: not a usable checkpoint ({type(e).__name__}: {e})")
-    with open(index_path, encoding="utf-8") as f:
-        index = json.load(f)
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+        int(index["img_size"])
+    except (ValueError, KeyError, TypeError) as e:
+        parser.error(f"{index_path} is not a usable index ({type(e).__name__}: {e})")
     dim, S = model.config.output_dim, int(index["img_size"])
     data_tok = os.path.join(args.data, "tokenizer.json")
     differs = not os.path.isfile(data_tok) or Tokenizer.load(data_tok).to_dict() != tok.to_dict()
@@ -750,6 +880,9 @@ def add_teacher(parser, args):
     redo = index.get("teacher", {}).get("ckpt") not in (None, args.teacher)
     splits = [s for s, v in index.items() if isinstance(v, dict) and "shards" in v]
     bases = {s: index[s].get("shards_base", index[s]["shards"]) for s in splits}  # a re-run starts from the originals
+    missing = [n for s in splits for n in bases[s] if not os.path.isfile(os.path.join(args.data, n))]
+    if missing:
+        parser.error(f"{index_path} lists {missing[0]}, which is not in {args.data}")
     total = sum(sum(index[s].get("shard_sizes_base", index[s].get("shard_sizes", [0]))) for s in splits)
     bar = tqdm(total=total or None, desc="add-teacher", unit="img", disable=args.quiet)
     skipped, sizes = Counter(), {}
@@ -757,25 +890,11 @@ def add_teacher(parser, args):
         sizes[split] = []
         for name in bases[split]:
             out = os.path.join(args.data, teacher_shard_name(name))
-            n = None if redo else done_teacher_shard(out, dim)
-            if n is None:
-                samples = []
-                for key, files in shard_groups(os.path.join(args.data, name), skipped):
-                    image = next((e for e in IMAGE_EXTS if e in files), None)
-                    if image is None or "txt" not in files:
-                        skipped["missing_image" if image is None else "missing_caption"] += 1
-                        continue
-                    try:
-                        img = Image.open(io.BytesIO(files[image]))
-                        img = img.convert("RGB") if img.mode != "RGB" else img
-                        img = img.resize((S, S), Image.BICUBIC) if img.size != (S, S) else img  # as the loader
-                        pixels = np.asarray(img).transpose(2, 0, 1)  # (S, S, 3) -> (3, S, S) uint8
-                    except Exception:  # PIL raises many types for bad data
-                        skipped["decode_error"] += 1
-                        continue
-                    caption = files["txt"].decode("utf-8", "replace")  # the raw caption, as the loader reads it
-                    files = {e: d for e, d in files.items() if e not in ("teacher_image.npy", "teacher_text.npy")}
-                    samples.append((key, files, pixels, caption))
+            keys = None if redo else done_teacher_shard(out, dim)
+            # a shard done by an earlier run: only its skipped samples are looked at again, to count them
+            samples = teacher_inputs(os.path.join(args.data, name), S, skipped, drop=keys or ())
+            n = len(keys) if keys is not None else len(samples)
+            if keys is None:
                 for i in range(0, len(samples), args.batch):
                     chunk = samples[i:i + args.batch]
                     t_img, t_txt = teacher_embed(model, tok, np.stack([c[2] for c in chunk]), [c[3] for c in chunk],
@@ -783,7 +902,6 @@ def add_teacher(parser, args):
                     for (key, files, _, _), a, b in zip(chunk, t_img, t_txt):
                         files["teacher_image.npy"], files["teacher_text.npy"] = npy_bytes(a), npy_bytes(b)
                     bar.update(len(chunk))
-                n = len(samples)
                 if n:
                     write_tar(out, [(key, files) for key, files, _, _ in samples])
             else:
@@ -810,8 +928,7 @@ def add_teacher(parser, args):
     counts = ", ".join(f"{s} {index[s]['num_samples']}" for s in splits)
     print(f"teacher embeddings (dim {dim}{', own tokenizer' if differs else ''}) in {args.data}: {counts}")
     if skipped:
-        msg = ", ".join(f"{n} {r}" for r, n in sorted(skipped.items()))
-        warnings.warn(f"add-teacher skipped {sum(skipped.values())} samples/members: {msg}")
+        warnings.warn(f"add-teacher skipped {sum(skipped.values())} samples: {skip_summary(skipped)}")
     return index
 
 
@@ -830,7 +947,10 @@ def main(argv=None):
     real.add_argument("--img_size", type=int, default=224)
     real.add_argument("--vocab_size", type=int, default=8192)
     real.add_argument("--val_frac", type=float, default=0.05, help="fraction of samples for val")
-    real.add_argument("--limit", type=int, default=None, help="use only the first N samples of the source")
+    real.add_argument("--limit", type=int, default=None,
+                      help="use only the first N samples of the source (text-to-image-2m: round-robin over its files)")
+    real.add_argument("--overwrite", action="store_true",
+                      help="delete the shards and state of an earlier run into --out and start over")
 
     p = sub.add_parser("synthetic", parents=[common], help="procedurally drawn shapes with captions")
     p.add_argument("--out", default="data/synthetic")
@@ -864,46 +984,63 @@ def main(argv=None):
         parser.error(f"--img_size must be >= 8, got {args.img_size}")
     if args.vocab_size < 258:
         parser.error(f"--vocab_size must be >= 258 (256 bytes + sot + eot), got {args.vocab_size}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out} is a file; it must be a folder (made if missing)")
     if args.source == "synthetic":
         if args.num_train < 1 or args.num_val < 1:
             parser.error("--num_train and --num_val must be >= 1")
+        make_out(parser, args.out)
         return prep_synthetic(args)
     if not 0 <= args.val_frac < 1:
         parser.error(f"--val_frac must be in [0, 1), got {args.val_frac}")
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be >= 1, got {args.limit}")
+    skipped = Counter()  # what the readers skip (the driver adds the workers' per-shard skips)
     if args.source == "text-to-image-2m":
-        files = args.data_files or T2I_URLS
         # local globs are expanded here (sorted, so the stream order is fixed); URLs are passed through
-        files = [m for f in files for m in (sorted(glob.glob(f)) if not re.match(r"^\w+://", f) else [f]) or [f]]
-        missing = [f for f in files if not re.match(r"^\w+://", f) and not os.path.exists(f)]
+        files = [m for f in args.data_files or T2I_URLS for m in ([f] if is_url(f) else sorted(glob.glob(f)) or [f])]
+        missing = [f for f in files if not is_url(f) and not os.path.isfile(f)]
         if missing:
-            parser.error(f"--data_files: {missing[0]} does not exist")
-        args.data_files = files
-        return prep_records(args, "text-to-image-2m", lambda start, skipped: t2i_records(files, start, args.limit))
+            parser.error(f"--data_files: {missing[0]} is not a file")
+        taken = [0] * len(files)
+        extra = {"data_files": files, "data_files_taken": taken}  # filled in as the stream is read
+        make_out(parser, args.out, args.overwrite)
+        return prep_records(parser, args, "text-to-image-2m", t2i_records(files, skipped, taken), skipped,
+                            listing(files), extra=extra)
     if not os.path.exists(args.src):
         parser.error(f"--src {args.src} does not exist")
-    skipped = Counter()  # skips found while listing the source (the driver adds its own per-shard ones)
     if args.source == "tar":
         paths = sorted(glob.glob(os.path.join(glob.escape(args.src), "*.tar"))) if os.path.isdir(args.src) \
             else [args.src]
         if not paths:
             parser.error(f"--src {args.src} has no .tar files")
-        make = lambda start, sk: itertools.islice(tar_records(paths, sk), start, args.limit)
-        return prep_records(args, "tar", make)
+        make_out(parser, args.out, args.overwrite)
+        records = itertools.chain.from_iterable(file_records(p, skipped) for p in paths)
+        return prep_records(parser, args, "tar", records, skipped, listing(paths, args.src))
     if args.source == "folder" and not os.path.isdir(args.src):
         parser.error(f"--src {args.src} is not a folder")
     if args.source == "jsonl" and not os.path.isfile(args.src):
         parser.error(f"--src {args.src} is not a file")
-    lister = folder_records if args.source == "folder" else jsonl_records
-    records, classes = lister(args.src, skipped, args.seed)
+    if args.source == "folder":
+        records, classes = folder_records(args.src, skipped, args.seed)
+        files = folder_listing(args.src)
+    else:
+        records, classes = jsonl_records(args.src, skipped, args.seed)
+        files = listing([args.src] + sorted({r["image"] for r in records}), os.path.dirname(os.path.abspath(args.src)))
     if not records:
         parser.error(f"--src {args.src}: no usable images found")
+    make_out(parser, args.out, args.overwrite)
+    return prep_records(parser, args, args.source, iter(records), skipped, files, classes)
 
-    def make(start, sk):
-        sk.update(skipped)
-        return itertools.islice(records, start, args.limit)
-    return prep_records(args, args.source, make, classes)
+
+def make_out(parser, out, fresh=False):
+    """The --out folder, made if missing; with --overwrite, emptied of an earlier run's files."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        if fresh:
+            overwrite(out)
+    except OSError as e:
+        parser.error(f"--out {out}: {e.strerror or e}")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import torch  # noqa: E402
 
 import prep_dataset  # noqa: E402
 import train  # noqa: E402
+from dataloader import save_json  # noqa: E402
 
 MODES = ("none", "kd", "mse", "icl")
 
@@ -52,7 +53,7 @@ def subset(src, dst, train_shards):
                       "num_samples": sum(t["shard_sizes"][:n])}
     for name in index["train"]["shards"] + index["val"]["shards"] + ["tokenizer.json"]:
         shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
-    prep_dataset.save_json(os.path.join(dst, "index.json"), index)
+    save_json(os.path.join(dst, "index.json"), index)
     return index
 
 

@@ -38,8 +38,7 @@ import checkpoint_manager as cm  # noqa: E402
 import clip  # noqa: E402
 import eval_zeroshot  # noqa: E402
 import train  # noqa: E402
-from dataloader import ShardLoader  # noqa: E402
-from prep_dataset import write_tar  # noqa: E402
+from dataloader import ShardLoader, write_tar  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 METHODS = {  # name -> train.py flags on top of --init

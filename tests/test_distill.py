@@ -15,11 +15,16 @@ import torch.nn.functional as F
 
 import checkpoint_manager as cm
 import clip
+import dataloader
 import prep_dataset
 import train
 from dataloader import ShardLoader
 from tokenizer import Tokenizer
-from test_prep_dataset import read_tar  # {key: {ext: bytes}} of a shard, read in memory
+
+
+def read_tar(path):
+    """{key: {ext: bytes}} of a shard, read in memory."""
+    return dataloader.read_tar(path)[0]
 
 
 # ----------------------------------------------------------------------------- the losses, by hand
@@ -260,7 +265,7 @@ def test_partly_stored_teacher_is_an_error(stored, tmp_path, capsys):
     samples = sorted(read_tar(os.path.join(data, name)).items())
     for key, files in samples[::3]:  # a third of the samples lose their embeddings
         del files["teacher_image.npy"], files["teacher_text.npy"]
-    prep_dataset.write_tar(os.path.join(data, name), samples)
+    dataloader.write_tar(os.path.join(data, name), samples)
     with pytest.raises(SystemExit) as e:
         train.main(train_argv(data, tmp_path, "partial", "--distill", "kd"))
     err = capsys.readouterr().err

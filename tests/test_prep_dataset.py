@@ -5,12 +5,14 @@ import json
 import os
 import re
 import tarfile
+from collections import Counter
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import prep_dataset as P
+from tokenizer import Tokenizer
 
 
 def read_tar(path):
@@ -164,7 +166,7 @@ def test_folder_captions_and_classes(tmp_path):
     assert len({txt.replace(index["classes"][m["label"]], "X") for *_, txt, m in train + val}) > 1  # templates
 
 
-def test_jsonl(tmp_path):
+def test_jsonl(tmp_path, capsys):
     (tmp_path / "img").mkdir()
     lines = []
     for i in range(6):
@@ -182,6 +184,12 @@ def test_jsonl(tmp_path):
     assert sorted(t for _, _, t, _ in train + val) == ["a photo 0", "a photo 1", "a photo 2", "a photo 3",
                                                        "a photo 4", "a photo 5", "absolute path"]
     assert index["skipped"] == {"bad_json": 1, "missing_file": 1}
+    with open(tmp_path / "pairs.jsonl", "a") as f:  # the .jsonl itself is part of the source's fingerprint
+        f.write(json.dumps({"image": "img/0.jpg", "caption": "one more line"}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        P.main(["jsonl", "--src", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "o"), "--img_size", "16",
+                "--val_frac", "0.25", "--vocab_size", "300", "--workers", "1", "--quiet"])
+    assert e.value.code == 2 and "1 modified (e.g. pairs.jsonl)" in capsys.readouterr().err
 
 
 def make_tar(path, members):
@@ -228,7 +236,8 @@ def test_tar_source_with_bad_members(tmp_path):
                                 "missing_caption": 1}
     assert not (tmp_path / "evil.txt").exists() and not os.path.exists("/abs.jpg")
     assert sorted(os.listdir(out)) == sorted(index["train"]["shards"] + index["val"]["shards"] +
-                                             [".prep_state.json", "index.json", "tokenizer.json"])
+                                             [".prep_source.json", ".prep_state.json", "index.json",
+                                              "tokenizer.json"])
 
 
 def open_webp():
@@ -318,6 +327,10 @@ def t2i_tars(tmp_path, n=30, per_tar=10):
     return paths
 
 
+def t2i_tars_names(tmp_path):
+    return [str(tmp_path / f"data_{t:06d}.tar") for t in range(3)]
+
+
 def t2i(tmp_path, out, limit, workers=1):
     P.main(["text-to-image-2m", "--out", str(out), "--img_size", "16", "--shard_size", "4", "--val_frac", "0.2",
             "--vocab_size", "300", "--workers", str(workers), "--quiet", "--data_files",
@@ -331,7 +344,9 @@ def test_t2i_local_and_restart(tmp_path):
     _, val = load_split(tmp_path / "full", "val")
     assert (len(train), len(val), index["skipped"]) == (23, 6, {"decode_error": 1})
     assert sorted(int(t.split()[1]) for _, _, t, _ in train + val) == [i for i in range(30) if i != 7]
-    assert {t for _, _, t, _ in val} == {f"prompt {i}" for i in (4, 9, 14, 19, 24, 29)}  # every 5th position
+    # val: every 5th position p, and position p is record p // 3 of tar p % 3 (round-robin over the 3 tars)
+    assert {t for _, _, t, _ in val} == {f"prompt {p % 3 * 10 + p // 3}" for p in (4, 9, 14, 19, 24, 29)}
+    assert (index["data_files"], index["data_files_taken"]) == (t2i_tars_names(tmp_path), [10, 10, 10])
 
     out = tmp_path / "restart"
     t2i(tmp_path, out, 13)  # positions 0..12: train 0..10 (shards 0, 1 full, 2 partial), val 0..1
@@ -343,3 +358,218 @@ def test_t2i_local_and_restart(tmp_path):
     assert shard_bytes(out) == shard_bytes(tmp_path / "full")  # and the result equals the uninterrupted run
     for f in ("index.json", "tokenizer.json"):
         assert (out / f).read_text() == (tmp_path / "full" / f).read_text()
+
+
+def test_t2i_bad_records_caption_field_and_round_robin(tmp_path):
+    """A truncated tar, a bad json and a json with "caption" instead of "prompt" among good records: the run
+    finishes, counts each skip by reason, takes each sample's own caption field, and --limit draws round-robin."""
+    def records(t, n, special={}):
+        out = []
+        for i in range(n):
+            meta = special.get(i, json.dumps({"prompt": f"prompt {t}.{i}"}).encode())
+            out += [(f"{i:04d}.jpg", jpeg_bytes((40 * t, 20 * i, 90), size=(40, 24))), (f"{i:04d}.json", meta)]
+        return out
+    make_tar(tmp_path / "data_000000.tar",
+             records(0, 6, {5: json.dumps({"caption": "both fields: caption", "prompt": "not this"}).encode()}))
+    make_tar(tmp_path / "data_000001.tar",
+             records(1, 6, {1: b"{not json", 2: json.dumps({"caption": "caption field 1.2"}).encode()}))
+    make_tar(tmp_path / "full.tar", records(2, 6))
+    with tarfile.open(tmp_path / "full.tar") as tar:
+        cut = tar.getmember("0003.jpg").offset_data + 100
+    (tmp_path / "data_000002.tar").write_bytes((tmp_path / "full.tar").read_bytes()[:cut])  # 3 whole samples
+    files = [str(tmp_path / f"data_{t:06d}.tar") for t in range(3)]
+
+    with pytest.warns(UserWarning, match="truncated"):
+        t2i(tmp_path, tmp_path / "all", None)
+    index, train = load_split(tmp_path / "all", "train")
+    _, val = load_split(tmp_path / "all", "val")
+    assert index["skipped"] == {"bad_json": 1, "truncated_tar": 1}
+    assert (index["data_files"], index["data_files_taken"]) == (files, [6, 6, 3])
+    caps = {m["id"]: t for _, _, t, m in train + val}
+    assert len(caps) == len(train + val) == 14  # 15 records, one bad json
+    assert caps["data_000001.tar/0002"] == "caption field 1.2"  # "caption" where the others have "prompt"
+    assert caps["data_000000.tar/0005"] == "both fields: caption"
+    assert caps["data_000000.tar/0004"] == "prompt 0.4" and "data_000001.tar/0001" not in caps
+
+    # --limit 13: A0 B0 C0 A1 B1 C1 A2 B2 C2 A3 B3, then C has run out: A4 B4
+    t2i(tmp_path, tmp_path / "lim", 13)
+    index, train = load_split(tmp_path / "lim", "train")
+    _, val = load_split(tmp_path / "lim", "val")
+    assert index["data_files_taken"] == [5, 5, 3] and index["skipped"] == {"bad_json": 1, "truncated_tar": 1}
+    ids = sorted(m["id"] for *_, m in train + val)
+    assert ids == sorted([f"data_000000.tar/{i:04d}" for i in range(5)] + [f"data_000002.tar/{i:04d}" for i in range(3)]
+                         + [f"data_000001.tar/{i:04d}" for i in (0, 2, 3, 4)])
+    t2i(tmp_path, tmp_path / "lim4", 4)  # even a small limit takes from every file
+    index, train = load_split(tmp_path / "lim4", "train")
+    _, val = load_split(tmp_path / "lim4", "val")
+    assert index["data_files_taken"] == [2, 1, 1] and len({m["id"][:15] for *_, m in train + val}) == 3
+
+
+class FakeResponse(io.BytesIO):
+    """What urlopen returns, over bytes in memory: `cut` makes the connection fail after that many bytes, either
+    with a reset (raise) or with a short read that a Content-Length exposes (urllib's behaviour)."""
+
+    def __init__(self, data, cut=None, short=False):
+        super().__init__(data[:cut] if short else data)
+        self.cut, self.short = cut, short
+        self.headers = {"Content-Length": str(len(data))}
+
+    def read(self, size=-1):
+        if self.cut is not None and not self.short and self.tell() >= self.cut:
+            raise ConnectionResetError("connection reset by peer")
+        end = self.cut if self.cut is not None and not self.short else None
+        return super().read(size if end is None else min(size if size >= 0 else end, end - self.tell()))
+
+
+def test_t2i_url_retry_and_give_up(tmp_path):
+    """URLs with a fake opener: refused once, reset mid-stream, closed early (short read): each record still comes
+    exactly once, in round-robin order; a URL that always fails is skipped after 3 tries and counted."""
+    data = {}
+    for name in ("a", "b"):
+        members = []
+        for i in range(8):
+            meta = json.dumps({"prompt": f"{name}{i}"}).encode()
+            members += [(f"{i:04d}.jpg", noisy_jpeg()), (f"{i:04d}.json", meta)]
+        make_tar(tmp_path / f"{name}.tar", members)
+        data[f"http://x/{name}.tar"] = (tmp_path / f"{name}.tar").read_bytes()
+    assert len(data["http://x/b.tar"]) > 40000
+    plan = {"http://x/a.tar": ["refuse"], "http://x/b.tar": [("reset", 12000), ("short", 30000)],
+            "http://x/c.tar": ["refuse"] * 5}
+    calls = []
+
+    def opener(url):
+        calls.append(url)
+        how = plan[url].pop(0) if plan[url] else "ok"
+        if how == "refuse":
+            raise ConnectionRefusedError("refused")
+        return FakeResponse(data[url]) if how == "ok" else FakeResponse(data[url], how[1], how[0] == "short")
+
+    skipped, taken = Counter(), [0, 0, 0]
+    with pytest.warns(UserWarning, match="c.tar.*3 tries"):
+        recs = list(P.t2i_records(list(plan), skipped, taken, opener=opener, wait=0))
+    assert [json.loads(r["json"])["prompt"] for r in recs] == [f"{n}{i}" for i in range(8) for n in "ab"]
+    assert skipped == {"network_error": 1} and taken == [8, 8, 0]
+    assert Counter(calls) == {"http://x/a.tar": 2, "http://x/b.tar": 3, "http://x/c.tar": 3}
+
+
+def test_folder_rerun_after_source_change(tmp_path, capsys):
+    """Files added and removed between two runs: the re-run refuses in one line and leaves the output alone;
+    with --overwrite the output holds each source file exactly once."""
+    src, out = tmp_path / "src", tmp_path / "o"
+    src.mkdir()
+    for i in range(12):
+        (src / f"im{i:02d}.jpg").write_bytes(jpeg_bytes((20 * i, 100, 50)))
+        (src / f"im{i:02d}.txt").write_text(f"caption {i}")
+    run = lambda *extra: P.main(["folder", "--src", str(src), "--out", str(out), "--img_size", "16", "--shard_size",
+                                 "4", "--val_frac", "0.25", "--vocab_size", "300", "--workers", "1", "--quiet", *extra])
+    run()
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    run()  # unchanged source: a re-run is fine and changes nothing
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+
+    for i in (12, 13):
+        (src / f"im{i:02d}.jpg").write_bytes(jpeg_bytes((10, 10 * i, 200)))
+        (src / f"im{i:02d}.txt").write_text(f"caption {i}")
+    os.remove(src / "im03.jpg"), os.remove(src / "im03.txt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert "source changed" in line and "4 added (e.g. im12.jpg)" in line and "2 removed (e.g. im03.jpg)" in line
+    assert "--overwrite" in line
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before  # nothing was touched
+
+    run("--overwrite")
+    index, train = load_split(out, "train")
+    _, val = load_split(out, "val")
+    ids = sorted(m["id"] for *_, m in train + val)
+    assert ids == sorted(f"im{i:02d}.jpg" for i in range(14) if i != 3)  # each source file exactly once
+    for _, _, txt, m in train + val:
+        assert txt == f"caption {int(m['id'][2:4])}"
+    shards = sorted(f for f in os.listdir(out) if f.endswith(".tar"))
+    assert shards == sorted(index["train"]["shards"] + index["val"]["shards"])  # no shard of the old listing left
+
+
+def test_clear_errors(tmp_path, capsys):
+    """A file as --out, an empty .prep_state.json, other settings in the same --out, and a run that writes no
+    sample: each is exit 2 with one line, never a traceback."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        (src / f"{i}.jpg").write_bytes(jpeg_bytes())
+        (src / f"{i}.txt").write_text(f"caption {i}")
+    argv = lambda out, *extra: ["folder", "--src", str(src), "--out", str(out), "--img_size", "16", "--vocab_size",
+                                "300", "--val_frac", "0", "--workers", "1", "--quiet", *extra]
+
+    def fails(args, *words):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            P.main(args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "Traceback" not in err
+        assert all(w in err.strip().splitlines()[-1] for w in words), err
+
+    (tmp_path / "afile").write_text("x")
+    fails(argv(tmp_path / "afile"), "afile is a file")
+    fails(argv(tmp_path / "afile" / "sub"), "--out")  # a folder below a file cannot be made
+
+    P.main(argv(tmp_path / "o"))
+    (tmp_path / "o" / ".prep_state.json").write_text("")
+    fails(argv(tmp_path / "o"), ".prep_state.json is empty or malformed", "--overwrite")
+    (tmp_path / "o" / ".prep_state.json").write_text("[1, 2]")
+    fails(argv(tmp_path / "o"), "malformed")
+    P.main(argv(tmp_path / "o", "--overwrite"))
+    fails(argv(tmp_path / "o", "--img_size", "24"), "other settings (img_size 16 -> 24)", "--overwrite")
+
+    for i in range(4):  # every image undecodable: no sample to write is an error, not "skipped: none"
+        (src / f"{i}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    fails(argv(tmp_path / "bad"), "no samples written", "4 decode_error")
+    assert not (tmp_path / "bad" / "index.json").exists()
+
+
+def test_empty_class_folder_is_not_a_class(tmp_path):
+    for c in ("a_cat", "dog"):
+        (tmp_path / "src" / c).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "src" / c / f"{i}.png").write_bytes(png_bytes())
+    (tmp_path / "src" / "empty_one").mkdir()
+    (tmp_path / "src" / "empty_one" / "notes.md").write_text("no images here")
+    with pytest.warns(UserWarning, match="empty_one: no images"):
+        P.main(["folder", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "o"), "--img_size", "16",
+                "--vocab_size", "300", "--val_frac", "0", "--workers", "1", "--quiet"])
+    index, train = load_split(tmp_path / "o", "train")
+    assert index["classes"] == ["a cat", "dog"] and sorted(m["label"] for *_, m in train) == [0, 0, 0, 1, 1, 1]
+
+
+def test_add_teacher_counts_skipped_samples(tmp_path):
+    """Bad samples in a shard are skipped one by one and counted per reason (the rest of the shard is kept), and a
+    re-run that finds the teacher shard done counts the same."""
+    import torch
+    import clip
+    from dataloader import read_tar as read_shard, write_tar
+    data = str(tmp_path / "d")
+    P.main(["synthetic", "--out", data, "--num_train", "16", "--num_val", "4", "--img_size", "32", "--shard_size",
+            "8", "--workers", "1", "--quiet"])
+    path = os.path.join(data, "train-000000.tar")
+    samples = read_shard(path)[0]
+    keys = sorted(samples)
+    samples[keys[0]]["jpg"] = b"\xff\xd8 broken"
+    del samples[keys[1]]["txt"]
+    samples[keys[2]]["txt"] = "café".encode("latin-1")
+    samples[keys[3]]["json"] = b"{broken"
+    write_tar(path, sorted(samples.items()))
+    tok = Tokenizer.load(os.path.join(data, "tokenizer.json"))
+    torch.manual_seed(0)
+    config = clip.get_config("micro", vocab_size=tok.vocab_size, img_size=32)
+    ckpt = str(tmp_path / "t.pt")
+    torch.save({"model": clip.CLIP(config).state_dict(), "config": config.to_dict(), "tokenizer": tok.to_dict()}, ckpt)
+    run = lambda: P.main(["add-teacher", "--data", data, "--teacher", ckpt, "--device", "cpu", "--quiet"])
+    want = {"decode_error": 1, "missing_caption": 1, "bad_utf8": 1, "bad_json": 1}
+    with pytest.warns(UserWarning, match="skipped 4 samples"):
+        index = run()
+    assert index["teacher"]["skipped"] == want and index["train"]["shard_sizes"] == [4, 8]
+    assert sorted(read_shard(os.path.join(data, "train-000000.teacher.tar"))[0]) == keys[4:]
+    with pytest.warns(UserWarning, match="skipped 4 samples"):
+        assert run()["teacher"]["skipped"] == want
