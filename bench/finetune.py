@@ -20,13 +20,11 @@ ratios to it. One JSON line per run goes to bench/results/finetune.jsonl, the ta
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import shutil
 import statistics
 import sys
-import tarfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +36,7 @@ import checkpoint_manager as cm  # noqa: E402
 import clip  # noqa: E402
 import eval_zeroshot  # noqa: E402
 import train  # noqa: E402
-from dataloader import ShardLoader, write_tar  # noqa: E402
+from dataloader import ShardLoader, read_tar, write_tar  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 METHODS = {  # name -> train.py flags on top of --init
@@ -51,17 +49,6 @@ METHODS = {  # name -> train.py flags on top of --init
 
 # -----------------------------------------------------------------------------
 # the two shard sets
-
-def read_shard(path):
-    """One tar, read in memory (never extracted): [(key, {ext: bytes})] in file order."""
-    samples = {}
-    with open(path, "rb") as f, tarfile.open(fileobj=io.BytesIO(f.read()), mode="r:") as tar:
-        for m in tar.getmembers():
-            if m.isfile():
-                key, ext = m.name.split(".", 1)
-                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    return list(samples.items())
-
 
 def split_by_colour(src, work, n_old=4, shard_size=1000):
     """src shard set -> work/old and work/new (train + val), split on the main object's colour; returns the
@@ -76,7 +63,7 @@ def split_by_colour(src, work, n_old=4, shard_size=1000):
     for split in ("train", "val"):
         parts = {"old": [], "new": []}
         for name in index[split]["shards"]:
-            for key, files in read_shard(os.path.join(src, name)):
+            for key, files in read_tar(os.path.join(src, name))[0].items():
                 label = json.loads(files["json"])["label"] if "json" in files else None
                 if label is None:
                     skipped += 1
