@@ -551,10 +551,10 @@ STYLE = """
  .true { color: #0a7a0a; font-weight: bold; }
  #detail { border: 1px solid #ddd; padding: .6em; margin: .6em 0; }
  .row { display: flex; gap: 1.2em; flex-wrap: wrap; align-items: flex-start; }
- .col { min-width: 18em; max-width: 28em; } ol { padding-left: 1.4em; margin: .3em 0; font-size: 13px; }
- .frame { position: relative; width: 208px; height: 208px; flex: none; }
- .frame img, .frame canvas { position: absolute; left: 0; top: 0; width: 208px; height: 208px; }
- .frame img { object-fit: cover; image-rendering: pixelated; }
+ .col { min-width: 15em; max-width: 20em; } ol { padding-left: 1.4em; margin: .3em 0; font-size: 13px; }
+ .frame { position: relative; width: 144px; height: 144px; flex: none; }
+ .frame img, .frame canvas { position: absolute; left: 0; top: 0; width: 144px; height: 144px; }
+ .frame img { object-fit: cover; image-rendering: pixelated; } /* cover = the centre crop the model sees */
  .bar { display: inline-block; height: .8em; background: #06c; margin-right: .4em; vertical-align: middle; }
 """
 
@@ -571,8 +571,8 @@ function el(tag, text, cls) {  // text goes in as textContent: captions are neve
 function clearPanels() {  // a new query: nothing of the previous one stays on screen
   for (const id of ["results", "texts", "classes", "picked-meta", "heat-note", "results-title", "error"])
     $(id).replaceChildren();
-  $("detail").hidden = true; $("more").hidden = true; $("heatmap").hidden = true;
-  $("picked-img").removeAttribute("src"); target = null;
+  $("detail").hidden = true; $("more").hidden = true; $("heatmap").hidden = true; delete $("heatmap").dataset.query;
+  $("picked-img").removeAttribute("src"); $("heat-img").removeAttribute("src"); target = null;
 }
 // every API answer is JSON; one with an "error" field is shown on the page. Answers to an older query
 // (gen moved on while they were under way) are dropped, so a slow answer never overwrites a newer one.
@@ -612,7 +612,7 @@ function textList(results) {
 function showPanel(title, src, meta) {
   $("detail").hidden = false;
   $("picked-title").textContent = title;
-  $("picked-img").src = src;
+  $("picked-img").src = $("heat-img").src = src;
   $("picked-meta").replaceChildren(...meta.filter((m) => m).map((m) => el("div", m)));
   $("heat-q").value = $("q").value.trim();
 }
@@ -695,9 +695,9 @@ async function heatmap(q) {
   const g = data.grid, small = document.createElement("canvas"), c = $("heatmap");
   small.width = small.height = g;
   const sctx = small.getContext("2d"), px = sctx.createImageData(g, g), span = (data.max - data.min) || 1;
-  data.heat.flat().forEach((v, k) => {  // lowest patch: clear blue, highest: opaque red
+  data.heat.flat().forEach((v, k) => {  // lowest patch: faint blue, highest: red, the image showing through
     const t = (v - data.min) / span;
-    px.data.set([Math.round(255 * t), 40, Math.round(255 * (1 - t)), Math.round(30 + 170 * t)], 4 * k);
+    px.data.set([Math.round(255 * t), 40, Math.round(255 * (1 - t)), Math.round(40 + 120 * t)], 4 * k);
   });
   sctx.putImageData(px, 0, 0);
   const ctx = c.getContext("2d");
@@ -772,7 +772,8 @@ BODY = """
 <section id="detail" hidden>
  <h3 id="picked-title"></h3>
  <div class="row">
-  <div class="frame"><img id="picked-img" alt="the picked image"><canvas id="heatmap" width="208" height="208" hidden></canvas></div>
+  <div class="frame"><img id="picked-img" alt="the picked image"></div>
+  <div class="frame"><img id="heat-img" alt=""><canvas id="heatmap" width="144" height="144" hidden></canvas></div>
   <div class="col">
    <div id="picked-meta" class="dim"></div>
    <form id="heat-form"><input id="heat-q" size="24" aria-label="text for the heatmap">

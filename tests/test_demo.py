@@ -38,7 +38,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--no-first-run", "--window-size=1100,900", "--hide-scrollbars", "--force-device-scale-factor=1"]
+                  "--no-first-run", "--window-size=1100,1000", "--hide-scrollbars", "--force-device-scale-factor=1"]
 
 
 @pytest.fixture(scope="module")
@@ -419,3 +419,242 @@ def test_cli_errors_exit_2(ckpt, synth, tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err
+
+
+# -----------------------------------------------------------------------------
+# the page in a real browser
+
+
+class WebDriver:
+    """The few W3C WebDriver commands the test needs, as JSON over HTTP to chromedriver."""
+    ELEMENT = "element-6066-11e4-a52e-4f735466cecf"
+
+    def __init__(self, url, profile):
+        self.url, self.sid = url, None
+        opts = {"binary": CHROMIUM, "args": CHROMIUM_FLAGS + [f"--user-data-dir={profile}"]}
+        self.sid = self.cmd("POST", "/session", {"capabilities": {"alwaysMatch": {
+            "browserName": "chrome", "goog:chromeOptions": opts}}})["sessionId"]
+
+    def cmd(self, method, path, body=None):
+        path = path if self.sid is None else f"/session/{self.sid}{path}"
+        req = urllib.request.Request(self.url + path, method=method, headers={"Content-Type": "application/json"},
+                                     data=None if body is None else json.dumps(body).encode())
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return json.load(r)["value"]
+        except urllib.error.HTTPError as e:
+            raise AssertionError(f"webdriver {method} {path}: {e.read()[:500]!r}") from None
+
+    def open(self, url):
+        self.cmd("POST", "/url", {"url": url})
+
+    def find(self, css):
+        return self.cmd("POST", "/element", {"using": "css selector", "value": css})[self.ELEMENT]
+
+    def type(self, css, text):
+        el = self.find(css)
+        self.cmd("POST", f"/element/{el}/clear", {})
+        if text:
+            self.cmd("POST", f"/element/{el}/value", {"text": text})
+
+    def click(self, css):
+        self.cmd("POST", f"/element/{self.find(css)}/click", {})
+
+    def js(self, script, *args):
+        return self.cmd("POST", "/execute/sync", {"script": script, "args": list(args)})
+
+    def wait(self, script, timeout=20):
+        """Poll a JS expression until it is truthy; returns its value."""
+        deadline = time.time() + timeout
+        while not (value := self.js("return " + script)):
+            assert time.time() < deadline, f"timed out waiting for {script}; page error: {self.text('#error')!r}"
+            time.sleep(0.05)
+        return value
+
+    def text(self, css):
+        return self.js("return document.querySelector(arguments[0]).textContent", css)
+
+    def screenshot(self, path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(self.cmd("GET", "/screenshot")))
+        print(f"screenshot: {path}")
+        return path
+
+    def quit(self):
+        if self.sid:
+            with contextlib.suppress(Exception):
+                self.cmd("DELETE", "")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def browser(tmp_path):
+    port = free_port()
+    driver_proc = subprocess.Popen([CHROMEDRIVER, f"--port={port}"], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+    wd = None
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + 20
+        while True:  # chromedriver answers /status once it listens
+            with contextlib.suppress(OSError):
+                if get(url + "/status")[1]["value"]["ready"]:
+                    break
+            assert driver_proc.poll() is None and time.time() < deadline, "chromedriver did not start"
+            time.sleep(0.1)
+        wd = WebDriver(url, tmp_path / "chromium-profile")  # a fresh profile every run
+        yield wd
+    finally:
+        if wd is not None:
+            wd.quit()
+        driver_proc.kill()
+        driver_proc.wait(timeout=10)
+
+
+FIGURES = "[...document.querySelectorAll('#results figure')]"
+SHOWN = f"{FIGURES}.map(f => +f.querySelector('img').alt.split(' ')[1])"  # the image numbers on screen
+LOADED = "[...document.querySelectorAll('#results img')].every(im => im.complete && im.naturalWidth == 32)"
+
+
+def settled(wd):
+    """Wait until no request is under way; returns the error line."""
+    wd.wait("document.getElementById('loading').hidden")
+    return wd.text("#error")
+
+
+needs_chromium = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM) or not os.path.exists(CHROMEDRIVER),
+    reason=f"needs Debian's chromium + chromium-driver ({CHROMIUM}, {CHROMEDRIVER}); "
+           "apt-get install -y chromium chromium-driver (.ci/run does)")
+
+
+@needs_chromium
+def test_page_in_headless_chromium(ckpt, synth, built, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    with demo_thread(built) as url, demo_thread(demo.build(str(bad), synth, cache=None)) as bad_url, \
+            browser(tmp_path) as wd:
+        # the landing page: a grid of the collection (48 a page, then "Show more"), hints taken from the data
+        wd.open(url + "/")
+        assert "128 images" in wd.wait("document.getElementById('status').textContent.includes('images') && "
+                                       "document.getElementById('status').textContent")
+        assert wd.wait(f"{FIGURES}.length") == 48 and settled(wd) == ""
+        assert wd.js("return document.getElementById('q').placeholder") == "e.g. " + built.gallery.captions[0]
+        assert wd.js("return document.getElementById('labels').placeholder") == built.info()[1]["labels_hint"]
+        wd.click("#more")
+        assert wd.wait(f"{FIGURES}.length == 96 && {SHOWN}") == list(range(96))
+        first = wd.text("#results figure figcaption")  # file name, class and caption under each image
+        assert built.gallery.names[0] in first and built.gallery.item(0)["label"] in first
+
+        # a text query straight from the URL: 8 images with their scores, every image decoded by the browser
+        q = "a red circle"
+        wd.open(url + "/?q=" + urllib.parse.quote(q))
+        assert wd.wait(f"{FIGURES}.length") == 8 and settled(wd) == ""
+        wd.wait(LOADED)
+        want = [r["i"] for r in built.search(q)[1]["results"]]
+        assert wd.js(f"return {SHOWN}") == want and wd.js("return document.getElementById('q').value") == q
+        scores = [float(s) for s in wd.js("return [...document.querySelectorAll('#results .score')]"
+                                          ".map(s => s.textContent)")]
+        assert scores == sorted(scores, reverse=True) and all(-1 <= s <= 1 for s in scores)
+        assert wd.js("return document.getElementById('detail').hidden")
+
+        # a click: image -> images (+ its best captions), the query in the URL, the heatmap of the text query
+        wd.click("#results figure")
+        i = want[0]
+        sim = [r["i"] for r in built.similar_images(i)[1]["results"]]
+        assert wd.wait(f"{FIGURES}.length == 8 && {SHOWN}.join() == '{','.join(map(str, sim))}'")
+        assert wd.wait("document.querySelectorAll('#texts li').length") == 8
+        assert urllib.parse.parse_qs(urllib.parse.urlsplit(wd.js("return location.href")).query) == \
+            {"i": [str(i)], "q": [q]}
+        assert wd.text("#picked-title").startswith(f"image #{i}") and built.gallery.names[i] in wd.text("#picked-meta")
+        wd.wait("!document.getElementById('heatmap').hidden")
+        heat = np.array(built.heatmap(i, q)[1]["heat"])  # (4, 4)
+        cell = wd.js("return document.getElementById('heatmap').width") / 4  # canvas pixels per patch
+        red = lambda rc: wd.js("return document.getElementById('heatmap').getContext('2d')"
+                               ".getImageData(arguments[0], arguments[1], 1, 1).data[0]",
+                               int(rc[1] * cell + cell // 2), int(rc[0] * cell + cell // 2))
+        hot, cold = np.unravel_index(heat.argmax(), heat.shape), np.unravel_index(heat.argmin(), heat.shape)
+        assert red(hot) > 200 and red(cold) < 60, (heat, red(hot), red(cold))  # the map drawn where the API says
+        assert f"\u201c{q}\u201d: image score" in wd.text("#heat-note")
+
+        # typed labels -> zero-shot classification (prompt ensembling on the server), kept in the URL
+        wd.type("#labels", "red circle, blue square, green star")
+        wd.click("#classify")
+        assert wd.wait("document.querySelectorAll('#classes li').length") == 3
+        want = built.classify(i, "red circle, blue square, green star")[1]["results"]
+        rows = wd.js("return [...document.querySelectorAll('#classes li')].map(li => li.textContent)")
+        assert [r.split("% ")[1].split(" cos")[0] for r in rows] == [r["label"] for r in want]
+        assert sum(float(r.split("%")[0]) for r in rows) == pytest.approx(100, abs=0.2)
+        assert "labels=red+circle" in wd.js("return location.search")
+        assert settled(wd) == ""
+        wd.screenshot(SCREENSHOT)  # the README's picture: a real (micro, 128-step) model's query
+        with Image.open(SCREENSHOT) as im:
+            assert im.format == "PNG" and im.size[0] == 1100
+
+        # the back button: the text query's results again, the image panel gone
+        wd.cmd("POST", "/back", {})
+        assert wd.wait(f"{SHOWN}.join() == '{','.join(map(str, [r['i'] for r in built.search(q)[1]['results']]))}'")
+        assert urllib.parse.parse_qs(wd.js("return location.search")[1:]) == {"q": [q]}
+        assert wd.js("return document.getElementById('detail').hidden") and wd.js("return document.getElementById('q').value") == q
+        wd.cmd("POST", "/forward", {})
+        assert wd.wait(f"{SHOWN}.join() == '{','.join(map(str, sim))}'")
+
+        # a new query clears the old panels at once and shows a loading line until its answer comes
+        wd.js("window.held = []; window.realFetch = window.fetch;"  # answers wait until the test lets them go
+              "window.fetch = (...a) => new Promise((ok) => window.held.push(() => ok(realFetch(...a))));")
+        wd.type("#q", "a blue square")
+        wd.click("#search")
+        assert wd.wait("window.held.length") == 1
+        assert wd.js("return [document.getElementById('loading').hidden, document.getElementById('detail').hidden, "
+                     "document.querySelectorAll('#results figure, #texts li, #classes li').length]") == [False, True, 0]
+        wd.js("window.fetch = window.realFetch; window.held.forEach((go) => go())")
+        assert wd.wait(f"{FIGURES}.length") == 8 and settled(wd) == ""
+
+        # an upload (the file input) and a paste: image -> images and texts, then labels and a heatmap for it
+        k = 11
+        path = tmp_path / "upload.png"
+        path.write_bytes(png_bytes(built.gallery.pixels(k, 32).permute(1, 2, 0).numpy()))
+        wd.cmd("POST", f"/element/{wd.find('#file')}/value", {"text": str(path)})
+        assert wd.wait(f"document.getElementById('picked-title').textContent == 'your image' && {SHOWN}")[0] == k
+        assert "upload.png, 32\u00d732 px" in wd.text("#picked-meta") and settled(wd) == ""
+        assert wd.js("return document.querySelectorAll('#texts li').length") == 8
+        wd.type("#labels", "red circle, blue square")
+        wd.click("#classify")
+        assert wd.wait("document.querySelectorAll('#classes li').length") == 2
+        wd.type("#heat-q", "a green star")
+        wd.click("#heat")
+        assert wd.wait("document.getElementById('heatmap').dataset.query") == "a green star" and settled(wd) == ""
+        wd.open(url + "/")
+        wd.wait(f"{FIGURES}.length == 48")
+        wd.js("fetch('/api/image/5').then((r) => r.blob()).then((b) => { const dt = new DataTransfer();"
+              "dt.items.add(new File([b], 'x.jpg', {type: 'image/jpeg'}));"
+              "document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: dt})); });")
+        assert wd.wait(f"document.getElementById('picked-title').textContent == 'your image' && {SHOWN}")[0] == 5
+
+        # bad input: one friendly line on the page
+        wd.type("#q", "")
+        wd.click("#search")
+        assert wd.text("#error") == f"type a caption to search for, e.g. \u201c{built.gallery.captions[0]}\u201d"
+        wd.type("#img", "9999")
+        wd.click("#pick")
+        assert "no image #9999: pick a number from 0 to 127" in wd.wait(
+            "document.getElementById('error').textContent.includes('9999') && "
+            "document.getElementById('error').textContent")
+        path.write_bytes(b"not a png")
+        wd.cmd("POST", f"/element/{wd.find('#file')}/value", {"text": str(path)})
+        assert "not an image this demo reads" in wd.wait("document.getElementById('error').textContent")
+        wd.screenshot(os.path.join(ARTIFACTS, "demo_errors.png"))
+
+        # a corrupt checkpoint: the page says so at once, and again on a search
+        wd.open(bad_url + "/")
+        assert f"cannot use checkpoint {bad}: " in wd.wait("document.getElementById('error').textContent")
+        assert "128 images" in wd.text("#status")
+        wd.type("#q", "a red star")
+        wd.click("#search")
+        assert "cannot use checkpoint" in wd.wait("document.getElementById('error').textContent")
+        assert "Traceback" not in wd.js("return document.body.textContent")
