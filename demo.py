@@ -96,7 +96,7 @@ from tqdm import tqdm
 import checkpoint_manager as cm
 from clip import normalize_images
 from dataloader import (FOLDER_EXTS, articles, class_folders, complete, decode_image, image_array, image_ext,
-                        map_file, read_index, scan_tar)
+                        is_image_file, map_file, read_index, scan_tar)
 from eval_zeroshot import TEMPLATES, encode_images, encode_texts, zeroshot_classifier
 from tokenizer import Tokenizer
 
@@ -119,7 +119,10 @@ class Gallery:
     def __init__(self, root, split="val", limit=None):
         self.items, self.captions, self.labels, self.names, self.classes, self.files = [], [], [], [], [], []
         shards = os.path.isfile(os.path.join(root, "index.json"))
-        self.read_shards(root, split) if shards else self.read_folder(root)
+        if shards:
+            self.read_shards(root, split)
+        else:
+            self.read_folder(root)
         if limit is not None:
             self.items, self.captions = self.items[:limit], self.captions[:limit]
             self.labels, self.names = self.labels[:limit], self.names[:limit]
@@ -165,15 +168,13 @@ class Gallery:
                 warnings.warn(f"{len(empty)} sub-folder(s) of {root} hold no image and are not classes: {empty[:5]}")
             self.files, self.labels = [p for p, _ in items], [label for _, label in items]
         else:
-            self.files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(root) for f in fs
-                                if f.rsplit(".", 1)[-1].lower() in FOLDER_EXTS)
+            self.files = sorted(p for dp, _, fs in os.walk(root) for f in fs if is_image_file(p := os.path.join(dp, f)))
             self.labels = [-1] * len(self.files)
         for p in self.files:
             self.items.append((p, None))
             self.names.append(os.path.relpath(p, root))
             txt = os.path.splitext(p)[0] + ".txt"  # a.jpg + a.txt: prep_dataset's captioned-folder layout
-            self.captions.append(open(txt, "rb").read().decode("utf-8", "replace").strip()
-                                 if layout is None and os.path.isfile(txt) else "")
+            self.captions.append(read_text(txt) if layout is None and os.path.isfile(txt) else "")
 
     def __len__(self):
         return len(self.items)
@@ -205,6 +206,11 @@ class Gallery:
         label = self.labels[i]
         return {"i": i, "name": self.names[i], "caption": self.captions[i],
                 "label": self.classes[label] if 0 <= label < len(self.classes) else ""}
+
+
+def read_text(path):
+    with open(path, "rb") as f:
+        return f.read().decode("utf-8", "replace").strip()
 
 
 def candidate_texts(gallery):
@@ -307,6 +313,7 @@ class Demo:
         self.image_emb, self.text_emb = image_emb, text_emb  # (N, E), (M, E) normalised, CPU
         self.lock = threading.Lock()  # one model call at a time: the server answers requests in threads
         self.classifiers = OrderedDict()  # labels tuple -> (C, E) ensembled label embeddings, a small LRU
+        self.max_upload = 8 * 2**20  # bytes; make_server sets it from --max_upload_mb (the page checks it first)
 
     # --- inputs: an image number, a caption, labels, uploaded bytes -> value or an error answer
 
@@ -329,7 +336,8 @@ class Demo:
         return q, None
 
     def upload(self, data):
-        """Uploaded bytes -> (uint8 (3, S, S) pixels, (width, height)), decoded by the one image decoder."""
+        """Uploaded bytes -> (uint8 (3, S, S) pixels, (width, height)) decoded by the one image decoder, or
+        (None, error answer)."""
         if not data:
             return None, (400, {"error": "the request body is empty: send the image's bytes"})
         try:
@@ -382,8 +390,6 @@ class Demo:
                      "data": self.description, "error": self.error, "hint": self.hint(),
                      "labels_hint": self.labels_hint(), "page": PAGE_SIZE, "max_upload": self.max_upload,
                      "img_size": cfg.img_size if cfg else None, "grid": cfg.img_size // cfg.patch_size if cfg else None}
-
-    max_upload = 8 * 2**20  # bytes; the server sets it from --max_upload_mb
 
     def browse(self, start):
         """The landing grid: PAGE_SIZE images from `start` on."""
@@ -447,7 +453,7 @@ class Demo:
             return 503, {"error": self.error}
         pixels, size = self.upload(body)
         if pixels is None:
-            return size  # the error answer
+            return size  # (None, error answer)
         with self.lock:
             emb = encode_images(self.model, pixels[None], self.device).cpu()[0]  # (E,)
         return 200, {"width": size[0], "height": size[1], "images": self.ranked(self.image_emb @ emb),
@@ -588,7 +594,7 @@ async function api(url, body) {
   } catch (e) {
     if (mine === gen) $("error").textContent = "the demo server did not answer (" + e + ")";
     return null;
-  } finally { pending--; $("loading").hidden = pending > 0 ? false : true; }
+  } finally { pending--; $("loading").hidden = pending === 0; }
 }
 function figure(r) {
   const f = el("figure"), img = el("img"), cap = el("figcaption");
@@ -662,6 +668,7 @@ async function showImage(i, q, labels) {
   $("results-title").textContent = "Similar images";
   $("results").replaceChildren(...sim.results.map(figure));
   if (txt) textList(txt.results);
+  if (txt && txt.note) $("texts").replaceChildren(el("li", txt.note, "dim"));
   if (q) heatmap(q);
   if (labels) classify(labels);
 }
@@ -725,7 +732,12 @@ $("search-form").onsubmit = (e) => {
   if (!q) { $("error").textContent = "type a caption to search for, e.g. \u201c" + info.hint + "\u201d"; return; }
   go({q: q});
 };
-$("pick-form").onsubmit = (e) => { e.preventDefault(); go({i: $("img").value.trim(), q: $("q").value.trim()}); };
+$("pick-form").onsubmit = (e) => {
+  e.preventDefault();
+  const i = $("img").value.trim();
+  if (!i) { $("error").textContent = "type an image number, 0 to " + (info.images - 1); return; }
+  go({i: i, q: $("q").value.trim()});
+};
 $("file").onchange = () => { if ($("file").files.length) queryUpload($("file").files[0], true); $("file").value = ""; };
 $("heat-form").onsubmit = (e) => {
   e.preventDefault();
