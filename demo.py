@@ -347,7 +347,7 @@ class Demo:
                     w, h = im.size
                 if w * h > MAX_PIXELS:
                     return None, (413, {"error": f"the image is {w}x{h} pixels; the demo decodes at most "
-                                                 f"{MAX_PIXELS // 10**6} megapixels"})
+                                                 f"{MAX_PIXELS:,}"})
                 img = decode_image(data, self.img_size)
         except Image.UnidentifiedImageError:
             return None, (400, {"error": "the upload is not an image this demo reads (JPEG, PNG, WebP, GIF, BMP, TIFF)"})
@@ -752,7 +752,8 @@ $("classify-form").onsubmit = (e) => {
   keep("labels", $("labels").value.trim()); classify($("labels").value);
 };
 document.addEventListener("paste", (e) => {  // an image on the clipboard (a screenshot, "copy image")
-  const item = [...(e.clipboardData ? e.clipboardData.items : [])].find((it) => it.kind === "file" && it.type.startsWith("image/"));
+  const items = [...(e.clipboardData ? e.clipboardData.items : [])];
+  const item = items.find((it) => it.kind === "file" && it.type.startsWith("image/"));
   if (item) { e.preventDefault(); queryUpload(item.getAsFile(), true); }
 });
 document.addEventListener("dragover", (e) => e.preventDefault());

@@ -202,7 +202,8 @@ def main():
     row = {"bench": "demo_latency", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "preset": args.preset,
            "img_size": args.img_size, "images": args.images, "server_threads": args.server_threads,
            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count(),
-           "load_avg_at_start": load, "load_avg_at_end": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
+           "load_avg_at_start": load, "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
+           "python": platform.python_version(),
            "startup_s": round(startup, 1), "serial": one, "concurrent": many,
            "wall_s": round(time.time() - t_start, 1), "note": args.note}
     with open(args.results, "a") as f:

@@ -241,7 +241,7 @@ def test_api_answers_match_scores_computed_here(ckpt, synth, tmp_path):
         assert status == 200 and body[:2] == b"\xff\xd8" and body == gallery.jpeg(7)
 
 
-def test_every_endpoint_errors_as_one_json_line(built):
+def test_every_endpoint_errors_as_one_json_line(built, monkeypatch):
     """Bad input of every kind -> a 4xx with one friendly line, the security headers on every answer."""
     out = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(out, "JPEG")
@@ -271,6 +271,7 @@ def test_every_endpoint_errors_as_one_json_line(built):
             ("POST", "/api/query_image", big, {}, 413, f"the upload is {len(big)} bytes; the demo takes at most"),
             ("POST", "/api/query_image", b"", {"Content-Length": str(10**9)}, 413, "the upload is 1000000000 bytes"),
             ("POST", "/api/query_image", b"", {"Content-Length": "lots"}, 411, "valid Content-Length"),
+            ("POST", "/api/query_image", b"0\r\n\r\n", {"Transfer-Encoding": "chunked"}, 411, "chunked bodies"),
             ("POST", "/api/classify?labels=a,b", b"garbage", {}, 400, "not an image this demo reads"),
             ("POST", "/api/classify?labels=a", b"garbage", {}, 400, "two or more labels"),
             ("POST", "/api/heatmap?q=red", b"garbage", {}, 400, "not an image this demo reads"),
@@ -297,6 +298,8 @@ def test_every_endpoint_errors_as_one_json_line(built):
         assert status == 200 and head["content-type"].startswith("text/html") and b"<script>" in page
         assert "script-src 'sha256-" in csp and "unsafe-inline" not in csp and "connect-src 'self'" in csp
         assert not re.search(rb"(src|href)=\"(https?:)?//", page)  # no external asset: works offline
+    monkeypatch.setattr(demo, "MAX_PIXELS", 64 * 64 - 1)  # too many pixels: refused from the header, not decoded
+    assert built.query_image(big) == (413, {"error": "the image is 64x64 pixels; the demo decodes at most 4,095"})
     with demo_thread(built, allowed_hosts=["demo.lan"]) as url:
         assert request(url, "GET", "/api/info", headers={"Host": "demo.lan:8000"})[0] == 200
         assert request(url, "GET", "/api/info", headers={"Host": "evil.example"})[0] == 403
@@ -600,7 +603,8 @@ def test_page_in_headless_chromium(ckpt, synth, built, tmp_path):
         wd.cmd("POST", "/back", {})
         assert wd.wait(f"{SHOWN}.join() == '{','.join(map(str, [r['i'] for r in built.search(q)[1]['results']]))}'")
         assert urllib.parse.parse_qs(wd.js("return location.search")[1:]) == {"q": [q]}
-        assert wd.js("return document.getElementById('detail').hidden") and wd.js("return document.getElementById('q').value") == q
+        assert wd.js("return document.getElementById('detail').hidden")
+        assert wd.js("return document.getElementById('q').value") == q
         wd.cmd("POST", "/forward", {})
         assert wd.wait(f"{SHOWN}.join() == '{','.join(map(str, sim))}'")
 
