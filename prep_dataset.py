@@ -69,9 +69,6 @@ from dataloader import (articles, class_folders, decode_image, image_array, imag
                         read_tar, safe_name, save_json, scan_tar, split_key, tar_members, write_tar)
 from tokenizer import Tokenizer
 
-# Not used here: kept importable only until eval_zeroshot.py and demo.py take them from dataloader (issue 13).
-from dataloader import FOLDER_EXTS  # noqa: F401
-
 # jackyhate/text-to-image-2M, the 512 px part (webdataset tars of jpg + json {"prompt": ...}).
 T2I_URLS = [f"https://huggingface.co/datasets/jackyhate/text-to-image-2M/resolve/main/data_512_2M/data_{i:06d}.tar"
             for i in range(47)]
