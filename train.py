@@ -282,7 +282,7 @@ def forward_backward(model, inputs, accum, autocast, loss_fn, batch=None):
 def val_loss(model, batches, device, autocast):
     """Mean contrastive loss over the val batches (each batch weighted by its size); one read from the device."""
     model.eval()
-    total, n = torch.zeros((), device=device), 0
+    total, n = torch.zeros((), dtype=torch.float64, device=device), 0
     for batch in batches:
         with autocast:  # uint8 images: the model normalises them
             outs = model(batch["image"].to(device, non_blocking=True), batch["text"].to(device, non_blocking=True))
@@ -317,8 +317,7 @@ def zero_shot(model, tokenizer, data_dir, device, precision):
 
 
 def setup_distributed():
-    """One code path for CPU, one GPU and torchrun (which sets RANK/LOCAL_RANK/WORLD_SIZE). Returns (ddp, rank,
-    local_rank, world, device)."""
+    """One code path for CPU, one GPU and torchrun (which sets RANK/LOCAL_RANK/WORLD_SIZE): (ddp, rank, world, device)."""
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
@@ -327,7 +326,7 @@ def setup_distributed():
     if ddp:  # device_id binds NCCL to this GPU at once; the timeout outlasts rank 0's work alone (PG_TIMEOUT)
         extra = {"device_id": torch.device(device)} if device.startswith("cuda") else {}
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=PG_TIMEOUT, **extra)
-    return ddp, rank, local_rank, world, device
+    return ddp, rank, world, device
 
 
 def device_defaults(args, device):
@@ -352,16 +351,17 @@ def device_defaults(args, device):
 
 def unshared_ranks(path, rank, world):
     """Ranks that do not see a file rank 0 writes under path (a node without the same filesystem)."""
-    probe = [os.path.join(path, f".probe-{uuid.uuid4().hex}")]  # rank 0's name is the one used
-    dist.broadcast_object_list(probe, src=0)
+    name = [f".probe-{uuid.uuid4().hex}"]  # rank 0's random name, sent to all
+    dist.broadcast_object_list(name, src=0)
+    probe = os.path.join(path, name[0])
     if rank == 0:
         os.makedirs(path, exist_ok=True)
-        open(probe[0], "w").close()
+        open(probe, "w").close()
     dist.barrier()
     seen = [None] * world
-    dist.all_gather_object(seen, os.path.exists(probe[0]))
+    dist.all_gather_object(seen, os.path.exists(probe))
     if rank == 0:
-        os.unlink(probe[0])
+        os.unlink(probe)
     return [r for r, ok in enumerate(seen) if not ok]
 
 
@@ -439,13 +439,13 @@ class DevicePrefetcher:
 
 
 def read_window(window, ddp):
-    """[(step, lr, {name: device scalar})] -> [(step, {name: float, "lr": lr})]: one stack, one all_reduce (the
-    ranks' mean loss; the grad norm and scale are equal on every rank) and one copy to the host."""
+    """[(step, {name: host value}, {name: device scalar})] -> [(step, {name: float})]: one stack, one all_reduce
+    (the ranks' mean loss; the grad norm and scale are equal on every rank) and one copy to the host."""
     names = list(window[0][2])
     values = torch.stack([torch.stack([v[k].float() for k in names]) for _, _, v in window])  # (steps, names)
     if ddp:
         dist.all_reduce(values, op=dist.ReduceOp.AVG)
-    return [(s, {**dict(zip(names, row)), "lr": lr}) for (s, lr, _), row in zip(window, values.tolist())]
+    return [(s, {**dict(zip(names, row)), **host}) for (s, host, _), row in zip(window, values.tolist())]
 
 
 def weights_finite(model):
@@ -471,7 +471,7 @@ def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
     validate(parser, args)
-    ddp, rank, local_rank, world, device = setup_distributed()
+    ddp, rank, world, device = setup_distributed()
     master, cuda = rank == 0, device.startswith("cuda")
 
     def fail(msg):  # after the processes started: one line from rank 0, exit 2 everywhere
@@ -616,7 +616,7 @@ def main(argv=None):
     stop = min(total_steps, args.stop_at or total_steps)
     batches = DevicePrefetcher(loader, device)
     bar = tqdm(total=stop, initial=step, disable=quiet, desc="train", dynamic_ncols=True)
-    window, metrics, skipped = [], {}, {}  # window: this log window's per-step values, still on the device
+    window, metrics = [], {}  # window: this log window's steps, their values still on the device
     timing = {"loop": 0.0, "data": 0.0, "eval": 0.0, "checkpoint": 0.0, "final save": 0.0}  # seconds
     t_start = t_window = time.time()
     model.train()
@@ -638,13 +638,14 @@ def main(argv=None):
         raw_model.clamp_logit_scale()
         step += 1
         bar.update(1)
-        window.append((step, lr, {"loss": loss, **terms, "grad_norm": grad_norm,
-                                  "logit_scale": raw_model.logit_scale.detach().exp()}))
+        host = {"lr": lr}
         report = loader.pop_epoch_report()  # bad samples met in the epoch that just ended (skipped, replaced)
         if report and report["skipped"]:
-            skipped.update({f"skipped_{why}": n for why, n in report["skipped"].items()})
+            host.update({f"skipped_{why}": n for why, n in report["skipped"].items()})
             if master and not args.quiet:
-                tqdm.write(f"epoch {report['epoch']}: skipped " + ", ".join(f"{n} {why}" for why, n in report["skipped"].items()))
+                tqdm.write(f"epoch {report['epoch']}: skipped {', '.join(f'{n} {w}' for w, n in report['skipped'].items())}")
+        window.append((step, host, {"loss": loss, **terms, "grad_norm": grad_norm,
+                                    "logit_scale": raw_model.logit_scale.detach().exp()}))
 
         eval_step = (args.eval_every and step % args.eval_every == 0) or step == stop
         ckpt_step = step % args.ckpt_every == 0 or step == stop
@@ -658,15 +659,13 @@ def main(argv=None):
         rows = read_window(window, ddp)
         window = []
         rate = {"samples_per_s": len(rows) * step_batch * world / dt, "data_ms": 1000 * wait / len(rows)}
-        if cuda and clip.estimate_mfu(config, rate["samples_per_s"] / world) is not None:
-            rate["mfu"] = clip.estimate_mfu(config, rate["samples_per_s"] / world)
+        mfu = clip.estimate_mfu(config, rate["samples_per_s"] / world) if cuda else None
+        rate.update({"mfu": mfu} if mfu is not None else {})
         for s, r in rows:
             bad = next((k for k in ("loss", "grad_norm") if not math.isfinite(r[k])), None)
             if bad:
                 return stop_bad(bad.replace("_", " "), r[bad], s)
-            end = {"elapsed_s": time.time() - t_start, **skipped} if s == step else {}
-            logger.log(s, "train", **r, **rate, **end)
-        skipped = {}
+            logger.log(s, "train", **r, **rate, **({"elapsed_s": time.time() - t_start} if s == step else {}))
         bar.set_postfix(loss=f"{rows[-1][1]['loss']:.3f}", refresh=False)
         # validation and zero-shot (rank 0; the others wait at their next collective, well within PG_TIMEOUT)
         t0 = time.time()
