@@ -43,6 +43,7 @@ DEFAULT_DATA = os.path.join("data", "synthetic")
 # to the CPU, making the synthetic set), while the other ranks wait at their next collective
 PG_TIMEOUT = datetime.timedelta(minutes=30)
 VAL_CACHE_BYTES = 4 * 2 ** 30  # the in-training val batches are kept in host memory when they fit in this
+PLOT_EVERY_S = 300  # redraw the PNGs after an eval at most this often (drawing takes ~1 s of the training thread)
 
 
 def get_parser():
@@ -618,7 +619,7 @@ def main(argv=None):
     bar = tqdm(total=stop, initial=step, disable=quiet, desc="train", dynamic_ncols=True)
     window, metrics = [], {}  # window: this log window's steps, their values still on the device
     timing = {"loop": 0.0, "data": 0.0, "eval": 0.0, "checkpoint": 0.0, "final save": 0.0}  # seconds
-    t_start = t_window = time.time()
+    t_start = t_window = t_plot = time.time()
     model.train()
     while step < stop:
         # the learning rate of this step (warmup, then cosine), written into the optimizer
@@ -671,8 +672,9 @@ def main(argv=None):
         t0 = time.time()
         if master and val_loader is not None and eval_step:
             metrics = evaluate()
-            if step != stop:  # the end of the run plots once below
+            if step != stop and time.time() - t_plot > PLOT_EVERY_S:  # the end of the run plots once below
                 logger.plot()
+                t_plot = time.time()
         timing["eval"] += time.time() - t0
         # checkpoint: weights checked finite on every rank, the state copied to the CPU and written in the background
         t0 = time.time()
