@@ -468,12 +468,67 @@ def ensure_synthetic(path, quiet, master):
         dist.barrier()
 
 
+def load_data(args, master):
+    """(data dir, its index.json, its tokenizer, checkpoint dir, log dir): --data, else the built-in synthetic set."""
+    data = args.data or DEFAULT_DATA
+    if args.data is None:
+        ensure_synthetic(data, args.quiet, master)
+    with open(os.path.join(data, "index.json")) as f:
+        index = json.load(f)
+    run = args.run_name or f"{args.preset}-{os.path.basename(os.path.normpath(data))}"
+    return data, index, Tokenizer.load(os.path.join(data, "tokenizer.json")), os.path.join(args.out, run), \
+        os.path.join(args.log_dir, run)
+
+
+def load_teacher(args, data, index, tokenizer, device):
+    """(online teacher or None, teacher embedding size): stored in the shards (checked for every sample now, not
+    discovered mid-run), else --teacher run online; (None, 0) without --distill."""
+    if args.distill == "none":
+        return None, 0
+    try:
+        return None, stored_teacher_dim(data, index)
+    except ValueError:
+        if args.teacher is None:
+            raise
+    teacher = OnlineTeacher(args.teacher, tokenizer, device)
+    return teacher, teacher.dim
+
+
+def load_resume(args, out_dir, config, world):
+    """The --resume checkpoint, after the checks that make a resume exact (else a one-line ValueError)."""
+    path = cm.resolve(args.resume, out_dir)
+    ckpt = cm.load(path, map_location="cpu")
+    why = check_resume(ckpt, path, args, world)
+    if why is None and ckpt["config"] != config.to_dict():
+        why = f"--resume: the checkpoint's model differs from these flags: {diff_configs(ckpt['config'], config.to_dict())}"
+    if why:
+        raise ValueError(why)
+    return ckpt
+
+
+def make_loaders(args, data, index, tokenizer, config, rank, world, cuda):
+    """This rank's training loader (disjoint samples; each batch is a whole step: --accum micro-batches, pinned for
+    the copy to the GPU) and, on rank 0, the val loader."""
+    step_batch, train_split = args.batch * args.accum, index["train"]["num_samples"]
+    if step_batch * world > train_split:
+        raise ValueError(f"--batch {args.batch} x --accum {args.accum} x {world} processes = {step_batch * world} "
+                         f"is larger than the {train_split} training samples")
+    ctx = config.text.context_length
+    loader = ShardLoader(data, "train", step_batch, tokenizer, ctx, seed=args.seed, rank=rank, world_size=world,
+                         num_workers=args.workers, augment=args.augment, long_captions=args.long, pin_memory=cuda)
+    n_val = index.get("val", {}).get("num_samples") or 0
+    val_loader = ShardLoader(data, "val", min(args.batch, n_val), tokenizer, ctx, num_workers=args.workers,
+                             long_captions=args.long) if rank == 0 and n_val else None
+    return loader, val_loader
+
+
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
     validate(parser, args)
+    # processes and devices; what the machine decides (bf16 and compile on CUDA, loader workers from the cores)
     ddp, rank, world, device = setup_distributed()
-    master, cuda = rank == 0, device.startswith("cuda")
+    master, cuda, quiet = rank == 0, device.startswith("cuda"), args.quiet or rank != 0
 
     def fail(msg):  # after the processes started: one line from rank 0, exit 2 everywhere
         if master:
@@ -486,70 +541,26 @@ def main(argv=None):
     torch.backends.cudnn.allow_tf32 = True
     use_bf16 = args.precision == "bf16" and cuda
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-    quiet = args.quiet or not master
 
-    data = args.data or DEFAULT_DATA
-    if args.data is None:
-        ensure_synthetic(data, args.quiet, master)
-    with open(os.path.join(data, "index.json")) as f:
-        index = json.load(f)
-    tokenizer = Tokenizer.load(os.path.join(data, "tokenizer.json"))
-    run = args.run_name or f"{args.preset}-{os.path.basename(os.path.normpath(data))}"
-    out_dir, log_dir = os.path.join(args.out, run), os.path.join(args.log_dir, run)
+    # data, the model's config (preset or --init, a teacher for --distill), the checkpoint to --resume
+    data, index, tokenizer, out_dir, log_dir = load_data(args, master)
     if ddp:  # rank 0 writes the checkpoints and every rank reads one on --resume: all must see the same folder
         missing = unshared_ranks(out_dir, rank, world)
         if missing:
             fail(f"ranks {missing} do not see {out_dir}, which rank 0 writes: put --out on a filesystem every node "
                  f"shares (checkpoints are written by rank 0 and read by every rank on --resume)")
-
-    # the teacher: stored in the shards (checked for every sample now, not mid-run), or run online
-    teacher, teacher_dim = None, 0
-    if args.distill != "none":
-        try:
-            teacher_dim = stored_teacher_dim(data, index)
-        except ValueError as e:
-            if args.teacher is None:
-                parser.error(str(e))
-            teacher = OnlineTeacher(args.teacher, tokenizer, device)
-            teacher_dim = teacher.dim
     try:
+        teacher, teacher_dim = load_teacher(args, data, index, tokenizer, device)
         config, tokenizer, init_sd = build_config(args, index, tokenizer, teacher_dim)
-    except ValueError as e:
-        parser.error(str(e))
-    ckpt = None
-    if args.resume:
-        try:
-            path = cm.resolve(args.resume, out_dir)
-            ckpt = cm.load(path, map_location="cpu")
-        except (FileNotFoundError, ValueError) as e:
-            fail(str(e))
-        why = check_resume(ckpt, path, args, world)
-        if why is None and ckpt["config"] != config.to_dict():
-            why = f"--resume: the checkpoint's model differs from these flags: {diff_configs(ckpt['config'], config.to_dict())}"
-        if why:
-            fail(why)
-
-    # data: each rank reads disjoint samples; the loader yields the whole step's batch (accum micro-batches)
-    step_batch = args.batch * args.accum
-    train_split = index["train"]["num_samples"]
-    if step_batch * world > train_split:
-        fail(f"--batch {args.batch} x --accum {args.accum} x {world} processes = {step_batch * world} "
-             f"is larger than the {train_split} training samples")
-    loader = ShardLoader(data, "train", step_batch, tokenizer, config.text.context_length, seed=args.seed,
-                         rank=rank, world_size=world, num_workers=args.workers, augment=args.augment,
-                         long_captions=args.long, pin_memory=cuda)
-    n_val = index.get("val", {}).get("num_samples") or 0
-    val_loader = ShardLoader(data, "val", min(args.batch, n_val), tokenizer, config.text.context_length,
-                             num_workers=args.workers, long_captions=args.long) if master and n_val else None
-    total_steps = max(1, math.ceil(args.epochs * len(loader)))
-
-    try:
+        ckpt = load_resume(args, out_dir, config, world) if args.resume else None
+        loader, val_loader = make_loaders(args, data, index, tokenizer, config, rank, world, cuda)
         model = build_model(args, config, init_sd if ckpt is None else None, quiet).to(device)
-    except ValueError as e:
-        parser.error(str(e))
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    total_steps = max(1, math.ceil(args.epochs * len(loader)))
     optimizer = clip.configure_optimizers(model, args.wd, args.max_lr, betas=(0.9, args.beta2))
     step, best_val = 0, None
-    if ckpt is not None:
+    if ckpt is not None:  # model, optimizer, data position and RNGs exactly as they were
         model.load_state_dict(cm.strip_prefixes(ckpt["model"]))
         optimizer.load_state_dict(ckpt["optimizer"])
         loader.load_state_dict(ckpt["loader"])
@@ -564,13 +575,14 @@ def main(argv=None):
             return 0
         if master:
             print(f"resumed from step {step} of {total_steps}")
-    raw_model, model = model, wrap_model(args, model, ddp, device)
+    raw_model, model = model, wrap_model(args, model, ddp, device)  # compiled, DDP; raw_model for eval and saving
     loss_fn = make_loss(args, raw_model, teacher)
 
     manager = cm.CheckpointManager(out_dir, keep=args.keep) if master else None
     logger = Logger(log_dir, config={"args": vars(args), "model": config.to_dict(), "world_size": world},
                     resume_step=step if ckpt is not None else None, total_steps=total_steps,
                     print_every=args.log_every, quiet=args.quiet, enabled=master)
+    step_batch = args.batch * args.accum
     if master and not args.quiet:
         print(f"{config.vision.img_size}px images, {raw_model.num_params() / 1e6:.2f}M parameters "
               f"({raw_model.num_params(trainable_only=True) / 1e6:.2f}M trainable), "
