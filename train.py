@@ -657,7 +657,7 @@ def main(argv=None):
             host.update({f"skipped_{why}": n for why, n in report["skipped"].items()})
             if master and not args.quiet:
                 tqdm.write(f"epoch {report['epoch']}: skipped {', '.join(f'{n} {w}' for w, n in report['skipped'].items())}")
-        window.append((step, host, {"loss": loss, **terms, "grad_norm": grad_norm,
+        window.append((step, host, {"loss": loss, **{k: v.detach() for k, v in terms.items()}, "grad_norm": grad_norm,
                                     "logit_scale": raw_model.logit_scale.detach().exp()}))
 
         eval_step = (args.eval_every and step % args.eval_every == 0) or step == stop
@@ -833,6 +833,7 @@ class OnlineTeacher:
         if images.shape[-1] != self.size:
             images = F.interpolate(images, size=(self.size, self.size), mode="bicubic", antialias=True)
         eot = self.tokenizer.eot  # the ids between sot and eot: the zero padding after eot is not text
+        # (reading the tokens back is a host sync each step: the price of re-tokenizing for the teacher)
         texts = [self.tokenizer.decode(row[1:row.index(eot)]) for row in batch["text"].tolist()]
         tokens = self.own.tokenize(texts, self.model.config.text.context_length).to(device)
         outs = self.model(images, tokens)

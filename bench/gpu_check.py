@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -261,17 +262,21 @@ def part_train(args):
 def run_part(args, name, timeout):
     cmd = [sys.executable, os.path.abspath(__file__), "--part", name, "--data", args.data] + (["--smoke"] if args.smoke else [])
     print(f"--- {name} (at most {timeout:.0f} s)", flush=True)
+    # its own session: on a timeout the whole group goes (train.py and loader workers too), freeing the GPU
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            start_new_session=True)
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
         print(out[-2000:])
         return {"part": name, "failed": f"timed out after {timeout:.0f} s"}
-    print("\n".join(l for l in r.stdout.splitlines() if not l.startswith("RESULT ")))
-    found = [json.loads(l[7:]) for l in r.stdout.splitlines() if l.startswith("RESULT ")]
-    if r.returncode != 0 or not found:
-        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"part": name, "failed": f"exit {r.returncode}: {last[:300]}"}
+    print("\n".join(line for line in out.splitlines() if not line.startswith("RESULT ")))
+    found = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not found:
+        last = (err.strip().splitlines() or ["no output"])[-1]
+        return {"part": name, "failed": f"exit {proc.returncode}: {last[:300]}"}
     return found[-1]
 
 
