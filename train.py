@@ -391,7 +391,8 @@ def wrap_model(args, raw_model, ddp, device):
         DDP = torch.nn.parallel.DistributedDataParallel
         DDP._set_params_and_buffers_to_ignore_for_model(model, ddp_ignored(model))
         # no buffer broadcast each step: the buffers (image statistics, frozen positions) never change
-        model = DDP(model, device_ids=[device] if device.startswith("cuda") else None, broadcast_buffers=False)
+        model = DDP(model, device_ids=[torch.device(device)] if device.startswith("cuda") else None,
+                    broadcast_buffers=False)
     return model
 
 
@@ -628,6 +629,7 @@ def main(argv=None):
     # the training loop: one optimizer step per iteration. Nothing in it waits for the GPU except a log step.
     stop = min(total_steps, args.stop_at or total_steps)
     batches = DevicePrefetcher(loader, device)
+    batches.pop_wait()  # the first batch's wait is before the clock starts
     bar = tqdm(total=stop, initial=step, disable=quiet, desc="train", dynamic_ncols=True)
     window, metrics = [], {}  # window: this log window's steps, their values still on the device
     timing = {"loop": 0.0, "data": 0.0, "eval": 0.0, "checkpoint": 0.0, "final save": 0.0}  # seconds
