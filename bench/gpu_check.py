@@ -107,13 +107,13 @@ def part_step(args, batch, grad_ckpt=False):
                compile_s=round(compile_s, 1), mfu=clip.estimate_mfu(config, sps) if cuda else None,
                peak_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if cuda else None,
                params=model.num_params())
+    result(**out)
     if cuda and batch == z["batches"][0] and not grad_ckpt:  # what the GPU spends the step on (for a low MFU)
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             step()
             sync()
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12))
-    result(**out)
 
 
 # -----------------------------------------------------------------------------
@@ -186,7 +186,11 @@ def part_loader(args):
         return count / (time.time() - t0)
 
     loader = ShardLoader(args.data, "train", B, num_workers=workers, pin_memory=torch.cuda.is_available())
-    ours = rate(iter(loader))
+
+    def forever():  # epochs back to back, as train.py reads them
+        while True:
+            yield from loader
+    ours = rate(forever())
     loader.close()
     out = dict(part="loader", workers=workers, batch=B, ours=round(ours, 1))
     try:
