@@ -11,10 +11,14 @@ On disk, under <out_dir>/ckpt/:
 
 Every file is written to a temp name in the same directory, fsynced, then os.replace'd into place, so
 a process killed mid-write (OOM, preemption, kill -9) leaves the previous file whole; the stray temp
-file is ignored and removed on the next save.
+file is ignored and removed on the next save. Other names in the folder (step_00000010_backup.pt, notes)
+are left alone: only step_<digits>.pt counts as a step file.
 
-Left out on purpose: async/background saving, sharded (FSDP) checkpoints, cloud storage. Only the
-master process of a DDP run calls save().
+save_async() takes the write off the training loop: the state is copied to the CPU (the caller's tensors go
+on changing), then a background thread writes it exactly as save() does. At most one write is in flight; the
+next save waits for it, and wait() (call it before exiting) re-raises a failed write.
+
+Left out on purpose: sharded (FSDP) checkpoints, cloud storage. Only the master process of a DDP run saves.
 """
 
 import glob
@@ -24,6 +28,7 @@ import random
 import re
 import shutil
 import tempfile
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -92,6 +97,7 @@ class CheckpointManager:
         self.dir = os.path.join(out_dir, "ckpt")
         self.keep = keep
         self.best_val_loss = None
+        self._thread, self._error = None, None  # the background write in flight, and its exception
         best = os.path.join(self.dir, "best.pt")
         if os.path.exists(best):
             # mmap=True reads only the small entries, not the weights, so this is cheap
@@ -102,9 +108,13 @@ class CheckpointManager:
                 pass  # an unreadable best.pt is simply beaten by the next val loss
 
     def step_files(self):
-        """Step checkpoints, oldest first."""
-        files = glob.glob(os.path.join(self.dir, "step_*.pt"))
-        return sorted(files, key=lambda p: int(re.search(r"step_(\d+)\.pt$", p).group(1)))
+        """Step checkpoints, oldest first; names that are not exactly step_<digits>.pt are not ours and are ignored."""
+        steps = {}
+        for p in glob.glob(os.path.join(self.dir, "step_*.pt")):
+            m = re.fullmatch(r"step_(\d+)\.pt", os.path.basename(p))
+            if m:
+                steps[p] = int(m.group(1))
+        return sorted(steps, key=steps.get)
 
     def latest(self):
         """Path of the newest checkpoint, or None."""
@@ -116,19 +126,52 @@ class CheckpointManager:
 
     def save(self, state, step, val_loss=None):
         """Write step_<step>.pt, point latest.pt (and best.pt on a new best) at it; return its path."""
-        os.makedirs(self.dir, exist_ok=True)
-        for tmp in glob.glob(os.path.join(self.dir, ".*.tmp")):
-            os.unlink(tmp)  # left by a save that was killed mid-write
+        self.wait()  # a background write first: files appear in step order
+        return self._write(*self._prepare(state, step, val_loss))
+
+    def save_async(self, state, step, val_loss=None):
+        """save() in a background thread, on a CPU copy of state; returns the path it will write. Waits for the
+        previous write first, so at most one is in flight."""
+        self.wait()
+        state = to_cpu(state)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the non_blocking device -> host copies have landed
+        args = self._prepare(state, step, val_loss)
+        self._thread = threading.Thread(target=self._write_catching, args=args, daemon=True)
+        self._thread.start()
+        return args[1]
+
+    def wait(self):
+        """Block until the background write (if any) is on disk; re-raise its error here, in the caller."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise RuntimeError(f"writing checkpoint failed: {error}") from error
+
+    def _write_catching(self, *args):
+        try:
+            self._write(*args)
+        except BaseException as e:  # handed to the training thread by wait()
+            self._error = e
+
+    def _prepare(self, state, step, val_loss):
+        """(state with the best val loss so far, its path, whether it is a new best): cheap, in the caller."""
         # the best so far: from this manager's saves/best.pt, or carried in the state across a resume
         known = [b for b in (self.best_val_loss, state.get("best_val_loss")) if b is not None]
         best = min(known) if known else None
         is_best = val_loss is not None and (best is None or val_loss < best)
         if is_best:
             best = float(val_loss)
-        state = {**state, "best_val_loss": best}  # shallow copy: the caller's dict is not changed
         self.best_val_loss = best
+        state = {**state, "best_val_loss": best}  # shallow copy: the caller's dict is not changed
+        return state, os.path.join(self.dir, f"step_{step:08d}.pt"), is_best
 
-        path = os.path.join(self.dir, f"step_{step:08d}.pt")
+    def _write(self, state, path, is_best):
+        os.makedirs(self.dir, exist_ok=True)
+        for tmp in glob.glob(os.path.join(self.dir, ".*.tmp")):
+            os.unlink(tmp)  # left by a save that was killed mid-write
         save_atomic(state, path)
         _point_atomic(path, os.path.join(self.dir, "latest.pt"))
         if is_best:
@@ -138,6 +181,31 @@ class CheckpointManager:
         for p in old[:max(0, len(old) - (self.keep - 1))]:
             os.unlink(p)
         return path
+
+    def newest_finite(self):
+        """The newest step file whose model weights are all finite (read with mmap, tensor by tensor), or None:
+        what to name as the last good checkpoint after a NaN, without trusting the newest one blindly."""
+        self.wait()
+        for p in reversed(self.step_files()):
+            try:
+                model = torch.load(p, map_location="cpu", weights_only=True, mmap=True).get("model", {})
+            except Exception:
+                continue  # unreadable: not good either
+            if model and all(torch.isfinite(t).all() for t in model.values() if torch.is_floating_point(t)):
+                return p
+        return None
+
+
+def to_cpu(obj):
+    """A copy of a (nested) state with every tensor on the CPU: training goes on changing the originals in place.
+    Device tensors are copied with non_blocking (into pinned memory); synchronize before reading them."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
 
 # -----------------------------------------------------------------------------
 # loading

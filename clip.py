@@ -364,6 +364,10 @@ class CLIP(nn.Module):
         self.visual = VisionTransformer(config)
         self.text = TextTransformer(config)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # temperature 0.07, learned in log space
+        # CLIP's image statistics (1, 3, 1, 1) on the model's device, so forward normalises uint8 images with no host
+        # tensors per call (inside the compiled graph); not persistent, so checkpoint keys do not change
+        self.register_buffer("image_mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
         self.init_weights()
         if config.adapters:
             self.add_adapters(config.adapters, config.adapter_towers)
@@ -400,6 +404,8 @@ class CLIP(nn.Module):
         return self.text(tokens, return_hidden)
 
     def forward(self, images, tokens, tokens_short=None):
+        if images.dtype == torch.uint8:  # bytes from the loader (B, 3, S, S): normalised here, as normalize_images does
+            images = (images.float() / 255.0 - self.image_mean) / self.image_std
         img = F.normalize(self.encode_image(images), dim=-1)  # (B, E) on the unit sphere
         txt = F.normalize(self.encode_text(tokens), dim=-1)  # (B, E)
         short = None if tokens_short is None else F.normalize(self.encode_text(tokens_short), dim=-1)  # (B, E)
@@ -597,7 +603,8 @@ def stretch_text_model(model, keep=20, factor=4):
 # -----------------------------------------------------------------------------
 # FLOPs, MFU and the optimizer
 
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16 dense tensor-core peaks
+# bf16 dense tensor-core peaks; the first name found in the device name wins, so the PCIe/NVL cards come before "H100"
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def estimate_flops_per_sample(config: CLIPConfig):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Fresh rented GPU box (Ubuntu) -> a .venv with torch for this driver's CUDA, the requirements, a GPU self-test
-# (bf16 matmul + one timed training step of the seed preset, samples/s and MFU), and optionally a slice of
-# text-to-image-2M. Idempotent: a re-run skips every step that is already done (venv, torch, requirements, data).
+# Fresh rented GPU box (Ubuntu) -> a C compiler and Python headers (torch.compile needs them), a .venv with torch
+# for this driver's CUDA, the requirements, a GPU self-test (bf16 matmul + compiled bf16 training steps of the seed
+# preset at the batch it recommends: samples/s, MFU, peak memory), and optionally a slice of text-to-image-2M.
+# Idempotent: a re-run skips every step that is already done (packages, venv, torch, requirements, data).
 #
 #   bash setup_gpu.sh                     # venv + torch + requirements + self-test
 #   bash setup_gpu.sh --prep t2i 100000   # ... then python prep_dataset.py text-to-image-2m --limit 100000
@@ -16,14 +17,17 @@ usage() {
 usage: bash setup_gpu.sh [--dry_run] [--prep t2i N] [--cuda TAG] [--python PYTHON] [--batch B] [--no_selftest]
 
 Set up this repository on a fresh Ubuntu GPU box:
-  1. check the GPU (nvidia-smi) and Python (>= 3.9)
-  2. create .venv (skipped when it exists)
-  3. install torch built for the driver's CUDA (cu130/cu128/cu126/cu124/cu121/cu118 from
+  1. check the GPU (nvidia-smi), Python (>= 3.9) and the shared memory the loader workers use (/dev/shm; in a
+     container it is often 64 MB: run the container with --ipc=host or --shm-size=16g)
+  2. apt-get install a C compiler and the Python headers when missing: torch.compile's Triton builds a small
+     C helper with them the first time it runs
+  3. create .venv (skipped when it exists)
+  4. install torch built for the driver's CUDA (cu130/cu128/cu126/cu124/cu121/cu118 from
      download.pytorch.org, else the default PyPI wheel); skipped when torch already sees the GPU
-  4. pip install -r requirements.txt (skipped when requirements.txt has not changed since the last run)
-  5. GPU self-test: a bf16 matmul check, then the seed preset trained at a small batch with bf16 autocast;
-     prints samples/s and MFU
-  6. with --prep t2i N: python prep_dataset.py text-to-image-2m --out data/t2i --limit N
+  5. pip install -r requirements.txt (skipped when requirements.txt has not changed since the last run)
+  6. GPU self-test: a bf16 matmul check, then compiled bf16 training steps of the seed preset at the batch
+     it recommends for this GPU's memory; prints samples/s and MFU, and the peak memory
+  7. with --prep t2i N: python prep_dataset.py text-to-image-2m --out data/t2i --limit N
      (skipped when data/t2i already holds a run of >= N)
 
 options:
@@ -31,8 +35,8 @@ options:
   --prep t2i N     also build N samples of text-to-image-2M into data/t2i
   --cuda TAG       wheel index to use instead of the detected one: cu130, cu128, ..., or "pypi"
   --python PYTHON  the interpreter that creates .venv (default: python3)
-  --batch B        self-test batch size (default 32)
-  --no_selftest    skip step 5
+  --batch B        self-test batch size (default: auto, the largest power of two that fits this GPU)
+  --no_selftest    skip step 6
   -h, --help       this message
 EOF
 }
@@ -40,7 +44,7 @@ EOF
 die() { echo "setup_gpu.sh: error: $*" >&2; exit 1; }
 bad_usage() { echo "setup_gpu.sh: error: $*" >&2; echo "(bash setup_gpu.sh --help for usage)" >&2; exit 2; }
 
-DRY=0 PREP_N="" CUDA_TAG="" PYTHON=python3 BATCH=32 SELFTEST=1
+DRY=0 PREP_N="" CUDA_TAG="" PYTHON=python3 BATCH=auto SELFTEST=1
 while (($#)); do
     case "$1" in
         -h | --help) usage; exit 0 ;;
@@ -57,7 +61,7 @@ while (($#)); do
             [[ $# -ge 2 ]] || bad_usage "--python needs an interpreter"
             PYTHON=$2; shift ;;
         --batch)
-            [[ $# -ge 2 && $2 =~ ^[1-9][0-9]*$ ]] || bad_usage "--batch needs a positive integer"
+            [[ $# -ge 2 && $2 =~ ^([1-9][0-9]*|auto)$ ]] || bad_usage "--batch needs a positive integer or auto"
             BATCH=$2; shift ;;
         --no_selftest) SELFTEST=0 ;;
         *) bad_usage "unknown argument '$1'" ;;
@@ -69,6 +73,8 @@ cd "$(dirname "$0")"  # the repository root: .venv, requirements.txt and data/ l
 VENV=.venv
 PY=$VENV/bin/python
 
+SUDO=""
+((EUID == 0)) || SUDO=sudo
 step() { printf '\n== %s\n' "$*"; }
 skip() { echo "skip: $*"; }
 run() {  # print the command; run it unless --dry_run
@@ -121,15 +127,56 @@ if [[ -z $CUDA_TAG ]]; then
 fi
 echo "torch wheel: $CUDA_TAG"
 
-# ---------------------------------------------------------------- 2. the virtual environment
+step "checking shared memory (/dev/shm)"
+# loader workers hand batches to the training process through /dev/shm: up to 15 workers per GPU x 2 batches in
+# flight x 154 MB (batch 1024 at 224 px) is a few GB; Docker's default of 64 MB ends in a bus error
+SHM_WANT_GIB=8
+shm_kb=$(df -Pk /dev/shm 2>/dev/null | awk 'NR == 2 {print $4}') || true
+if [[ ! $shm_kb =~ ^[0-9]+$ ]]; then
+    echo "warning: no /dev/shm here; loader workers need it (in a container: docker run --ipc=host or --shm-size=16g)"
+elif ((shm_kb < SHM_WANT_GIB * 1024 * 1024)); then
+    echo "warning: /dev/shm has only $((shm_kb / 1024)) MiB free; loader workers pass batches through it (a few GB"
+    echo "  at --batch 1024): restart the container with --ipc=host or --shm-size=16g (or train with fewer --workers)"
+else
+    echo "/dev/shm: $((shm_kb / 1024 / 1024)) GiB free (ok)"
+fi
+
+# ---------------------------------------------------------------- 2. build tools for torch.compile
+step "C compiler and Python headers (Triton builds a small C helper the first time torch.compile runs)"
+PKGS=()
+if [[ -n ${CC:-} ]]; then  # Triton compiles with $CC when it is set, else with clang or gcc
+    command -v "$CC" >/dev/null 2>&1 || die "CC=$CC is not an executable; Triton compiles with \$CC: fix or unset it"
+    echo "C compiler: $CC (from \$CC)"
+elif cc_path=$(command -v gcc || command -v clang); then
+    echo "C compiler: $cc_path"
+else
+    echo "no C compiler (gcc or clang) found"
+    PKGS+=(build-essential)
+fi
+if "$PYTHON" -c 'import os, sys, sysconfig
+sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
+    echo "Python headers: found"
+else
+    pyver=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    echo "no Python.h for Python $pyver"
+    PKGS+=("python$pyver-dev")
+fi
+if ((${#PKGS[@]})); then
+    command -v apt-get >/dev/null 2>&1 ||
+        die "no apt-get: install ${PKGS[*]} (a C compiler, the Python headers) with this system's package manager"
+    run $SUDO apt-get update
+    run $SUDO apt-get install -y "${PKGS[@]}"
+else
+    skip "both present"
+fi
+
+# ---------------------------------------------------------------- 3. the virtual environment
 step "virtual environment $VENV"
 if [[ -x $PY ]]; then
     skip "$VENV exists"
 else
     if ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then  # Ubuntu ships venv in its own package
         echo "$PYTHON has no venv/ensurepip module: installing python3-venv"
-        SUDO=""
-        ((EUID == 0)) || SUDO=sudo
         run $SUDO apt-get update
         run $SUDO apt-get install -y python3-venv
     fi
@@ -137,7 +184,7 @@ else
     run "$PY" -m pip install --upgrade pip
 fi
 
-# ---------------------------------------------------------------- 3. torch for this CUDA
+# ---------------------------------------------------------------- 4. torch for this CUDA
 step "torch"
 if [[ -x $PY ]] && "$PY" -c 'import sys, torch; sys.exit(not (torch.cuda.is_available() and torch.version.cuda))' \
     >/dev/null 2>&1; then
@@ -148,7 +195,7 @@ else
     run "$PY" -m pip install torch --index-url "https://download.pytorch.org/whl/$CUDA_TAG"
 fi
 
-# ---------------------------------------------------------------- 4. the other requirements
+# ---------------------------------------------------------------- 5. the other requirements
 step "requirements.txt"
 STAMP=$VENV/.requirements.sha256  # the hash of the requirements.txt last installed
 want=$(sha256sum requirements.txt | cut -d' ' -f1)
@@ -159,15 +206,15 @@ else
     if ((!DRY)); then echo "$want" >"$STAMP"; fi
 fi
 
-# ---------------------------------------------------------------- 5. GPU self-test
+# ---------------------------------------------------------------- 6. GPU self-test
 SELFTEST_PY=$(cat <<'EOF'
 import sys, time
 import torch
 import clip
 
-B = int(sys.argv[1])
 assert torch.cuda.is_available(), "torch cannot see the GPU (a CPU wheel, or a driver older than the wheel's CUDA)"
-print(f"{torch.cuda.get_device_name()}: torch {torch.__version__}, CUDA {torch.version.cuda}, "
+total = torch.cuda.get_device_properties(0).total_memory
+print(f"{torch.cuda.get_device_name()}: {total / 2**30:.0f} GiB, torch {torch.__version__}, CUDA {torch.version.cuda}, "
       f"bf16 supported: {torch.cuda.is_bf16_supported()}")
 
 # bf16 matmul against a float64 reference: bf16 keeps 8 mantissa bits, so ~3e-3 relative error is normal
@@ -177,48 +224,69 @@ err = ((a.bfloat16() @ b.bfloat16()).double() - ref).norm().item() / ref.norm().
 assert err < 2e-2, f"bf16 matmul relative error {err:.1e} is too large"
 print(f"bf16 matmul: relative error {err:.1e} (ok)")
 
-# the seed preset at batch B with bf16 autocast, as train.py runs it: one warm-up step, then timed steps
-torch.backends.cuda.matmul.allow_tf32 = True
+# the batch to recommend: the seed preset in bf16 takes ~4 GiB (weights, AdamW state, workspace) plus ~56 MiB of
+# activations per sample (~60 GiB at 1024); the largest power of two that fits in 90% of this GPU (8 to 4096)
 config = clip.get_config("seed")
-model = clip.CLIP(config).cuda()
-opt = clip.configure_optimizers(model, 0.2, 1e-4)
+fits = (0.9 * total - 4 * 2**30) / (56 * 2**20)
+B = int(sys.argv[1]) if sys.argv[1] != "auto" else 2 ** max(3, min(12, int(max(fits, 1)).bit_length() - 1))
+torch.backends.cuda.matmul.allow_tf32 = True
 S, T, V = config.vision.img_size, config.text.context_length, config.text.vocab_size
-images = torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8, device="cuda")  # (B, 3, S, S) uint8
-tokens = torch.randint(1, V - 2, (B, T), device="cuda")  # (B, T)
-tokens[:, T // 2] = V - 1  # eot (the highest id) mid-caption: the text tower pools there
 
-def train_step():
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        img, txt, scale = model(clip.normalize_images(images), tokens)
-        loss = clip.clip_loss(img, txt, scale)
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss
 
-train_step()  # the first step picks kernels and allocates memory: not timed
-torch.cuda.synchronize()
-steps, t0 = 3, time.time()
-for _ in range(steps):
-    loss = train_step()
-torch.cuda.synchronize()
-sps = steps * B / (time.time() - t0)
-assert torch.isfinite(loss), f"loss is {loss.item()}"
+def steps(B, n):
+    """n compiled bf16 training steps of the seed preset at batch B, as train.py runs them: (seconds of the last
+    n - 1, the last loss, parameters)."""
+    torch.manual_seed(0)
+    model = clip.CLIP(config).cuda()
+    opt = clip.configure_optimizers(model, 0.2, 1e-4)
+    fwd = torch.compile(model)  # Triton: where a missing C compiler or Python.h would fail
+    images = torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8, device="cuda")  # (B, 3, S, S) uint8
+    tokens = torch.randint(1, V - 2, (B, T), device="cuda")  # (B, T)
+    tokens[:, T // 2] = V - 1  # eot (the highest id) mid-caption: the text tower pools there
+    for i in range(n):
+        if i == 1:  # the first step compiles and allocates: not timed
+            torch.cuda.synchronize()
+            t0 = time.time()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            outs = fwd(images, tokens)  # uint8 images are normalised inside the compiled forward
+        loss = clip.clip_loss(outs.image.float(), outs.text.float(), outs.logit_scale.float())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    assert torch.isfinite(loss), f"loss is {loss.item()}"
+    return time.time() - t0, loss.item(), model.num_params()
+
+
+while True:
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        dt, loss, params = steps(B, 4)
+        break
+    except torch.cuda.OutOfMemoryError:
+        if sys.argv[1] != "auto" or B <= 8:
+            raise
+        print(f"batch {B} does not fit; trying {B // 2}")
+        B //= 2
+        torch.cuda.empty_cache()
+sps = 3 * B / dt
 mfu = clip.estimate_mfu(config, sps)
-print(f"seed preset ({model.num_params() / 1e6:.0f}M params), batch {B}, bf16: loss {loss.item():.3f}, "
-      f"{sps:.0f} samples/s, MFU " + (f"{mfu:.1%}" if mfu is not None else "unknown (no bf16 peak for this GPU)"))
-print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB; larger batches raise MFU")
+peak = torch.cuda.max_memory_allocated()
+print(f"seed preset ({params / 1e6:.0f}M params), batch {B}, bf16, compiled: loss {loss:.3f}, {sps:.0f} samples/s, MFU "
+      + (f"{mfu:.1%}" if mfu is not None else "unknown (no bf16 peak for this GPU in clip.PEAK_FLOPS)")
+      + f", peak memory {peak / 2**30:.1f} of {total / 2**30:.0f} GiB")
+print(f"recommended: --batch {B} per GPU" + (" (with --accum N for a larger effective batch)" if B < 1024 else ""))
 EOF
 )
 step "GPU self-test"
 if ((SELFTEST)); then
-    echo "+ $PY - $BATCH  # stdin: the self-test above (bf16 matmul check, timed seed-preset training steps)"
+    echo "+ $PY - $BATCH  # stdin: the self-test above (bf16 matmul check, compiled bf16 seed-preset steps)"
     if ((!DRY)); then "$PY" - "$BATCH" <<<"$SELFTEST_PY" || die "GPU self-test failed (see above)"; fi
 else
     skip "--no_selftest"
 fi
 
-# ---------------------------------------------------------------- 6. data
+# ---------------------------------------------------------------- 7. data
 if [[ -n $PREP_N ]]; then
     step "text-to-image-2M: $PREP_N samples -> data/t2i"
     DONE=data/t2i/.setup_gpu_limit  # written after a finished prep: the --limit it ran with
@@ -233,4 +301,5 @@ fi
 step "done$( ((DRY)) && echo ' (dry run: nothing was installed)')"
 DATA=DATA_DIR
 [[ -n $PREP_N ]] && DATA=data/t2i
-echo "next: $PY train.py --data $DATA --preset seed --batch 256 --precision bf16 --compile"
+echo "next: $PY train.py --data $DATA --preset seed --batch B --max_lr 3e-4"
+echo "      (B: the batch the self-test recommends; on CUDA, bf16 and torch.compile are the defaults)"

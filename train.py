@@ -2,23 +2,30 @@
 Train CLIP. One code path for a laptop CPU, one GPU, and many GPUs under torchrun.
 
     python train.py                                   # built-in synthetic set, tiny preset, a few minutes on a CPU
-    python train.py --data data/t2i --preset seed --batch 1024 --max_lr 3e-4 --precision bf16 --compile
+    python train.py --data data/t2i --preset seed --batch 1024 --max_lr 3e-4   # on CUDA: bf16 + compile by default
     torchrun --standalone --nproc_per_node=8 train.py --data data/t2i --preset seed --batch 128
 
 --batch is per process and per micro-batch: the effective batch is batch x accum x processes, and every sample
 is contrasted against all of it (features are gathered across ranks and cached across micro-batches).
+
+The loop never waits for the GPU except on log steps (every --log_every steps, and checkpoint/eval steps): the
+loss, grad norm and logit scale stay on the device until then, the next batch is copied to the device while the
+current step runs, and checkpoints are written by a background thread.
 
 Left out on purpose: FSDP/tensor parallelism (CLIP at these sizes fits one GPU per replica), gradient scaling
 (bf16 needs none), EMA weights, and wandb (metrics.jsonl + PNGs in logs/<run>/ instead).
 """
 
 import argparse
-import json
 import contextlib
+import datetime
+import json
 import math
 import os
+import re
 import sys
 import time
+import uuid
 
 import torch
 import torch.distributed as dist
@@ -27,11 +34,16 @@ from tqdm import tqdm
 
 import checkpoint_manager as cm
 import clip
-from dataloader import ShardLoader
+from dataloader import ShardLoader, auto_workers
 from logger import Logger
 from tokenizer import Tokenizer
 
 DEFAULT_DATA = os.path.join("data", "synthetic")
+# torchrun's collectives give up after this long; rank 0 works alone for much less (an eval, a checkpoint's copy
+# to the CPU, making the synthetic set), while the other ranks wait at their next collective
+PG_TIMEOUT = datetime.timedelta(minutes=30)
+VAL_CACHE_BYTES = 4 * 2 ** 30  # the in-training val batches are kept in host memory when they fit in this
+PLOT_EVERY_S = 300  # redraw the PNGs after an eval at most this often (drawing takes ~1 s of the training thread)
 
 
 def get_parser():
@@ -49,17 +61,22 @@ def get_parser():
     a("--beta2", type=float, default=0.98)
     a("--grad_clip", type=float, default=1.0, help="max grad norm (0: no clipping)")
     a("--label_smoothing", type=float, default=None, help="default 0, or 0.1 with --long (as Long-CLIP)")
-    a("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast (GPU only; CPU stays fp32)")
-    a("--compile", action="store_true", help="torch.compile the model")
+    a("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+      help="auto: bf16 autocast where CUDA supports it, else fp32 (bf16 is GPU only; a CPU stays fp32)")
+    a("--compile", action=argparse.BooleanOptionalAction, default=None,
+      help="torch.compile the model (default: on with CUDA, off on a CPU)")
     a("--seed", type=int, default=0)
-    a("--workers", type=int, default=2, help="loader worker processes per rank")
+    a("--workers", type=int, default=None, help="loader worker processes per rank (default: from the free cores)")
     a("--augment", action="store_true", help="random-resized-crop on training images")
     # not --run / --logs: torchrun reads those as ambiguous abbreviations of its own --run-path / --logs-specs
     a("--run_name", default=None, help="run name (default: <preset>-<data dir name>)")
     a("--out", default="out", help="checkpoints go to <out>/<run_name>/ckpt")
     a("--log_dir", default="logs", help="metrics go to <log_dir>/<run_name>/")
+    a("--log_every", type=int, default=10, help="read the loss etc. from the device and log every N steps")
     a("--eval_every", type=int, default=200, help="validation + zero-shot every N steps (0: only at the end)")
-    a("--eval_batches", type=int, default=0, help="cap the val loss to N batches (0: the whole split)")
+    # 20 batches: a forward pass is ~1/3 of a training step (2 of the 6 FLOPs per weight), so an eval costs ~7
+    # steps' time, 3.3% of the 200 steps between evals at the default --eval_every (the batches are read once)
+    a("--eval_batches", type=int, default=20, help="val loss over the first N val batches of --batch (0: the whole split)")
     a("--ckpt_every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     a("--keep", type=int, default=3, help="step checkpoints to keep (plus latest and best)")
     a("--resume", default=None, help="'latest' or a checkpoint path: continue that run exactly")
@@ -96,15 +113,25 @@ def validate(parser, args):
     """User mistakes -> one clear line and exit 2 (argparse's parser.error)."""
     if args.preset not in clip.PRESETS:
         parser.error(f"unknown --preset {args.preset!r}; choose from {', '.join(clip.PRESETS)}")
-    for name in ("batch", "accum"):
-        if getattr(args, name) < 1:
+    for name, v in vars(args).items():
+        if isinstance(v, float) and not math.isfinite(v):  # argparse takes "nan" and "inf" as floats
+            parser.error(f"--{name} must be a finite number, got {v}")
+    for name in ("batch", "accum", "ckpt_every", "keep", "log_every", "stop_at"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.max_lr <= 0 or args.epochs <= 0:
         parser.error(f"--max_lr and --epochs must be > 0, got {args.max_lr} and {args.epochs}")
-    if not 0 <= args.min_lr_frac <= 1 or not 0 <= args.warmup_frac < 1:
-        parser.error("--min_lr_frac must be in [0, 1] and --warmup_frac in [0, 1)")
-    if args.wd < 0 or args.grad_clip < 0 or args.workers < 0 or args.eval_every < 0 or args.ckpt_every < 1:
-        parser.error("--wd, --grad_clip, --workers, --eval_every must be >= 0 and --ckpt_every >= 1")
+    if not 0 <= args.min_lr_frac <= 1 or not 0 <= args.warmup_frac < 1 or not 0 <= args.beta2 < 1:
+        parser.error("--min_lr_frac must be in [0, 1], --warmup_frac and --beta2 in [0, 1)")
+    if args.wd < 0 or args.grad_clip < 0 or (args.workers or 0) < 0 or args.eval_every < 0 or args.eval_batches < 0:
+        parser.error("--wd, --grad_clip, --workers, --eval_every and --eval_batches must be >= 0")
+    if args.context_length is not None and args.context_length < 3:
+        parser.error(f"--context_length must be >= 3 (start token, caption, end token), got {args.context_length}")
+    for pattern in args.ignore_keys:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            parser.error(f"--ignore_keys {pattern!r} is not a valid regular expression ({e})")
     if args.data is not None and not os.path.isfile(os.path.join(args.data, "index.json")):
         what = "does not exist" if not os.path.exists(args.data) else "has no index.json (make it with prep_dataset.py)"
         parser.error(f"--data {args.data} {what}")
@@ -253,20 +280,26 @@ def forward_backward(model, inputs, accum, autocast, loss_fn, batch=None):
 
 
 @torch.no_grad()
-def val_loss(model, loader, device, autocast, max_batches):
+def val_loss(model, batches, device, autocast):
+    """Mean contrastive loss over the val batches (each batch weighted by its size); one read from the device."""
     model.eval()
-    total, n = 0.0, 0
+    total, n = torch.zeros((), dtype=torch.float64, device=device), 0
+    for batch in batches:
+        with autocast:  # uint8 images: the model normalises them
+            outs = model(batch["image"].to(device, non_blocking=True), batch["text"].to(device, non_blocking=True))
+        total += clip.clip_loss(outs.image.float(), outs.text.float(), outs.logit_scale.float()) * outs.image.shape[0]
+        n += outs.image.shape[0]
+    model.train()
+    return total.item() / max(1, n)
+
+
+def val_batches(loader, max_batches):
+    """The first max_batches of the val split in order (0: all of it); the loader is rewound for the next eval."""
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:
             break
-        with autocast:
-            outs = model(clip.normalize_images(batch["image"].to(device)), batch["text"].to(device))
-        img, txt = outs.image.float(), outs.text.float()
-        total += clip.clip_loss(img, txt, outs.logit_scale).item() * img.shape[0]
-        n += img.shape[0]
-    loader.load_state_dict({"epoch": 0, "batch": 0, "seed": loader.seed})  # a break leaves it mid-epoch
-    model.train()
-    return total / max(1, n)
+        yield batch
+    loader.load_state_dict({"epoch": 0, "batch": 0, "seed": loader.seed})
 
 
 def zero_shot(model, tokenizer, data_dir, device, precision):
@@ -278,6 +311,148 @@ def zero_shot(model, tokenizer, data_dir, device, precision):
                                                  precision=precision, quiet=True)
     finally:
         model.train()
+
+
+# -----------------------------------------------------------------------------
+# setup: processes and devices, defaults, resume checks, the model wrappers, batches on the device
+
+
+def setup_distributed():
+    """One code path for CPU, one GPU and torchrun (which sets RANK/LOCAL_RANK/WORLD_SIZE): (ddp, rank, world, device)."""
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+    device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    if ddp:  # device_id binds NCCL to this GPU at once; the timeout outlasts rank 0's work alone (PG_TIMEOUT)
+        extra = {"device_id": torch.device(device)} if device.startswith("cuda") else {}
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=PG_TIMEOUT, **extra)
+    return ddp, rank, world, device
+
+
+def device_defaults(args, device):
+    """Fill the flags left to the machine: bf16 where CUDA supports it, compile on CUDA, loader workers from the
+    cores this machine's ranks share. Returns how the start line describes them."""
+    cuda = device.startswith("cuda")
+    said = []
+    if args.precision == "auto":
+        args.precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+        said.append(f"{args.precision} (auto)")
+    else:
+        said.append(args.precision if cuda or args.precision == "fp32" else "fp32 (bf16 needs CUDA)")
+    if args.compile is None:
+        args.compile = cuda
+    said.append("compiled" if args.compile else "not compiled")
+    auto = args.workers is None
+    if auto:
+        args.workers = auto_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    said.append(f"{args.workers} loader worker{'s' * (args.workers != 1)} per rank{' (auto)' * auto}")
+    return ", ".join(said)
+
+
+def unshared_ranks(path, rank, world):
+    """Ranks that do not see a file rank 0 writes under path (a node without the same filesystem)."""
+    name = [f".probe-{uuid.uuid4().hex}"]  # rank 0's random name, sent to all
+    dist.broadcast_object_list(name, src=0)
+    probe = os.path.join(path, name[0])
+    if rank == 0:
+        os.makedirs(path, exist_ok=True)
+        open(probe, "w").close()
+    dist.barrier()
+    seen = [None] * world
+    dist.all_gather_object(seen, os.path.exists(probe))
+    if rank == 0:
+        os.unlink(probe)
+    return [r for r, ok in enumerate(seen) if not ok]
+
+
+def check_resume(ckpt, path, args, world):
+    """None, or the one line saying why this checkpoint cannot continue exactly with these flags."""
+    missing = [k for k in ("model", "optimizer", "config", "step", "loader", "rng") if k not in ckpt]
+    if missing:
+        return (f"--resume {path} is not a train.py checkpoint (it has no {', '.join(missing)}); "
+                f"to start from its weights use --init {path}")
+    saved = ckpt.get("args") or {}
+    was = {"batch": saved.get("batch"), "accum": saved.get("accum"), "epochs": saved.get("epochs"),
+           "processes": ckpt.get("world_size")}
+    now = {"batch": args.batch, "accum": args.accum, "epochs": args.epochs, "processes": world}
+    changed = [f"{k} {was[k]} -> {now[k]}" for k in now if was[k] is not None and was[k] != now[k]]
+    if changed:  # they set the data order per step and the schedule's length: a resume would be silently inexact
+        return (f"--resume continues a run exactly, so --batch, --accum, --epochs and the process count must match "
+                f"the checkpoint's; changed: {', '.join(changed)} (to change them, start a new run with --init {path})")
+    return None
+
+
+def wrap_model(args, raw_model, ddp, device):
+    """torch.compile, then DDP. The distillation projection is used in the loss, outside forward: DDP must not wait
+    for its gradient (the loop averages it by hand), and DDP knows it by its name after compile's _orig_mod. prefix."""
+    model = torch.compile(raw_model) if args.compile else raw_model
+    if ddp:
+        DDP = torch.nn.parallel.DistributedDataParallel
+        DDP._set_params_and_buffers_to_ignore_for_model(model, ddp_ignored(model))
+        # no buffer broadcast each step: the buffers (image statistics, frozen positions) never change
+        model = DDP(model, device_ids=[torch.device(device)] if device.startswith("cuda") else None,
+                    broadcast_buffers=False)
+    return model
+
+
+def ddp_ignored(model):
+    """The parameter names DDP must leave alone, as the (possibly compiled) model names them."""
+    return [n for n in dict(model.named_parameters()) if list(cm.strip_prefixes({n: 0})) == ["distill_proj.weight"]]
+
+
+def model_inputs(batch, long):
+    """The model's inputs from a batch on the device: uint8 images (the model normalises them), tokens [, short]."""
+    return (batch["image"], batch["text"]) + ((batch["text_short"],) if long else ())
+
+
+class DevicePrefetcher:
+    """The loader's batches, already on the device: batch i+1's host->device copy (pinned memory, non_blocking, on a
+    side stream) is issued before step i runs, so it overlaps the GPU's work. The loader is one batch ahead, so
+    `state` keeps its state after the batch handed out last (what a checkpoint must resume from); `wait_s` sums the
+    time spent waiting for the loader."""
+
+    def __init__(self, loader, device):
+        self.loader, self.device, self.wait_s = loader, device, 0.0
+        self.stream = torch.cuda.Stream(device) if device.startswith("cuda") else None
+        self.batches = iter_forever(loader)
+        self.next = self.fetch()
+
+    def fetch(self):
+        self.state = self.loader.state_dict()  # the state after the batch handed out last
+        t0 = time.perf_counter()
+        batch = next(self.batches)
+        self.wait_s += time.perf_counter() - t0
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def __next__(self):
+        batch = self.next
+        if self.stream is not None:  # the compute stream waits for the copy (on the GPU, not here)
+            torch.cuda.current_stream().wait_stream(self.stream)
+            for v in batch.values():
+                v.record_stream(torch.cuda.current_stream())  # its memory is in use there until the step is done
+        self.next = self.fetch()
+        return batch
+
+    def pop_wait(self):
+        wait, self.wait_s = self.wait_s, 0.0
+        return wait
+
+
+def read_window(window, ddp):
+    """[(step, {name: host value}, {name: device scalar})] -> [(step, {name: float})]: one stack, one all_reduce
+    (the ranks' mean loss; the grad norm and scale are equal on every rank) and one copy to the host."""
+    names = list(window[0][2])
+    values = torch.stack([torch.stack([v[k].float() for k in names]) for _, _, v in window])  # (steps, names)
+    if ddp:
+        dist.all_reduce(values, op=dist.ReduceOp.AVG)
+    return [(s, {**dict(zip(names, row)), **host}) for (s, host, _), row in zip(window, values.tolist())]
+
+
+def weights_finite(model):
+    """All parameters finite: one reduction on the device, one read (on checkpoint steps only)."""
+    return bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())
 
 
 # -----------------------------------------------------------------------------
@@ -294,187 +469,241 @@ def ensure_synthetic(path, quiet, master):
         dist.barrier()
 
 
-def main(argv=None):
-    parser = get_parser()
-    args = parser.parse_args(argv)
-    validate(parser, args)
-
-    # one code path for CPU, one GPU and torchrun: RANK/WORLD_SIZE come from torchrun when it launches us
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if ddp:
-        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    else:
-        rank, local_rank, world = 0, 0, 1
-    master = rank == 0
-    device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
-    torch.manual_seed(args.seed)  # the same init on every rank (DDP also broadcasts it)
-    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls/convs for whatever runs in fp32 on Ampere+
-    torch.backends.cudnn.allow_tf32 = True
-    use_bf16 = args.precision == "bf16" and device.startswith("cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-    quiet = args.quiet or not master
-
+def load_data(args, master):
+    """(data dir, its index.json, its tokenizer, checkpoint dir, log dir): --data, else the built-in synthetic set."""
     data = args.data or DEFAULT_DATA
     if args.data is None:
         ensure_synthetic(data, args.quiet, master)
     with open(os.path.join(data, "index.json")) as f:
         index = json.load(f)
-    tokenizer = Tokenizer.load(os.path.join(data, "tokenizer.json"))
     run = args.run_name or f"{args.preset}-{os.path.basename(os.path.normpath(data))}"
-    out_dir, log_dir = os.path.join(args.out, run), os.path.join(args.log_dir, run)
+    return data, index, Tokenizer.load(os.path.join(data, "tokenizer.json")), os.path.join(args.out, run), \
+        os.path.join(args.log_dir, run)
 
-    # the teacher: stored in the shards (checked for every sample now, not mid-run), or run online
-    teacher, teacher_dim = None, 0
-    if args.distill != "none":
-        try:
-            teacher_dim = stored_teacher_dim(data, index)
-        except ValueError as e:
-            if args.teacher is None:
-                parser.error(str(e))
-            teacher = OnlineTeacher(args.teacher, tokenizer, device)
-            teacher_dim = teacher.dim
+
+def load_teacher(args, data, index, tokenizer, device):
+    """(online teacher or None, teacher embedding size): stored in the shards (checked for every sample now, not
+    discovered mid-run), else --teacher run online; (None, 0) without --distill."""
+    if args.distill == "none":
+        return None, 0
     try:
-        config, tokenizer, init_sd = build_config(args, index, tokenizer, teacher_dim)
-    except ValueError as e:
-        parser.error(str(e))
-    ckpt = None
-    if args.resume:
-        try:
-            ckpt = cm.load(cm.resolve(args.resume, out_dir), map_location="cpu")
-        except (FileNotFoundError, ValueError) as e:
-            parser.error(str(e))
-        if ckpt["config"] != config.to_dict():
-            diff = diff_configs(ckpt["config"], config.to_dict())
-            parser.error(f"--resume: the checkpoint's model differs from these flags: {diff}")
+        return None, stored_teacher_dim(data, index)
+    except ValueError:
+        if args.teacher is None:
+            raise
+    teacher = OnlineTeacher(args.teacher, tokenizer, device)
+    return teacher, teacher.dim
 
-    # data: each rank reads disjoint samples; the loader yields the whole step's batch (accum micro-batches)
-    step_batch = args.batch * args.accum
-    train_split = index["train"]["num_samples"]
+
+def load_resume(args, out_dir, config, world):
+    """The --resume checkpoint, after the checks that make a resume exact (else a one-line ValueError)."""
+    path = cm.resolve(args.resume, out_dir)
+    ckpt = cm.load(path, map_location="cpu")
+    why = check_resume(ckpt, path, args, world)
+    if why is None and ckpt["config"] != config.to_dict():
+        why = f"--resume: the checkpoint's model differs from these flags: {diff_configs(ckpt['config'], config.to_dict())}"
+    if why:
+        raise ValueError(why)
+    return ckpt
+
+
+def make_loaders(args, data, index, tokenizer, config, rank, world, cuda):
+    """This rank's training loader (disjoint samples; each batch is a whole step: --accum micro-batches, pinned for
+    the copy to the GPU) and, on rank 0, the val loader."""
+    step_batch, train_split = args.batch * args.accum, index["train"]["num_samples"]
     if step_batch * world > train_split:
-        parser.error(f"--batch {args.batch} x --accum {args.accum} x {world} processes = {step_batch * world} "
-                     f"is larger than the {train_split} training samples")
-    loader = ShardLoader(data, "train", step_batch, tokenizer, config.text.context_length, seed=args.seed,
-                         rank=rank, world_size=world, num_workers=args.workers, augment=args.augment,
-                         long_captions=args.long, pin_memory=device.startswith("cuda"))
-    val_loader = ShardLoader(data, "val", min(args.batch, index["val"]["num_samples"]), tokenizer,
-                             config.text.context_length, num_workers=0, long_captions=args.long) if master and index.get("val", {}).get("num_samples") else None
-    total_steps = max(1, math.ceil(args.epochs * len(loader)))
+        raise ValueError(f"--batch {args.batch} x --accum {args.accum} x {world} processes = {step_batch * world} "
+                         f"is larger than the {train_split} training samples")
+    ctx = config.text.context_length
+    loader = ShardLoader(data, "train", step_batch, tokenizer, ctx, seed=args.seed, rank=rank, world_size=world,
+                         num_workers=args.workers, augment=args.augment, long_captions=args.long, pin_memory=cuda)
+    n_val = index.get("val", {}).get("num_samples") or 0
+    val_loader = ShardLoader(data, "val", min(args.batch, n_val), tokenizer, ctx, num_workers=args.workers,
+                             long_captions=args.long) if rank == 0 and n_val else None
+    return loader, val_loader
 
+
+def main(argv=None):
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    validate(parser, args)
+    # processes and devices; what the machine decides (bf16 and compile on CUDA, loader workers from the cores)
+    ddp, rank, world, device = setup_distributed()
+    master, cuda, quiet = rank == 0, device.startswith("cuda"), args.quiet or rank != 0
+
+    def fail(msg):  # after the processes started: one line from rank 0, exit 2 everywhere
+        if master:
+            parser.error(msg)
+        sys.exit(2)
+
+    said = device_defaults(args, device)
+    torch.manual_seed(args.seed)  # the same init on every rank (DDP also broadcasts it)
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls/convs for whatever runs in fp32 on Ampere+
+    torch.backends.cudnn.allow_tf32 = True
+    use_bf16 = args.precision == "bf16" and cuda
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+    # data, the model's config (preset or --init, a teacher for --distill), the checkpoint to --resume
+    data, index, tokenizer, out_dir, log_dir = load_data(args, master)
+    if ddp:  # rank 0 writes the checkpoints and every rank reads one on --resume: all must see the same folder
+        missing = unshared_ranks(out_dir, rank, world)
+        if missing:
+            fail(f"ranks {missing} do not see {out_dir}, which rank 0 writes: put --out on a filesystem every node "
+                 f"shares (checkpoints are written by rank 0 and read by every rank on --resume)")
     try:
+        teacher, teacher_dim = load_teacher(args, data, index, tokenizer, device)
+        config, tokenizer, init_sd = build_config(args, index, tokenizer, teacher_dim)
+        ckpt = load_resume(args, out_dir, config, world) if args.resume else None
+        loader, val_loader = make_loaders(args, data, index, tokenizer, config, rank, world, cuda)
         model = build_model(args, config, init_sd if ckpt is None else None, quiet).to(device)
-    except ValueError as e:
-        parser.error(str(e))
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    total_steps = max(1, math.ceil(args.epochs * len(loader)))
     optimizer = clip.configure_optimizers(model, args.wd, args.max_lr, betas=(0.9, args.beta2))
     step, best_val = 0, None
-    if ckpt is not None:
+    if ckpt is not None:  # model, optimizer, data position and RNGs exactly as they were
         model.load_state_dict(cm.strip_prefixes(ckpt["model"]))
         optimizer.load_state_dict(ckpt["optimizer"])
         loader.load_state_dict(ckpt["loader"])
         cm.set_rng_state(ckpt["rng"])
         step, best_val = ckpt["step"], ckpt.get("best_val_loss")
+        if args.stop_at is not None and args.stop_at <= step:
+            fail(f"--stop_at {args.stop_at} is not after the checkpoint's step {step}")
+        if step >= total_steps:
+            if master:
+                print(f"nothing to do: the checkpoint is at the run's last step ({step} of {total_steps})")
+            cleanup(loader, None, None, ddp)
+            return 0
         if master:
             print(f"resumed from step {step} of {total_steps}")
-    raw_model = model
-    if args.compile:
-        model = torch.compile(model)
-    if ddp:
-        if hasattr(raw_model, "distill_proj"):  # used outside forward (in the loss): its gradient is averaged by hand
-            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                raw_model, ["distill_proj.weight"])
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.startswith("cuda") else None)
+    raw_model, model = model, wrap_model(args, model, ddp, device)  # compiled, DDP; raw_model for eval and saving
     loss_fn = make_loss(args, raw_model, teacher)
 
     manager = cm.CheckpointManager(out_dir, keep=args.keep) if master else None
     logger = Logger(log_dir, config={"args": vars(args), "model": config.to_dict(), "world_size": world},
                     resume_step=step if ckpt is not None else None, total_steps=total_steps,
-                    print_every=1 if total_steps < 50 else 10, quiet=args.quiet, enabled=master)
+                    print_every=args.log_every, quiet=args.quiet, enabled=master)
+    step_batch = args.batch * args.accum
     if master and not args.quiet:
         print(f"{config.vision.img_size}px images, {raw_model.num_params() / 1e6:.2f}M parameters "
               f"({raw_model.num_params(trainable_only=True) / 1e6:.2f}M trainable), "
-              f"{total_steps} steps of {step_batch * world} samples on {world} x {device}")
+              f"{total_steps} steps of {step_batch * world} samples on {world} x {device}: {said}")
 
-    def save(val=None):
+    def save(val=None, last=False):
+        """Checkpoint (rank 0): copied to the CPU here, written by a background thread (the last one waited for)."""
         nonlocal best_val
         state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "config": config.to_dict(),
-                 "args": vars(args), "step": step, "epoch": loader.epoch, "loader": loader.state_dict(),
-                 "rng": cm.rng_state(), "best_val_loss": best_val, "tokenizer": tokenizer.to_dict()}
-        path = manager.save(state, step, val_loss=val)  # best.pt when val beats the best so far
+                 "args": vars(args), "world_size": world, "step": step, "epoch": batches.state["epoch"],
+                 "loader": batches.state, "rng": cm.rng_state(), "best_val_loss": best_val,
+                 "tokenizer": tokenizer.to_dict()}
+        (manager.save if last else manager.save_async)(state, step, val_loss=val)  # best.pt on a new best val loss
         if args.adapters:  # the adapters alone, small enough to share
             cm.save_adapters(raw_model, os.path.join(out_dir, "adapters.pt"))
         best_val = manager.best_val_loss
-        return path
+
+    val_cache = None  # the val batches, read once when they fit in VAL_CACHE_BYTES
 
     def evaluate():
-        v = val_loss(raw_model, val_loader, device, autocast, args.eval_batches)
+        nonlocal val_cache
+        if val_cache is None and args.eval_batches and \
+                args.eval_batches * val_loader.batch_size * 3 * config.vision.img_size ** 2 <= VAL_CACHE_BYTES:
+            val_cache = list(val_batches(val_loader, args.eval_batches))
+            val_loader.close()  # its workers are not needed again
+        v = val_loss(raw_model, val_cache or val_batches(val_loader, args.eval_batches), device, autocast)
         metrics = {"loss": v}
         if "classes" in index:
             results = zero_shot(raw_model, tokenizer, data, device, args.precision)
             metrics.update({k: x for k, x in results.items() if isinstance(x, (int, float))})
         logger.log(step, "val", **metrics)
-        return v, metrics
+        return metrics
 
-    batches = iter_forever(loader)
+    def stop_bad(what, value, at):
+        last = manager.newest_finite() if manager else None  # checked, not just the newest
+        if master:
+            print(f"error: {what} is {value} at step {at}; stopping. Last good checkpoint: {last or 'none'}",
+                  file=sys.stderr)
+        cleanup(loader, logger, bar, ddp, manager)
+        return 1
+
+    # -----------------------------------------------------------------------------
+    # the training loop: one optimizer step per iteration. Nothing in it waits for the GPU except a log step.
     stop = min(total_steps, args.stop_at or total_steps)
+    batches = DevicePrefetcher(loader, device)
+    batches.pop_wait()  # the first batch's wait is before the clock starts
     bar = tqdm(total=stop, initial=step, disable=quiet, desc="train", dynamic_ncols=True)
-    t_start, metrics = time.time(), {}
+    window, metrics = [], {}  # window: this log window's steps, their values still on the device
+    timing = {"loop": 0.0, "data": 0.0, "eval": 0.0, "checkpoint": 0.0, "final save": 0.0}  # seconds
+    t_start = t_window = t_plot = time.time()
     model.train()
     while step < stop:
-        t0 = time.time()
+        # the learning rate of this step (warmup, then cosine), written into the optimizer
         lr = lr_at(step, total_steps, args.max_lr, args.warmup_frac, args.min_lr_frac)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        # the batch, already on the device: its copy was issued while the previous step ran
         batch = next(batches)
-        images = clip.normalize_images(batch["image"].to(device, non_blocking=True))  # uint8 -> float on the device
-        inputs = (images, batch["text"].to(device, non_blocking=True))
-        if args.long:
-            inputs += (batch["text_short"].to(device, non_blocking=True),)
-        loss, terms = forward_backward(model, inputs, args.accum, autocast, loss_fn, batch)
-        if ddp:  # log the global batch's loss: the mean of the ranks' means
-            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-            if hasattr(raw_model, "distill_proj"):
-                dist.all_reduce(raw_model.distill_proj.weight.grad, op=dist.ReduceOp.AVG)
-        if not torch.isfinite(loss):
-            last = (manager.step_files() or [None])[-1] if manager else None
-            msg = f"error: loss is {loss.item()} at step {step + 1}; stopping. Last good checkpoint: {last or 'none'}"
-            print(msg, file=sys.stderr)
-            cleanup(loader, logger, bar, ddp)
-            return 1
+        # forward, the loss over the global batch, backward (GradCache over --accum micro-batches)
+        loss, terms = forward_backward(model, model_inputs(batch, args.long), args.accum, autocast, loss_fn, batch)
+        if ddp and hasattr(raw_model, "distill_proj"):  # DDP leaves this gradient to us (see wrap_model)
+            dist.all_reduce(raw_model.distill_proj.weight.grad, op=dist.ReduceOp.AVG)
+        # clip, update, clamp the temperature; the values to log stay on the device
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         raw_model.clamp_logit_scale()
         step += 1
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        dt = time.time() - t0
-        sps = step_batch * world / dt
-        record = {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}, "lr": lr, "grad_norm": grad_norm.item(),
-                  "logit_scale": raw_model.logit_scale.exp().item(), "samples_per_s": sps,
-                  "elapsed_s": time.time() - t_start}
-        mfu = clip.estimate_mfu(config, sps / world) if device.startswith("cuda") else None
-        if mfu is not None:
-            record["mfu"] = mfu
-        logger.log(step, "train", **record)
         bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
-        last_step = step == stop
-        if master and val_loader is not None and ((args.eval_every and step % args.eval_every == 0) or last_step):
-            v, metrics = evaluate()
-            if not last_step:  # the end of the run plots once below
+        host = {"lr": lr}
+        report = loader.pop_epoch_report()  # bad samples met in the epoch that just ended (skipped, replaced)
+        if report and report["skipped"]:
+            host.update({f"skipped_{why}": n for why, n in report["skipped"].items()})
+            if master and not args.quiet:
+                tqdm.write(f"epoch {report['epoch']}: skipped {', '.join(f'{n} {w}' for w, n in report['skipped'].items())}")
+        window.append((step, host, {"loss": loss, **{k: v.detach() for k, v in terms.items()}, "grad_norm": grad_norm,
+                                    "logit_scale": raw_model.logit_scale.detach().exp()}))
+
+        eval_step = (args.eval_every and step % args.eval_every == 0) or step == stop
+        ckpt_step = step % args.ckpt_every == 0 or step == stop
+        if step % args.log_every and not eval_step and not ckpt_step:
+            continue
+        # a log step: wait for the GPU once, read the window's values, stop at the first non-finite one
+        if cuda:
+            torch.cuda.synchronize()
+        dt, wait = time.time() - t_window, batches.pop_wait()
+        timing["loop"], timing["data"] = timing["loop"] + dt, timing["data"] + wait
+        rows = read_window(window, ddp)
+        window = []
+        rate = {"samples_per_s": len(rows) * step_batch * world / dt, "data_ms": 1000 * wait / len(rows)}
+        mfu = clip.estimate_mfu(config, rate["samples_per_s"] / world) if cuda else None
+        rate.update({"mfu": mfu} if mfu is not None else {})
+        for s, r in rows:
+            bad = next((k for k in ("loss", "grad_norm") if not math.isfinite(r[k])), None)
+            if bad:
+                return stop_bad(bad.replace("_", " "), r[bad], s)
+            logger.log(s, "train", **r, **rate, **({"elapsed_s": time.time() - t_start} if s == step else {}))
+        bar.set_postfix(loss=f"{rows[-1][1]['loss']:.3f}", refresh=False)
+        # validation and zero-shot (rank 0; the others wait at their next collective, well within PG_TIMEOUT)
+        t0 = time.time()
+        if master and val_loader is not None and eval_step:
+            metrics = evaluate()
+            if step != stop and time.time() - t_plot > PLOT_EVERY_S:  # the end of the run plots once below
                 logger.plot()
-        if master and (step % args.ckpt_every == 0 or last_step):
-            save(metrics.get("loss") if (args.eval_every and step % args.eval_every == 0) or last_step else None)
-        if ddp:
-            dist.barrier()  # the others wait while rank 0 evaluates and saves
+                t_plot = time.time()
+        timing["eval"] += time.time() - t0
+        # checkpoint: weights checked finite on every rank, the state copied to the CPU and written in the background
+        t0 = time.time()
+        if ckpt_step:
+            if not weights_finite(raw_model):
+                return stop_bad("a weight", "not finite", step)
+            if master:
+                save(metrics.get("loss") if eval_step else None, last=step == stop)
+        timing["final save" if step == stop else "checkpoint"] += time.time() - t0
+        t_window = time.time()
     bar.close()
     if master:
         logger.plot()
-        summary(metrics, index, log_dir)
-    cleanup(loader, logger, None, ddp)
+        summary(metrics, index, log_dir, timing)
+    cleanup(loader, logger, None, ddp, manager)
     return 0
 
 
@@ -483,9 +712,12 @@ def iter_forever(loader):
         yield from loader
 
 
-def cleanup(loader, logger, bar, ddp):
+def cleanup(loader, logger, bar, ddp, manager=None):
+    if manager is not None:
+        manager.wait()  # a checkpoint still being written is finished, not cut off
     loader.close()
-    logger.close()
+    if logger is not None:
+        logger.close()
     if bar is not None:
         bar.close()
     if ddp:
@@ -603,14 +835,15 @@ class OnlineTeacher:
         if images.shape[-1] != self.size:
             images = F.interpolate(images, size=(self.size, self.size), mode="bicubic", antialias=True)
         eot = self.tokenizer.eot  # the ids between sot and eot: the zero padding after eot is not text
+        # (reading the tokens back is a host sync each step: the price of re-tokenizing for the teacher)
         texts = [self.tokenizer.decode(row[1:row.index(eot)]) for row in batch["text"].tolist()]
         tokens = self.own.tokenize(texts, self.model.config.text.context_length).to(device)
         outs = self.model(images, tokens)
         return outs.image.float(), outs.text.float()
 
 
-def summary(metrics, index, log_dir):
-    """The last lines of a run: val loss and zero-shot accuracy against chance."""
+def summary(metrics, index, log_dir, timing):
+    """The last lines of a run: val loss, zero-shot accuracy against chance, where the wall time went."""
     if "loss" in metrics:
         print(f"final val loss {metrics['loss']:.4f}")
     if "zeroshot_top1" in metrics:
@@ -620,6 +853,11 @@ def summary(metrics, index, log_dir):
             line += (f"; seen combinations {100 * metrics['zeroshot_top1_seen']:.1f}%, held-out "
                      f"{100 * metrics['zeroshot_top1_heldout']:.1f}%")
         print(line)
+    wall = sum(v for k, v in timing.items() if k != "data")  # data waits are inside the training loop's time
+    print(f"time: {wall:.1f} s; training {timing['loop']:.1f} s (waiting for data {timing['data']:.1f} s, "
+          f"{100 * timing['data'] / max(wall, 1e-9):.1f}%), eval {timing['eval']:.1f} s "
+          f"({100 * timing['eval'] / max(wall, 1e-9):.1f}%), checkpoints {timing['checkpoint']:.1f} s on the training "
+          f"thread + final save {timing['final save']:.1f} s")
     print(f"metrics and plots: {log_dir}/")
 
 

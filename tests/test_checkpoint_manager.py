@@ -12,21 +12,26 @@ import pytest
 import torch
 import torch.nn as nn
 
+import checkpoint_manager
 from checkpoint_manager import (CheckpointManager, load, load_model, load_partial, resolve, rng_state,
                                 save_atomic, set_rng_state, strip_prefixes)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_atomic_save_survives_kill_9(tmp_path):
+@pytest.mark.parametrize("how", ["save", "save_async"])
+def test_atomic_save_survives_kill_9(tmp_path, how):
     mgr = CheckpointManager(tmp_path)
     mgr.save({"w": torch.ones(4)}, step=1)
-    # a child overwrites step 1 with 200 MB; we SIGKILL it while the temp file is being written
+    # a child overwrites step 1 with 200 MB (in the background thread for save_async); we SIGKILL it while the
+    # temp file is being written
     child = subprocess.Popen([sys.executable, "-c", f"""
 import sys, torch
 sys.path.insert(0, {REPO!r})
 from checkpoint_manager import CheckpointManager
-CheckpointManager({str(tmp_path)!r}).save({{"w": torch.full((50_000_000,), 2.0)}}, step=1)
+mgr = CheckpointManager({str(tmp_path)!r})
+mgr.{how}({{"w": torch.full((50_000_000,), 2.0)}}, step=1)
+mgr.wait()
 """])
     deadline = time.time() + 60
     tmp = None
@@ -65,6 +70,54 @@ def test_keep_n_and_latest(tmp_path):
     assert names == ["latest.pt", "step_00000030.pt", "step_00000040.pt"]
     assert resolve("latest", tmp_path) == mgr.latest()
     assert resolve(os.path.join(mgr.dir, "step_00000030.pt"), tmp_path).endswith("step_00000030.pt")
+
+
+def test_save_async_writes_the_state_as_it_was_when_called(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep=2)
+    w = torch.zeros(1000)
+    for step in (1, 2, 3):
+        w.fill_(step)
+        path = mgr.save_async({"model": {"w": w}, "step": step}, step=step, val_loss=4.0 - step)
+        w.fill_(-1)  # training goes on changing the tensor while the thread writes
+        assert path.endswith(f"step_{step:08d}.pt")
+    mgr.wait()
+    assert torch.equal(load(mgr.latest())["model"]["w"], torch.full((1000,), 3.0))
+    assert sorted(os.listdir(mgr.dir)) == ["best.pt", "latest.pt", "step_00000002.pt", "step_00000003.pt"]
+    assert load(os.path.join(mgr.dir, "best.pt"))["best_val_loss"] == 1.0
+    mgr.save({"step": 4}, step=4)  # a synchronous save after async ones: same folder, same rules
+    assert load(mgr.latest())["step"] == 4 and len(mgr.step_files()) == 2
+
+
+def test_a_failed_background_write_is_raised_in_the_caller(tmp_path, monkeypatch):
+    def full_disk(obj, path):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoint_manager, "save_atomic", full_disk)
+    mgr = CheckpointManager(tmp_path)
+    mgr.save_async({"step": 1}, step=1)
+    with pytest.raises(RuntimeError, match="writing checkpoint failed: .*No space left"):
+        mgr.wait()
+    mgr.wait()  # reported once
+
+
+def test_step_files_ignore_names_that_do_not_parse(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep=1)
+    os.makedirs(mgr.dir)
+    for name in ("step_00000010_backup.pt", "step_final.pt", "step_00000005.pt.bak"):
+        open(os.path.join(mgr.dir, name), "w").close()
+    for step in (20, 30):
+        mgr.save({"step": step}, step=step)
+    assert mgr.step_files() == [os.path.join(mgr.dir, "step_00000030.pt")]
+    assert sorted(os.listdir(mgr.dir)) == ["latest.pt", "step_00000005.pt.bak", "step_00000010_backup.pt",
+                                           "step_00000030.pt", "step_final.pt"]  # keep-N leaves other names alone
+
+
+def test_newest_finite_skips_poisoned_weights(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep=5)
+    assert mgr.newest_finite() is None
+    mgr.save({"model": {"w": torch.ones(3), "n": torch.tensor(7)}}, step=1)
+    mgr.save({"model": {"w": torch.tensor([1.0, float("inf"), 1.0])}}, step=2)
+    mgr.save({"model": {"w": torch.tensor([float("nan")] * 3)}}, step=3)
+    assert mgr.newest_finite() == os.path.join(mgr.dir, "step_00000001.pt")
 
 
 def test_best_follows_lowest_val_loss(tmp_path):

@@ -1,5 +1,6 @@
 """setup_gpu.sh on this CPU machine: --help, the dry-run plan without a GPU and with a fake nvidia-smi (the driver's
-CUDA -> wheel index mapping), re-runs that skip what is done, argument errors, and shellcheck.
+CUDA -> wheel index mapping), the build tools torch.compile needs and a small /dev/shm (on a PATH without a compiler,
+a fake df), re-runs that skip what is done, argument errors, and shellcheck.
 Every run works on a copy of the script in tmp_path, so nothing can touch the repository's .venv."""
 import os
 import shutil
@@ -54,7 +55,7 @@ def run(repo, *args, path=None):
 def test_help(repo):
     r = run(repo, "--help")
     assert r.returncode == 0 and r.stdout.startswith("usage: bash setup_gpu.sh")
-    for words in ("--dry_run", "--prep t2i N", "--cuda TAG", "samples/s and MFU"):
+    for words in ("--dry_run", "--prep t2i N", "--cuda TAG", "samples/s and MFU", "C compiler", "--shm-size"):
         assert words in r.stdout
 
 
@@ -69,7 +70,7 @@ def test_dry_run_without_gpu_prints_the_plan_and_installs_nothing(repo):
                     "+ .venv/bin/python -m pip install -r requirements.txt",
                     plan[4],
                     "+ .venv/bin/python prep_dataset.py text-to-image-2m --out data/t2i --limit 500"]
-    assert plan[4].startswith("+ .venv/bin/python - 32  # stdin: the self-test")
+    assert plan[4].startswith("+ .venv/bin/python - auto  # stdin: the self-test")  # the batch it recommends
     assert "dry run: nothing was installed" in r.stdout
     assert sorted(os.listdir(repo)) == ["requirements.txt", "setup_gpu.sh"]  # no .venv, no stamp, no data
 
@@ -119,7 +120,7 @@ exit 3
                   "self-test ran at batch 8"):
         assert words in r.stdout
     assert [line for line in r.stdout.splitlines() if line.startswith("+ ")] == \
-        ["+ .venv/bin/python - 8  # stdin: the self-test above (bf16 matmul check, timed seed-preset training steps)"]
+        ["+ .venv/bin/python - 8  # stdin: the self-test above (bf16 matmul check, compiled bf16 seed-preset steps)"]
     assert "pip" not in (tmp_path / "calls").read_text() and "prep_dataset" not in (tmp_path / "calls").read_text()
 
     # more data than was prepared, and a changed requirements.txt: those two steps run again
@@ -144,10 +145,66 @@ exit 1
                                          (["--prep", "t2i", "abc"], "N must be a positive integer, got 'abc'"),
                                          (["--prep", "t2i"], "--prep needs a dataset and a count"),
                                          (["--cuda", "12.4"], "--cuda needs a tag"),
+                                         (["--batch", "0"], "--batch needs a positive integer or auto"),
                                          (["--bogus"], "unknown argument '--bogus'")])
 def test_bad_arguments_exit_2(repo, args, words):
     r = run(repo, *args)
     assert r.returncode == 2 and words in r.stderr and "--help" in r.stderr
+
+
+def bare_path(tmp_path, df_free_kb=None):
+    """A PATH with only the tools the script runs, and no C compiler: a fresh box. With df_free_kb, a df that
+    reports that much free space on /dev/shm (Docker's default is 64 MB)."""
+    farm = tmp_path / "bare"
+    farm.mkdir()
+    for tool in ("bash", "cat", "dirname", "sha256sum", "cut", "df", "awk", "sed"):
+        os.symlink(shutil.which(tool), farm / tool)
+    write_exe(farm / "apt-get", "#!/bin/sh\nexit 9\n")  # present, as on Ubuntu; a dry run never calls it
+    if df_free_kb is not None:
+        os.unlink(farm / "df")
+        write_exe(farm / "df", f"""#!/bin/sh
+echo "Filesystem     1024-blocks  Used Available Capacity Mounted on"
+echo "shm                  65536     0 {df_free_kb}        0% /dev/shm"
+""")
+    return str(farm)
+
+
+def test_missing_compiler_and_python_headers_are_installed(repo, tmp_path):
+    """Triton builds a C helper the first time torch.compile runs: without gcc/clang or Python.h, apt-get them."""
+    write_exe(tmp_path / "py312", """#!/bin/sh
+case "$*" in
+  -V) echo "Python 3.12.1" ;;
+  *Python.h*) exit 1 ;;
+  *version_info*2*) echo 3.12 ;;
+esac
+exit 0
+""")
+    r = run(repo, "--dry_run", "--python", str(tmp_path / "py312"), path=bare_path(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "no C compiler (gcc or clang) found" in r.stdout and "no Python.h for Python 3.12" in r.stdout
+    plan = [line.replace("sudo ", "") for line in r.stdout.splitlines() if line.startswith("+ ")]
+    assert plan[:2] == ["+ apt-get update", "+ apt-get install -y build-essential python3.12-dev"]
+
+
+def test_selftest_is_valid_python_using_this_repo_api():
+    """The self-test needs a GPU to run; here: it parses, and it calls the model as train.py does (CLIPOutput)."""
+    text = open(os.path.join(ROOT, "setup_gpu.sh")).read()
+    code = text.split("SELFTEST_PY=$(cat <<'EOF'\n")[1].split("\nEOF\n")[0]
+    compile(code, "selftest", "exec")
+    assert "torch.compile(model)" in code and "outs.image" in code and "max_memory_allocated" in code
+
+
+def test_cc_that_is_not_there_is_an_error(repo):
+    r = subprocess.run(["bash", str(repo / "setup_gpu.sh"), "--dry_run"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PATH": no_gpu_path(), "CC": "/no/such/cc"})
+    assert r.returncode == 1 and "CC=/no/such/cc is not an executable" in r.stderr
+
+
+def test_small_dev_shm_warns_with_the_fix(repo, tmp_path):
+    r = run(repo, "--dry_run", path=bare_path(tmp_path, df_free_kb=65536) + os.pathsep + no_gpu_path())
+    assert r.returncode == 0, r.stderr
+    line = next(l for l in r.stdout.splitlines() if "/dev/shm has only" in l)
+    assert "64 MiB free" in line and "--ipc=host or --shm-size=16g" in r.stdout
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None,

@@ -159,3 +159,181 @@ def test_resume_with_other_model_flags_names_the_fields(synth, tmp_path, capsys)
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "text.pool: 'eot' -> 'mean'" in err and "quick_gelu: False -> True" in err
+
+
+# -----------------------------------------------------------------------------
+# the GPU path, checked on a CPU: no host syncs off log steps, compile, async checkpoints, clear errors
+
+SYNCS = [(torch.Tensor, n) for n in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu")] \
+    + [(torch.cuda, "synchronize"), (torch.cuda.Stream, "synchronize"), (torch.cuda.Event, "synchronize")]
+
+
+def test_no_host_sync_on_a_non_logging_step(synth, tmp_path, monkeypatch):
+    """Every call that would make the host wait for the GPU, counted per step: only log steps (every 5th, the
+    eval/checkpoint at the end) read values back."""
+    calls, step = [], [0]
+    fb = train.forward_backward
+
+    def counting_fb(*a, **k):
+        step[0] += 1  # calls from here until the next step's forward belong to this step
+        return fb(*a, **k)
+    monkeypatch.setattr(train, "forward_backward", counting_fb)
+    for owner, name in SYNCS:
+        def patched(*a, _real=getattr(owner, name), _name=name, **k):
+            calls.append((step[0], _name))
+            return _real(*a, **k)
+        monkeypatch.setattr(owner, name, patched)
+    # 1 worker: the loader's own work runs in its process, not counted here
+    assert train.main(argv(synth, tmp_path, "sync", "--log_every", "5", "--ckpt_every", "100", "--stop_at", "12",
+                           "--workers", "1")) == 0
+    at = {s for s, _ in calls}
+    assert at & set(range(1, 12)) == {5, 10}, sorted(calls)
+    assert (5, "tolist") in calls and (10, "tolist") in calls  # the window's one read
+    steps = [r["step"] for r in metrics(tmp_path, "sync") if r["split"] == "train"]
+    assert steps == list(range(1, 13))  # every step is still logged
+
+
+def test_compile_on_cpu_matches_eager(synth, tmp_path):
+    """--compile on the micro preset end to end (inductor's C++ backend; gcc is on the CI machine)."""
+    for run, flag in (("eager", "--no-compile"), ("compiled", "--compile")):
+        assert train.main(argv(synth, tmp_path, run, "--stop_at", "3", "--ckpt_every", "100", flag)) == 0
+    losses = {run: [r["loss"] for r in metrics(tmp_path, run) if r["split"] == "train"] for run in ("eager", "compiled")}
+    assert len(losses["eager"]) == 3
+    assert losses["compiled"] == pytest.approx(losses["eager"], abs=1e-4)
+    assert json.loads((tmp_path / "logs" / "compiled" / "config.json").read_text())["args"]["compile"] is True
+
+
+def test_log_records_data_ms_and_the_epoch_report(synth, tmp_path, monkeypatch, capsys):
+    reports = iter([None, None, {"epoch": 0, "skipped": {"corrupt_image": 3, "no_caption": 1}}])
+    monkeypatch.setattr(train.ShardLoader, "pop_epoch_report", lambda self: next(reports, None))
+    args = [a for a in argv(synth, tmp_path, "rep", "--stop_at", "6", "--log_every", "3") if a != "--quiet"]
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    assert "epoch 0: skipped 3 corrupt_image, 1 no_caption" in out
+    assert "data_ms" in out and "1 x cpu: fp32 (auto), not compiled, 0 loader workers per rank" in out
+    records = [r for r in metrics(tmp_path, "rep") if r["split"] == "train"]
+    assert [r.get("skipped_corrupt_image") for r in records] == [None, None, 3, None, None, None]
+    assert all(r["data_ms"] >= 0 and r["samples_per_s"] > 0 for r in records)
+    assert "time: " in out and "waiting for data" in out
+
+
+def test_eval_reads_the_val_batches_once(synth, tmp_path, monkeypatch):
+    calls = []
+    real = train.val_batches
+    monkeypatch.setattr(train, "val_batches", lambda *a: calls.append(a[1]) or real(*a))
+    assert train.main(argv(synth, tmp_path, "ev", "--eval_every", "5", "--eval_batches", "2")) == 0
+    assert calls == [2]  # 2 batches of 32, kept in memory for the evals at steps 5, 10, 15 and 16
+    val = [r for r in metrics(tmp_path, "ev") if r["split"] == "val"]
+    assert [r["step"] for r in val] == [5, 10, 15, 16] and len({r["loss"] for r in val}) == 4
+
+
+def test_poisoned_weights_are_never_saved_or_named(synth, tmp_path, monkeypatch, capsys):
+    """Weights that overflow in step 10's update (its loss was still finite): the checkpoint at 10 is refused and
+    the stop names step 5's."""
+    real, n = clip.CLIP.clamp_logit_scale, [0]
+
+    def overflow(self):
+        n[0] += 1
+        if n[0] == 10:
+            self.text.token_embed.weight.data[0, 0] = float("inf")
+        return real(self)
+    monkeypatch.setattr(clip.CLIP, "clamp_logit_scale", overflow)
+    assert train.main(argv(synth, tmp_path, "inf")) == 1
+    err = capsys.readouterr().err
+    assert "a weight is not finite at step 10" in err and "step_00000005.pt" in err
+    assert cm.CheckpointManager(str(tmp_path / "out" / "inf")).step_files()[-1].endswith("step_00000005.pt")
+
+
+def test_compiled_ddp_ignores_distill_proj_by_its_compiled_name(tmp_path):
+    model = clip.CLIP(clip.get_config("micro", vocab_size=300, teacher_dim=24))
+    assert train.ddp_ignored(model) == ["distill_proj.weight"]
+    compiled = torch.compile(model)  # lazy: nothing is compiled until a forward
+    assert train.ddp_ignored(compiled) == ["_orig_mod.distill_proj.weight"]
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        args = train.get_parser().parse_args(["--compile"])
+        ddp = train.wrap_model(args, model, True, "cpu")
+        assert ddp.parameters_to_ignore == {"_orig_mod.distill_proj.weight"}  # what DDP matches names against
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_node_that_does_not_see_the_checkpoint_folder_is_named(tmp_path):
+    """Two gloo processes whose --out folders differ, as on two nodes without a shared filesystem."""
+    script = f"""
+import os, sys, torch.distributed as dist
+sys.path.insert(0, {ROOT!r})
+import train
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=rank, world_size=2)
+print(train.unshared_ranks(os.path.join({str(tmp_path)!r}, "node" + str(rank)), rank, 2))
+print(train.unshared_ranks({str(tmp_path / 'shared')!r}, rank, 2))
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(r)], stdout=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=120)[0].split("\n") for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert outs[0][:2] == ["[1]", "[]"] and outs[1][:2] == ["[1]", "[]"]
+    assert os.listdir(tmp_path / "shared") == []  # the probe file is removed
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--stop_at", "0"], "--stop_at must be >= 1"),
+    (["--stop_at", "-5"], "--stop_at must be >= 1"),
+    (["--eval_batches", "-1"], "--eval_batches must be >= 0"),
+    (["--keep", "0"], "--keep must be >= 1"),
+    (["--log_every", "0"], "--log_every must be >= 1"),
+    (["--context_length", "1"], "--context_length must be >= 3"),
+    (["--epochs", "inf"], "--epochs must be a finite number"),
+    (["--epochs", "nan"], "--epochs must be a finite number"),
+    (["--max_lr", "nan"], "--max_lr must be a finite number"),
+    (["--beta2", "1.5"], "--beta2 in [0, 1)"),
+    (["--ignore_keys", "text.(", "--init", __file__], "--ignore_keys 'text.(' is not a valid regular expression"),
+])
+def test_more_bad_input_is_one_clear_line(synth, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as e:
+        train.main(argv(synth, tmp_path, "bad", *extra))
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_resume_with_other_batch_accum_or_epochs_names_the_fields(synth, tmp_path, capsys):
+    assert train.main(argv(synth, tmp_path, "rb", "--stop_at", "5")) == 0
+    for extra, words in [(["--batch", "64"], "changed: batch 32 -> 64"),
+                         (["--batch", "16", "--accum", "2"], "changed: batch 32 -> 16, accum 1 -> 2"),
+                         (["--epochs", "2"], "changed: epochs 1.0 -> 2.0")]:
+        with pytest.raises(SystemExit) as e:
+            train.main(argv(synth, tmp_path, "rb", "--resume", "latest", *extra))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and words in err and "--init" in err, err
+    with pytest.raises(SystemExit):  # a stop before the checkpoint's step
+        train.main(argv(synth, tmp_path, "rb", "--resume", "latest", "--stop_at", "3"))
+    assert "--stop_at 3 is not after the checkpoint's step 5" in capsys.readouterr().err
+    assert train.main(argv(synth, tmp_path, "rb", "--resume", "latest")) == 0  # the same flags: on to the end
+    assert train.main(argv(synth, tmp_path, "rb", "--resume", "latest")) == 0  # a finished run: nothing to do
+    assert "nothing to do: the checkpoint is at the run's last step (16 of 16)" in capsys.readouterr().out
+
+
+def test_resume_from_a_file_that_is_not_a_run_checkpoint(synth, tmp_path, capsys):
+    weights = tmp_path / "weights.pt"
+    cm.save_atomic({"model": clip.CLIP(clip.get_config("micro", vocab_size=300)).state_dict()}, weights)
+    with pytest.raises(SystemExit) as e:
+        train.main(argv(synth, tmp_path, "w", "--resume", str(weights)))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "is not a train.py checkpoint (it has no optimizer, config, step, loader, rng)" in err
+    assert f"--init {weights}" in err
+
+
+def test_a_backup_file_in_the_checkpoint_folder_is_left_alone(synth, tmp_path):
+    ckpt = tmp_path / "out" / "bk" / "ckpt"
+    ckpt.mkdir(parents=True)
+    (ckpt / "step_00000010_backup.pt").write_bytes(b"a user's copy")
+    assert train.main(argv(synth, tmp_path, "bk", "--stop_at", "12", "--keep", "1")) == 0
+    assert sorted(os.listdir(ckpt)) == ["best.pt", "latest.pt", "step_00000010_backup.pt", "step_00000012.pt"]
+    assert train.main(argv(synth, tmp_path, "bk", "--resume", "latest")) == 0
+
+
+def test_mfu_peaks_tell_the_h100_cards_apart():
+    cfg = clip.get_config("seed")
+    sxm, pcie = (clip.estimate_mfu(cfg, 100.0, name) for name in ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe"))
+    assert sxm / pcie == pytest.approx(756 / 989)
+    assert clip.estimate_mfu(cfg, 100.0, "NVIDIA H200") == pytest.approx(sxm)
+    assert clip.estimate_mfu(cfg, 100.0, "NVIDIA GeForce RTX 4090") is None
