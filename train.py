@@ -19,10 +19,10 @@ Left out on purpose: FSDP/tensor parallelism (CLIP at these sizes fits one GPU p
 import argparse
 import contextlib
 import datetime
-import json
 import math
 import os
 import re
+import subprocess
 import sys
 import time
 import uuid
@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import checkpoint_manager as cm
 import clip
-from dataloader import ShardLoader, auto_workers
+from dataloader import ShardLoader, auto_workers, load_tokenizer, read_index
 from logger import Logger
 from tokenizer import Tokenizer
 
@@ -463,8 +463,9 @@ def ensure_synthetic(path, quiet, master):
     """The built-in dataset: made on first use (about a minute on 2 cores)."""
     if master and not os.path.isfile(os.path.join(path, "index.json")):
         print(f"no --data given and {path} does not exist yet: creating the built-in synthetic dataset there")
-        import prep_dataset
-        prep_dataset.main(["synthetic", "--out", path] + (["--quiet"] if quiet else []))
+        prep = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prep_dataset.py")  # its CLI, not its helpers
+        if subprocess.run([sys.executable, prep, "synthetic", "--out", path] + (["--quiet"] if quiet else [])).returncode:
+            raise ValueError(f"making the built-in synthetic dataset in {path} failed (see above)")
     if dist.is_initialized():
         dist.barrier()
 
@@ -474,10 +475,9 @@ def load_data(args, master):
     data = args.data or DEFAULT_DATA
     if args.data is None:
         ensure_synthetic(data, args.quiet, master)
-    with open(os.path.join(data, "index.json")) as f:
-        index = json.load(f)
+    index = read_index(data, "train")  # checked: one clear line for any problem
     run = args.run_name or f"{args.preset}-{os.path.basename(os.path.normpath(data))}"
-    return data, index, Tokenizer.load(os.path.join(data, "tokenizer.json")), os.path.join(args.out, run), \
+    return data, index, load_tokenizer(os.path.join(data, "tokenizer.json")), os.path.join(args.out, run), \
         os.path.join(args.log_dir, run)
 
 
@@ -544,7 +544,10 @@ def main(argv=None):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
     # data, the model's config (preset or --init, a teacher for --distill), the checkpoint to --resume
-    data, index, tokenizer, out_dir, log_dir = load_data(args, master)
+    try:
+        data, index, tokenizer, out_dir, log_dir = load_data(args, master)
+    except ValueError as e:
+        fail(str(e))
     if ddp:  # rank 0 writes the checkpoints and every rank reads one on --resume: all must see the same folder
         missing = unshared_ranks(out_dir, rank, world)
         if missing:

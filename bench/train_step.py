@@ -156,7 +156,7 @@ def main():
     torch.manual_seed(0)
     ours = clip.CLIP(config).to(dev)
     batches = make_batches(config, batch, 4, dev)
-    sides = {"ours": (ours, lambda m, x, t: clip.clip_loss(*m(x, t)), clip.configure_optimizers(ours, WD, LR, BETAS, EPS))}
+    sides = {"ours": (ours, lambda m, x, t: clip.clip_loss(*m(x, t)[:3]), clip.configure_optimizers(ours, WD, LR, BETAS, EPS))}
     max_diff = None
     if open_clip is None:
         print("open_clip is not installed here; timing ours alone. To time the anchor:\n"

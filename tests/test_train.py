@@ -152,6 +152,16 @@ def test_bad_input_is_one_clear_line(synth, tmp_path, extra, message):
     assert message in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("index, message", [("{}", "empty or not a JSON object"),
+                                            ('{"img_size": 32, "train": {"shards": ["gone.tar"]}}', "shard gone.tar")])
+def test_a_broken_index_json_is_one_clear_line(tmp_path, capsys, index, message):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "index.json").write_text(index)
+    with pytest.raises(SystemExit) as e:
+        train.main(argv(str(tmp_path / "d"), tmp_path))
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_resume_with_other_model_flags_names_the_fields(synth, tmp_path, capsys):
     assert train.main(argv(synth, tmp_path, "cfg", "--stop_at", "5")) == 0
     with pytest.raises(SystemExit) as e:
