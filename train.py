@@ -238,7 +238,7 @@ def teacher_features(batch, teacher, device):
 
 def forward_backward(model, inputs, accum, autocast, loss_fn, batch=None):
     """One optimizer step's gradients; returns (loss, terms). inputs: the model's batched inputs (images, tokens
-    [, short tokens]). With accum > 1 (GradCache, Gao et al. 2021): 1) embed every micro-batch without
+    [, short tokens or None[, kept patches or None]]). With accum > 1 (GradCache, Gao et al. 2021): 1) embed every micro-batch without
     gradients, 2) compute the whole batch's loss on those cached embeddings and its gradient w.r.t. them,
     3) re-embed each micro-batch with gradients and backpropagate the cached gradients. Exactly the big batch's
     gradient, at the activation memory of one micro-batch, for one extra forward pass. An input may be None

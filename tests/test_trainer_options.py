@@ -115,13 +115,14 @@ def test_accumulation_gives_the_big_batch_gradient(flags):
 
 
 def test_siglip_two_gloo_processes_with_accumulation_match_one_process(synth, tmp_path):
-    """torchrun, 2 gloo processes x 2 micro-batches of 8 = 1 process, one batch of 32: the first step's gradient
-    norm (before clipping) agrees to float rounding, and so does every later step's loss, bias and scale."""
+    """torchrun, 2 gloo processes x 2 micro-batches of 8 (with --grad_ckpt, which must change nothing) = 1 process,
+    one batch of 32: the first step's gradient norm (before clipping) agrees to float rounding, and so does every
+    later step's loss, bias and scale."""
     common = ["--epochs", "0.25", "--max_lr", "1e-3", "--loss", "siglip"]  # 4 steps
     assert train.main(argv(synth, tmp_path, "one", *common)) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "train.py")] + argv(synth, tmp_path, "two", *common) + ["--batch", "8", "--accum", "2"]
+           os.path.join(ROOT, "train.py")] + argv(synth, tmp_path, "two", *common) + ["--batch", "8", "--accum", "2", "--grad_ckpt"]
     subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, timeout=300)
     rows = {run: [r for r in metrics(tmp_path, run) if r["split"] == "train"] for run in ("one", "two")}
     assert len(rows["one"]) == len(rows["two"]) == 4
