@@ -20,7 +20,9 @@ of each measurement, so the parts can run separately (the machine is shared):
     python bench/trainer_options.py report
 """
 import argparse
+import contextlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -63,19 +65,42 @@ def train_run(args, name, batch, seed, extra):
         raise SystemExit(f"training run {run} failed")
     with open(os.path.join(args.out, "logs", run, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    steps = [batch / r["samples_per_s"] for r in rows if r["split"] == "train"][2:]  # the first steps warm up
+    train_rows = [r for r in rows if r["split"] == "train"]
+    steps = [batch / r["samples_per_s"] for r in train_rows][2:]  # the first steps warm up
     val = [r for r in rows if r["split"] == "val"][-1]
     keys = ("zeroshot_top1", "zeroshot_top1_seen", "zeroshot_top1_heldout", "i2t_R@1", "t2i_R@1")
     return {"steps": len(steps) + 2, "s_step_median": statistics.median(steps), "s_step_min": min(steps),
-            "wall_s": time.time() - t0, "val_loss": val["loss"], **{k: val[k] for k in keys}}
+            "wall_s": time.time() - t0, "val_loss": val["loss"], "final_logit_scale": train_rows[-1]["logit_scale"],
+            "final_logit_bias": train_rows[-1].get("logit_bias"), **{k: val[k] for k in keys}}
+
+
+@contextlib.contextmanager
+def bias_init(value):
+    """Ablation only (no train.py flag): SigLIP's bias starts at `value` instead of -10."""
+    real = clip.CLIP.init_weights
+
+    def init_weights(self):
+        real(self)
+        if hasattr(self, "logit_bias"):
+            torch.nn.init.constant_(self.logit_bias, value)
+    clip.CLIP.init_weights = init_weights
+    try:
+        yield
+    finally:
+        clip.CLIP.init_weights = real
 
 
 def part_loss(args):
+    """siglip_prior: SigLIP with the bias starting at the log prior odds of a pair, -log(B - 1), instead of -10
+    (the paper's value, which is the log prior at B = 32k): is the small-batch gap the bias's starting point?"""
     for batch in args.batches:
         for seed in args.seeds:
-            for loss in ("clip", "siglip"):
-                r = train_run(args, loss, batch, seed, ["--loss", loss])
-                write(args, {"part": "loss", "loss": loss, "batch": batch, "seed": seed, "max_lr": args.max_lr, **r})
+            for loss in args.losses:
+                b0 = -math.log(batch - 1) if loss == "siglip_prior" else None
+                with bias_init(b0) if b0 is not None else contextlib.nullcontext():
+                    r = train_run(args, loss, batch, seed, ["--loss", "clip" if loss == "clip" else "siglip"])
+                write(args, {"part": "loss", "loss": loss, "batch": batch, "seed": seed, "max_lr": args.max_lr,
+                             "bias_init": b0 if b0 is not None else (-10.0 if loss == "siglip" else None), **r})
 
 
 def tower_times(img_size, batch, reps):
@@ -170,6 +195,12 @@ def latest(records, part, *keys):
     return out
 
 
+def min_collapsed(B):
+    """SigLIP's loss when every cosine is equal and t * cos + b sits at the optimum x = -log(B - 1)."""
+    x = -math.log(B - 1)
+    return math.log1p(math.exp(-x)) + (B - 1) * math.log1p(math.exp(x))
+
+
 def report(path):
     with open(path) as f:
         records = [json.loads(line) for line in f if line.strip()]
@@ -182,22 +213,32 @@ def report(path):
         r0 = next(iter(loss.values()))
         lines += [f"## 1. Softmax (`clip`) vs sigmoid (`siglip`) loss: tiny preset, {r0['steps']} steps, max_lr {r0['max_lr']}, "
                   f"{r0['threads']} thread(s)", "",
-                  "| batch | seed | loss | zero-shot top-1 % | seen % | held-out % | i2t R@1 % | t2i R@1 % | s/step (median) |",
-                  "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+                  "`siglip` starts at t = 10, b = -10 (the paper's values, and train.py's). `siglip_prior` is an ablation "
+                  "that is no train.py option: the bias starts at -log(B - 1), the log prior odds that a pair matches "
+                  "(-10 is that prior at B = 22k). A sigmoid model can also reach its prior by making every cosine equal; "
+                  "that collapsed state has loss softplus(-x) + (B - 1) softplus(x) at x = -log(B - 1): "
+                  + ", ".join(f"{min_collapsed(b):.3f} at B = {b}" for b in sorted({k[1] for k in loss})) + ".", "",
+                  "| batch | seed | loss | b init | zero-shot top-1 % | seen % | held-out % | i2t R@1 % | t2i R@1 % | "
+                  "val loss | final t | final b | s/step (median) |",
+                  "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        fmt = lambda x: "-" if x is None else f"{x:.2f}"
         for (name, batch, seed), r in sorted(loss.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
-            lines.append(f"| {batch} | {seed} | {name} | {pct(r['zeroshot_top1'])} | {pct(r['zeroshot_top1_seen'])} | "
-                         f"{pct(r['zeroshot_top1_heldout'])} | {pct(r['i2t_R@1'])} | {pct(r['t2i_R@1'])} | {r['s_step_median']:.3f} |")
-        lines += ["", "| batch | seeds | clip zero-shot % (mean) | siglip zero-shot % (mean) | siglip - clip (points) | siglip >= clip on |",
-                  "|---:|---:|---:|---:|---:|---|"]
+            lines.append(f"| {batch} | {seed} | {name} | {fmt(r.get('bias_init'))} | {pct(r['zeroshot_top1'])} | "
+                         f"{pct(r['zeroshot_top1_seen'])} | {pct(r['zeroshot_top1_heldout'])} | {pct(r['i2t_R@1'])} | "
+                         f"{pct(r['t2i_R@1'])} | {r['val_loss']:.3f} | {fmt(r.get('final_logit_scale'))} | "
+                         f"{fmt(r.get('final_logit_bias'))} | {r['s_step_median']:.3f} |")
+        lines += ["", "| batch | loss | seeds | zero-shot % (mean) | clip zero-shot % (mean) | minus clip (points) | >= clip on |",
+                  "|---:|---|---:|---:|---:|---:|---|"]
         for batch in sorted({k[1] for k in loss}):
-            seeds = sorted(s for (n, b, s) in loss if b == batch and n == "clip" and ("siglip", b, s) in loss)
-            if not seeds:
-                continue
-            c = [loss[("clip", batch, s)]["zeroshot_top1"] for s in seeds]
-            g = [loss[("siglip", batch, s)]["zeroshot_top1"] for s in seeds]
-            wins = sum(y >= x for x, y in zip(c, g))
-            lines.append(f"| {batch} | {len(seeds)} | {pct(statistics.mean(c))} | {pct(statistics.mean(g))} | "
-                         f"{100 * (statistics.mean(g) - statistics.mean(c)):+.1f} | {wins} of {len(seeds)} seeds |")
+            for variant in ("siglip", "siglip_prior"):
+                seeds = sorted(s for (n, b, s) in loss if b == batch and n == variant and ("clip", b, s) in loss)
+                if not seeds:
+                    continue
+                c = [loss[("clip", batch, s)]["zeroshot_top1"] for s in seeds]
+                g = [loss[(variant, batch, s)]["zeroshot_top1"] for s in seeds]
+                wins = sum(y >= x for x, y in zip(c, g))
+                lines.append(f"| {batch} | {variant} | {len(seeds)} | {pct(statistics.mean(g))} | {pct(statistics.mean(c))} | "
+                             f"{100 * (statistics.mean(g) - statistics.mean(c)):+.1f} | {wins} of {len(seeds)} seeds |")
         lines.append("")
     drop = latest(records, "dropout_train", "patch_dropout")
     tower = latest(records, "dropout_tower", "img_size")
@@ -247,6 +288,8 @@ def main(argv=None):
     p.add_argument("--max_lr", type=float, default=2e-3)
     p.add_argument("--batches", type=int, nargs="+", default=[32, 128], help="loss: batch sizes")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="loss: seeds")
+    p.add_argument("--losses", nargs="+", default=["clip", "siglip"], choices=("clip", "siglip", "siglip_prior"),
+                   help="loss: siglip_prior = siglip with the bias starting at -log(batch - 1) (an ablation)")
     p.add_argument("--dropout_batch", type=int, default=32)
     p.add_argument("--reps", type=int, default=20, help="dropout: vision-tower repeats")
     p.add_argument("--ckpt_batch", type=int, default=4)
