@@ -3,6 +3,7 @@
 1. loss: the `tiny` preset for the same number of steps on the synthetic set, `clip` vs `siglip`, at batch 32
    (3 seeds) and batch 128 (1 seed); zero-shot top-1 and retrieval on the val split after the last step.
    Target: SigLIP at batch 32 at least as good as softmax at batch 32 (Zhai et al.'s small-batch claim).
+   `--losses siglip_prior` adds an ablation that is not a train.py option: the bias starting at -log(B - 1).
 2. dropout: the same training at --patch_dropout 0 and 0.5 (zero-shot, s/step), and the vision tower alone
    (forward + backward, no data loading) timed at 32 px (16 patches, the training set) and 64 px (64 patches).
    Target: 0.5 cuts the vision tower's step time by >= 35%.
@@ -15,7 +16,9 @@ of each measurement, so the parts can run separately (the machine is shared):
 
     OMP_NUM_THREADS=1 python bench/trainer_options.py loss --batches 32 --seeds 0 1 2
     OMP_NUM_THREADS=1 python bench/trainer_options.py loss --batches 128 --seeds 0
-    OMP_NUM_THREADS=1 python bench/trainer_options.py dropout
+    OMP_NUM_THREADS=1 python bench/trainer_options.py loss --batches 32 --seeds 0 1 2 --losses siglip_prior
+    OMP_NUM_THREADS=1 python bench/trainer_options.py loss --batches 128 --seeds 0 --losses siglip_prior
+    OMP_NUM_THREADS=1 python bench/trainer_options.py dropout          # or `tower`: the timing alone
     OMP_NUM_THREADS=1 python bench/trainer_options.py ckpt
     python bench/trainer_options.py report
 """
@@ -126,11 +129,15 @@ def part_dropout(args):
         r = train_run(args, f"drop{p}", args.dropout_batch, 0, ["--patch_dropout", str(p)])
         write(args, {"part": "dropout_train", "patch_dropout": p, "batch": args.dropout_batch, "seed": 0,
                "max_lr": args.max_lr, **r})
+    part_tower(args)
+
+
+def part_tower(args):
     for img_size in (32, 64):
         t = tower_times(img_size, args.dropout_batch, args.reps)
         patches = (img_size // 8) ** 2
         write(args, {"part": "dropout_tower", "img_size": img_size, "batch": args.dropout_batch, "patches": patches,
-               "kept": patches // 2, "s_full": t[0.0], "s_dropout": t[0.5], "cut": 1 - t[0.5] / t[0.0]})
+               "kept": patches // 2, "s_full": t[0.0], "s_dropout": t[0.5], "cut": 1 - t[0.5] / t[0.0], "reps": args.reps})
 
 
 # ----------------------------------------------------------------------------- activation checkpointing (part 3)
@@ -223,7 +230,8 @@ def report(path):
                   "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         fmt = lambda x: "-" if x is None else f"{x:.2f}"
         for (name, batch, seed), r in sorted(loss.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
-            lines.append(f"| {batch} | {seed} | {name} | {fmt(r.get('bias_init'))} | {pct(r['zeroshot_top1'])} | "
+            b0 = r.get("bias_init", -10.0 if name == "siglip" else None)  # records from before the field: train.py's -10
+            lines.append(f"| {batch} | {seed} | {name} | {fmt(b0)} | {pct(r['zeroshot_top1'])} | "
                          f"{pct(r['zeroshot_top1_seen'])} | {pct(r['zeroshot_top1_heldout'])} | {pct(r['i2t_R@1'])} | "
                          f"{pct(r['t2i_R@1'])} | {r['val_loss']:.3f} | {fmt(r.get('final_logit_scale'))} | "
                          f"{fmt(r.get('final_logit_bias'))} | {r['s_step_median']:.3f} |")
@@ -254,7 +262,8 @@ def report(path):
                          f"{pct(r['i2t_R@1'])} | {r['s_step_median']:.3f} | {r['s_step_min']:.3f} |")
         lines.append("")
     if tower:
-        lines += ["Vision tower alone (tiny, forward + backward, median of interleaved repeats; target: >= 35% less):", "",
+        lines += ["Vision tower alone (tiny, forward + backward of the tower only, no data loading, median of "
+                  f"{next(iter(tower.values())).get('reps', 20)} interleaved repeats; target: >= 35% less):", "",
                   "| image | patches kept | batch | s (all patches) | s (dropout 0.5) | time cut | target met |",
                   "|---|---|---:|---:|---:|---:|---|"]
         for (size,), r in sorted(tower.items()):
@@ -281,7 +290,7 @@ def report(path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=("loss", "dropout", "ckpt", "report"))
+    p.add_argument("part", choices=("loss", "dropout", "tower", "ckpt", "report"), help="tower: dropout's timing only")
     p.add_argument("--data", default=os.path.join(ROOT, "bench", ".data", "syn32"), help="synthetic shards (read only)")
     p.add_argument("--out", default="/tmp/bench_trainer_options", help="checkpoints and logs go here")
     p.add_argument("--steps", type=int, default=300, help="steps per training run")
@@ -299,7 +308,7 @@ def main(argv=None):
     if args.part in ("loss", "dropout") and not os.path.isfile(os.path.join(args.data, "index.json")):
         p.error(f"--data {args.data} has no index.json (make it with "
                 f"`python prep_dataset.py synthetic --out bench/.data/syn32 --img_size 32`)")
-    {"loss": part_loss, "dropout": part_dropout, "ckpt": part_ckpt, "report": lambda a: report(a.jsonl)}[args.part](args)
+    {"loss": part_loss, "dropout": part_dropout, "tower": part_tower, "ckpt": part_ckpt, "report": lambda a: report(a.jsonl)}[args.part](args)
 
 
 if __name__ == "__main__":
