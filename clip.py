@@ -406,9 +406,9 @@ class CLIP(nn.Module):
         self.config = config
         self.visual = VisionTransformer(config)
         self.text = TextTransformer(config)
-        # the inverse temperature, learned in log space: CLIP starts at 1/0.07; SigLIP at 10 with a bias of -10, so
-        # that at init every pair's logit is about -10 (most pairs are negatives: starting there avoids a first
-        # phase spent only pushing all the sigmoids down)
+        # the inverse temperature, learned in log space: CLIP starts at 1/0.07. SigLIP starts at t = 10 with a bias
+        # b = -10 (the paper's values): b is about the log prior odds that a pair matches at the paper's batch of
+        # 32k (at batch B it is -log(B - 1)), so the sigmoids start by saying "no" to nearly every pair
         siglip = config.loss == "siglip"
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0 if siglip else 1 / 0.07)))
         if siglip:  # the model holds the bias only when its loss uses it (so a CLIP checkpoint is unchanged)
