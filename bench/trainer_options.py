@@ -40,6 +40,7 @@ import clip  # noqa: E402
 import train  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "bench", "results")
+READING_MARK = "<!-- reading: hand-written, kept when the tables above are regenerated -->"
 JSONL = os.path.join(RESULTS, "trainer_options.jsonl")
 
 
@@ -72,7 +73,10 @@ def train_run(args, name, batch, seed, extra):
     steps = [batch / r["samples_per_s"] for r in train_rows][2:]  # the first steps warm up
     val = [r for r in rows if r["split"] == "val"][-1]
     keys = ("zeroshot_top1", "zeroshot_top1_seen", "zeroshot_top1_heldout", "i2t_R@1", "t2i_R@1")
+    # SigLIP only: steps whose train loss sat at the collapsed value (every cosine equal; see report)
+    plateau = sum(abs(r["loss"] - min_collapsed(batch)) < 0.01 for r in train_rows) if "siglip" in name else None
     return {"steps": len(steps) + 2, "s_step_median": statistics.median(steps), "s_step_min": min(steps),
+            "plateau_steps": plateau,
             "wall_s": time.time() - t0, "val_loss": val["loss"], "final_logit_scale": train_rows[-1]["logit_scale"],
             "final_logit_bias": train_rows[-1].get("logit_bias"), **{k: val[k] for k in keys}}
 
@@ -226,15 +230,16 @@ def report(path):
                   "that collapsed state has loss softplus(-x) + (B - 1) softplus(x) at x = -log(B - 1): "
                   + ", ".join(f"{min_collapsed(b):.3f} at B = {b}" for b in sorted({k[1] for k in loss})) + ".", "",
                   "| batch | seed | loss | b init | zero-shot top-1 % | seen % | held-out % | i2t R@1 % | t2i R@1 % | "
-                  "val loss | final t | final b | s/step (median) |",
-                  "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "val loss | final t | final b | steps at collapse | s/step (median) |",
+                  "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         fmt = lambda x: "-" if x is None else f"{x:.2f}"
         for (name, batch, seed), r in sorted(loss.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
             b0 = r.get("bias_init", -10.0 if name == "siglip" else None)  # records from before the field: train.py's -10
             lines.append(f"| {batch} | {seed} | {name} | {fmt(b0)} | {pct(r['zeroshot_top1'])} | "
                          f"{pct(r['zeroshot_top1_seen'])} | {pct(r['zeroshot_top1_heldout'])} | {pct(r['i2t_R@1'])} | "
                          f"{pct(r['t2i_R@1'])} | {r['val_loss']:.3f} | {fmt(r.get('final_logit_scale'))} | "
-                         f"{fmt(r.get('final_logit_bias'))} | {r['s_step_median']:.3f} |")
+                         f"{fmt(r.get('final_logit_bias'))} | {r.get('plateau_steps', '-') if name != 'clip' else '-'} | "
+                         f"{r['s_step_median']:.3f} |")
         lines += ["", "| batch | loss | seeds | zero-shot % (mean) | clip zero-shot % (mean) | minus clip (points) | >= clip on |",
                   "|---:|---|---:|---:|---:|---:|---|"]
         for batch in sorted({k[1] for k in loss}):
@@ -247,6 +252,7 @@ def report(path):
                 wins = sum(y >= x for x, y in zip(c, g))
                 lines.append(f"| {batch} | {variant} | {len(seeds)} | {pct(statistics.mean(g))} | {pct(statistics.mean(c))} | "
                              f"{100 * (statistics.mean(g) - statistics.mean(c)):+.1f} | {wins} of {len(seeds)} seeds |")
+        lines.append("- in final t / b / steps at collapse: not recorded by the runs that predate those fields.")
         lines.append("")
     drop = latest(records, "dropout_train", "patch_dropout")
     tower = latest(records, "dropout_tower", "img_size")
@@ -282,8 +288,13 @@ def report(path):
         lines += ["", f"Saved activation bytes cut by {pct(cut)}% (target >= 60%: {'met' if cut >= 0.6 else 'not met'}); "
                   f"step time x{on['s_fwd_bwd_median'] / off['s_fwd_bwd_median']:.2f} (one extra forward).", ""]
     out = os.path.splitext(path)[0] + ".md"
+    kept = ""  # a hand-written reading below this marker survives a regenerated report
+    if os.path.isfile(out):
+        with open(out) as f:
+            text = f.read()
+        kept = text[text.index(READING_MARK):] if READING_MARK in text else ""
     with open(out + ".tmp", "w") as f:
-        f.write("\n".join(lines))
+        f.write("\n".join(lines) + ("\n" + kept if kept else ""))
     os.replace(out + ".tmp", out)
     print("\n".join(lines))
 
