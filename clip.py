@@ -7,6 +7,8 @@ References:
 2) Dosovitskiy et al. 2020, "An Image is Worth 16x16 Words" (the vision transformer).
 3) OpenCLIP (Ilharco et al.), whose ViT state dicts use the same key names as (1).
 4) Pernici et al. 2021, "Regular Polytope Networks" (the fixed heads, see simplex.py).
+5) Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training" (SigLIP, siglip_loss).
+6) Li et al. 2023, "Scaling Language-Image Pre-training via Masking" (FLIP, patch dropout).
 
 Order: configs and presets -> building blocks (MLP, attention, block) -> VisionTransformer ->
 TextTransformer -> CLIP -> losses -> FLOPs/MFU and the optimizer.
@@ -23,12 +25,14 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from simplex import FixedPolytopeHead, polytope_dim, polytope_vertices
 
 POOLS = ("eot", "first", "cls", "mean")
 HEADS = ("linear", "simplex", "orthoplex", "cube")
 HEAD_MODES = ("replace", "after")
+LOSSES = ("clip", "siglip")  # softmax over the batch (clip_loss) | a sigmoid per pair (siglip_loss)
 # CLIP's image statistics; images travel as uint8 and are normalised on the device (see normalize_images).
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -51,9 +55,12 @@ class VisionConfig:
     width: int = 768
     layers: int = 12
     heads: int = 12
+    patch_dropout: float = 0.0  # FLIP: the fraction of patch tokens dropped per image while training (0 = none)
 
     def __post_init__(self):
         _positive(self, "img_size", "patch_size", "width", "layers", "heads")
+        if not 0 <= self.patch_dropout < 1:
+            raise ValueError(f"VisionConfig.patch_dropout must be in [0, 1), got {self.patch_dropout}")
         if self.width % self.heads:
             raise ValueError(f"VisionConfig.width ({self.width}) must be divisible by heads ({self.heads})")
         if self.img_size % self.patch_size:
@@ -96,6 +103,7 @@ class CLIPConfig:
     adapters: int = 0           # > 0: bottleneck adapters with this reduction factor in every block (VL-Adapter: 8)
     adapter_towers: tuple = ("visual", "text")
     teacher_dim: int = 0        # > 0 and != output_dim: a learned projection to a distillation teacher's space
+    loss: str = "clip"          # clip: softmax (InfoNCE); siglip: sigmoid per pair, which adds a learnable logit bias
 
     def __post_init__(self):
         if isinstance(self.vision, dict):
@@ -112,6 +120,8 @@ class CLIPConfig:
             raise ValueError(f"CLIPConfig.head must be one of {HEADS}, got {self.head!r}")
         if self.head_mode not in HEAD_MODES:
             raise ValueError(f"CLIPConfig.head_mode must be one of {HEAD_MODES}, got {self.head_mode!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"CLIPConfig.loss must be one of {LOSSES}, got {self.loss!r}")
         if self.head != "linear":
             try:
                 self.output_dim  # raises for an embed_dim the polytope cannot make
@@ -178,6 +188,8 @@ def get_config(name, vocab_size=None, img_size=None, context_length=None, **over
     for k in ("pool", "pool_layers", "freeze_positions"):  # text-tower fields
         if k in overrides:
             d["text"][k] = overrides.pop(k)
+    if "patch_dropout" in overrides:  # the one vision-tower field
+        d["vision"]["patch_dropout"] = overrides.pop("patch_dropout")
     d.update(overrides)
     return CLIPConfig.from_dict(d)
 
@@ -251,6 +263,18 @@ class Block(nn.Module):
         return x + (self.adapter_mlp(m) if self.adapter_mlp is not None else m)
 
 
+def run_blocks(blocks, x, grad_ckpt):
+    """x through every block; returns each block's output (B, T, C). grad_ckpt (training with gradients only):
+    activation checkpointing keeps only each block's input (one (B, T, C) tensor instead of the dozen or so the
+    block saves, several of them 4C wide) and recomputes the block during backward: one extra forward per step.
+    Non-reentrant: works under torch.compile and with inputs that need no gradient."""
+    hidden = []
+    for block in blocks:
+        x = checkpoint(block, x, use_reentrant=False) if grad_ckpt else block(x)  # (B, T, C)
+        hidden.append(x)
+    return hidden
+
+
 def make_head(width, config):
     """The projection into the shared space: linear, a polytope head instead of it, or vertices after it."""
     if config.head == "linear":
@@ -266,6 +290,21 @@ def make_head(width, config):
 # the two towers
 
 
+def kept_patches(vc: VisionConfig):
+    """Patch tokens each image keeps under patch dropout: (1 - patch_dropout) of them, rounded, at least 1."""
+    n = (vc.img_size // vc.patch_size) ** 2
+    return max(1, round(n * (1 - vc.patch_dropout)))
+
+
+def sample_patch_keep(batch, vc: VisionConfig, generator):
+    """FLIP patch dropout: (batch, K) indices of the patches each image keeps, K = kept_patches(vc), a uniform
+    random subset per image (in raster order) drawn only from `generator`, on the generator's device. The trainer
+    seeds one per step, so the choice depends on (seed, step, rank) and on nothing else that uses the torch RNG."""
+    n = (vc.img_size // vc.patch_size) ** 2
+    noise = torch.rand(batch, n, generator=generator, device=generator.device)  # (B, n)
+    return noise.argsort(dim=1)[:, :kept_patches(vc)].sort(dim=1).values  # (B, K) the K smallest draws
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, config: CLIPConfig):
         super().__init__()
@@ -279,17 +318,22 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(vc.width, vc.heads, False, config.quick_gelu) for _ in range(vc.layers))
         self.ln_post = nn.LayerNorm(vc.width)
         self.proj = make_head(vc.width, config)
+        self.grad_ckpt = False  # set by CLIP.set_grad_checkpointing
 
-    def forward(self, images, return_hidden=False):
+    def forward(self, images, return_hidden=False, patch_keep=None):
+        """patch_keep: None (every patch), or (B, K) indices of the patches to keep (FLIP patch dropout, from
+        sample_patch_keep); the model applies exactly what it is given, so eval and encode_image see every patch."""
         x = self.patch_embed(images)  # (B, C, g, g) one C-vector per patch
         x = x.flatten(2).transpose(1, 2)  # (B, g*g, C)
-        cls = self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, C)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)  # (B, T, C) with T = g*g + 1
+        pos = self.pos_embed.to(x.dtype)  # (g*g + 1, C)
+        x = x + pos[1:]  # positions first, so a kept patch still knows where it was
+        if patch_keep is not None:
+            x = x.gather(1, patch_keep[..., None].expand(-1, -1, x.shape[2]))  # (B, K, C) the kept patches only
+        cls = (self.cls_token.to(x.dtype) + pos[0]).expand(x.shape[0], 1, -1)  # (B, 1, C) always kept
+        x = torch.cat([cls, x], dim=1)  # (B, T, C) with T = g*g + 1, or K + 1 with patch_keep
         x = self.ln_pre(x)
-        hidden = []
-        for block in self.blocks:
-            x = block(x)  # (B, T, C)
-            hidden.append(x)
+        hidden = run_blocks(self.blocks, x, self.grad_ckpt and self.training and torch.is_grad_enabled())
+        x = hidden[-1]  # (B, T, C)
         pooled = self.ln_post(x[:, 0])  # (B, C) the class token summarises the image
         out = self.proj(pooled)  # (B, E)
         return (out, hidden) if return_hidden else out
@@ -309,6 +353,7 @@ class TextTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(tc.width, tc.heads, True, config.quick_gelu) for _ in range(tc.layers))
         self.ln_final = nn.LayerNorm(tc.width)
         self.proj = make_head(tc.width, config)
+        self.grad_ckpt = False  # set by CLIP.set_grad_checkpointing
 
     def positions(self):  # (ctx, C) all positional embeddings, fixed rows first
         return torch.cat([self.pos_fixed, self.pos_embed]) if self.freeze_positions else self.pos_embed
@@ -326,10 +371,8 @@ class TextTransformer(nn.Module):
     def forward(self, tokens, return_hidden=False):
         T = tokens.shape[1]
         x = self.token_embed(tokens) + self.positions()[:T]  # (B, T, C)
-        hidden = []
-        for block in self.blocks:
-            x = block(x)  # (B, T, C), each token sees only itself and earlier ones
-            hidden.append(x)
+        # (B, T, C) per block, each token sees only itself and earlier ones
+        hidden = run_blocks(self.blocks, x, self.grad_ckpt and self.training and torch.is_grad_enabled())
         # pool the last pool_layers layers through the final norm and average them (1 = plain CLIP)
         pooled = torch.stack([self.pool_tokens(self.ln_final(h), tokens)
                               for h in hidden[-self.pool_layers:]]).mean(0)  # (B, C)
@@ -363,7 +406,13 @@ class CLIP(nn.Module):
         self.config = config
         self.visual = VisionTransformer(config)
         self.text = TextTransformer(config)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # temperature 0.07, learned in log space
+        # the inverse temperature, learned in log space: CLIP starts at 1/0.07; SigLIP at 10 with a bias of -10, so
+        # that at init every pair's logit is about -10 (most pairs are negatives: starting there avoids a first
+        # phase spent only pushing all the sigmoids down)
+        siglip = config.loss == "siglip"
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0 if siglip else 1 / 0.07)))
+        if siglip:  # the model holds the bias only when its loss uses it (so a CLIP checkpoint is unchanged)
+            self.logit_bias = nn.Parameter(torch.tensor(-10.0))
         # CLIP's image statistics (1, 3, 1, 1) on the model's device, so forward normalises uint8 images with no host
         # tensors per call (inside the compiled graph); not persistent, so checkpoint keys do not change
         self.register_buffer("image_mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -397,19 +446,27 @@ class CLIP(nn.Module):
         if self.text.freeze_positions:
             nn.init.normal_(self.text.pos_fixed, std=0.01)
 
-    def encode_image(self, images, return_hidden=False):  # float (B, 3, S, S) normalised -> (B, E)
-        return self.visual(images, return_hidden)
+    def encode_image(self, images, return_hidden=False, patch_keep=None):  # float (B, 3, S, S) normalised -> (B, E)
+        return self.visual(images, return_hidden, patch_keep)
 
     def encode_text(self, tokens, return_hidden=False):  # int64 (B, T) -> (B, E)
         return self.text(tokens, return_hidden)
 
-    def forward(self, images, tokens, tokens_short=None):
+    def forward(self, images, tokens, tokens_short=None, patch_keep=None):
+        """patch_keep: (B, K) kept patch indices while training with patch dropout (see sample_patch_keep)."""
         if images.dtype == torch.uint8:  # bytes from the loader (B, 3, S, S): normalised here, as normalize_images does
             images = (images.float() / 255.0 - self.image_mean) / self.image_std
-        img = F.normalize(self.encode_image(images), dim=-1)  # (B, E) on the unit sphere
+        img = F.normalize(self.encode_image(images, patch_keep=patch_keep), dim=-1)  # (B, E) on the unit sphere
         txt = F.normalize(self.encode_text(tokens), dim=-1)  # (B, E)
         short = None if tokens_short is None else F.normalize(self.encode_text(tokens_short), dim=-1)  # (B, E)
-        return CLIPOutput(img, txt, self.logit_scale.exp(), text_short=short)
+        bias = self.logit_bias if self.config.loss == "siglip" else None  # () SigLIP only
+        return CLIPOutput(img, txt, self.logit_scale.exp(), logit_bias=bias, text_short=short)
+
+    def set_grad_checkpointing(self, enable=True):
+        """Activation checkpointing per block in both towers while training (see run_blocks). Not in the config:
+        it changes memory and speed, never the numbers, so a run may resume with or without it."""
+        self.visual.grad_ckpt = self.text.grad_ckpt = enable
+        return self
 
     @torch.no_grad()
     def clamp_logit_scale(self, max_scale=100.0):
@@ -477,6 +534,9 @@ class CLIP(nn.Module):
     def to_openai_state_dict(self):
         if self.config.head != "linear":
             raise ValueError("only head='linear' models have an original-CLIP equivalent")
+        if self.config.loss != "clip":
+            raise ValueError("a SigLIP model (loss='siglip') has a learned logit bias that original CLIP has not, "
+                             "and its logit scale means something else; it has no original-CLIP equivalent")
         out = {}
         for k, v in self.state_dict().items():
             if k in self.OPENAI_KEYS:
@@ -538,6 +598,22 @@ def clip_loss(img, txt, logit_scale, label_smoothing=0.0, all_img=None, all_txt=
     logits_t = logit_scale * txt @ all_img.t()  # (b, N) caption -> every image
     return (F.cross_entropy(logits_i, targets, label_smoothing=label_smoothing)
             + F.cross_entropy(logits_t, targets, label_smoothing=label_smoothing)) / 2
+
+
+def siglip_loss(img, txt, logit_scale, logit_bias, all_txt=None, offset=0):
+    """Sigmoid loss (SigLIP): every (image, caption) pair is its own yes/no question, so there is no softmax over
+    the batch. img, txt: (b, E) normalised local rows; logit_scale: exp'd scalar t; logit_bias: scalar b.
+    logits = t * img @ txt^T + b, label +1 for an image's own caption and -1 for every other one,
+    loss = -mean over images of the sum over captions of log sigmoid(label * logit).
+    DDP: pass all_txt (N, E) gathered from every rank and this rank's first row index `offset`; each local image
+    is scored against all N captions, its own at column offset + i: exactly the one-big-batch loss, because a pair's
+    term needs no other pair (the paper's ring of permutes saves the (N, E) gather, which at our N is small)."""
+    all_txt = txt if all_txt is None else all_txt
+    b, N = img.shape[0], all_txt.shape[0]
+    logits = logit_scale * img @ all_txt.t() + logit_bias  # (b, N) each local image against every caption
+    own = torch.arange(N, device=img.device)[None, :] == torch.arange(b, device=img.device)[:, None] + offset  # (b, N)
+    labels = 2.0 * own - 1.0  # (b, N) +1 on each image's own caption, -1 elsewhere
+    return -F.logsigmoid(labels * logits).sum(dim=1).mean()
 
 
 def kd_loss(img, txt, logit_scale, t_img, t_txt, teacher_scale=100.0):
@@ -609,14 +685,16 @@ PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 9
 
 def estimate_flops_per_sample(config: CLIPConfig):
     """Training FLOPs for one (image, caption) pair: per tower 6 * N * T for the matmuls (forward 2, backward 4,
-    N = weights touched per token) plus 12 * L * C * T^2 for attention scores and values (nanoGPT's count)."""
+    N = weights touched per token) plus 12 * L * C * T^2 for attention scores and values (nanoGPT's count).
+    Patch dropout: the vision transformer sees T = K + 1 tokens (the patch embedding still runs on every patch).
+    Activation checkpointing's recomputed forward is not counted (MFU counts the model's FLOPs, not the hardware's)."""
     def tower(width, layers, T, in_dim):
         n = layers * 12 * width ** 2  # qkv 3C^2 + out C^2 + mlp 8C^2 per block
         return 6 * (n * T + in_dim * width) + 12 * layers * width * T ** 2
 
     vc, tc = config.vision, config.text
     patches = (vc.img_size // vc.patch_size) ** 2
-    vision = tower(vc.width, vc.layers, patches + 1, 0) + 6 * patches * 3 * vc.patch_size ** 2 * vc.width
+    vision = tower(vc.width, vc.layers, kept_patches(vc) + 1, 0) + 6 * patches * 3 * vc.patch_size ** 2 * vc.width
     text = tower(tc.width, tc.layers, tc.context_length, 0)
     heads = 6 * (vc.width + tc.width) * config.embed_dim  # the two projections, once per sample
     return vision + text + heads

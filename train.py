@@ -90,6 +90,10 @@ def get_parser():
     a("--head", choices=clip.HEADS, default="linear", help="projection, or a fixed polytope head (simplex.py)")
     a("--head_mode", choices=clip.HEAD_MODES, default="replace")
     a("--quick_gelu", action="store_true", help="QuickGELU (what OpenAI's weights need)")
+    # what OpenCLIP users expect from a trainer
+    a("--loss", choices=clip.LOSSES, default="clip", help="clip: softmax over the batch; siglip: a sigmoid per pair (+ learned bias)")
+    a("--patch_dropout", type=float, default=0.0, help="FLIP: drop this fraction of each image's patches while training, in [0, 1)")
+    a("--grad_ckpt", action="store_true", help="activation checkpointing per block: less memory, one extra forward")
     # distillation (teacher embeddings stored in the shards by `prep_dataset.py add-teacher`, or --teacher online)
     a("--distill", choices=("none", "kd", "mse", "icl"), default="none")
     a("--distill_weight", type=float, default=0.5, help="total = (1 - w) * clip + w * distill")
@@ -149,6 +153,10 @@ def validate(parser, args):
         parser.error(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
     if args.adapters < 0 or args.unlocked_layers < 0 or args.long_pca < 1:
         parser.error("--adapters and --unlocked_layers must be >= 0, --long_pca >= 1")
+    if not 0 <= args.patch_dropout < 1:
+        parser.error(f"--patch_dropout must be in [0, 1) (the fraction of patches dropped), got {args.patch_dropout}")
+    if args.loss == "siglip" and args.label_smoothing:
+        parser.error("--label_smoothing applies to the softmax loss only, not --loss siglip")
 
 
 def lr_at(step, total, max_lr, warmup_frac, min_lr_frac):
@@ -192,20 +200,27 @@ def gather(x):
 def make_loss(args, model, teacher=None):
     """loss_fn(outs, batch) -> (total, terms). outs = the model's CLIPOutput in fp32 for the step's whole batch on
     this rank. Extra terms are computed on the gathered global batch on every rank (identical values; DDP's
-    gradient average then gives exactly the global loss's gradient)."""
+    gradient average then gives exactly the global loss's gradient). --loss siglip replaces every contrastive
+    term (the main one and Long-CLIP's coarse one) with the sigmoid loss; the distillation terms stay as they are
+    (kd and icl are softmaxes over the student's logits, which a shared bias does not change)."""
     smoothing = args.label_smoothing if args.label_smoothing is not None else 0.1 if args.long else 0.0
+
+    def contrastive(img, txt, outs, all_img=None, all_txt=None, offset=0):
+        if args.loss == "siglip":  # each image against every caption; the reverse direction is the same pairs
+            return clip.siglip_loss(img, txt, outs.logit_scale, outs.logit_bias, all_txt=all_txt, offset=offset)
+        return clip.clip_loss(img, txt, outs.logit_scale, smoothing, all_img=all_img, all_txt=all_txt, offset=offset)
 
     def loss_fn(outs, batch):
         img, txt, scale = outs.image, outs.text, outs.logit_scale  # (b, E), (b, E), ()
         all_img, all_txt = gather(img), gather(txt)  # (N, E): every rank's rows, gathered once per step
         rank = dist.get_rank() if dist.is_initialized() else 0
         # this rank's rows against the global batch, as if one big batch
-        loss = clip.clip_loss(img, txt, scale, smoothing, all_img=all_img, all_txt=all_txt, offset=rank * img.shape[0])
+        loss = contrastive(img, txt, outs, all_img, all_txt, offset=rank * img.shape[0])
         terms = {}
         if args.long:  # fine: long caption vs image; coarse: short caption vs the image's top principal components
             short = gather(outs.text_short)  # (N, E)
             coarse = F.normalize(clip.pca_reconstruct(all_img, args.long_pca), dim=-1)  # (N, E)
-            terms["loss_long"], terms["loss_short"] = loss, clip.clip_loss(coarse, short, scale, smoothing)
+            terms["loss_long"], terms["loss_short"] = loss, contrastive(coarse, short, outs)
             loss = loss + terms["loss_short"]
         if args.distill != "none":
             t_img, t_txt = teacher_features(batch, teacher, img.device)  # (b, Et) each, normalised
@@ -225,6 +240,17 @@ def make_loss(args, model, teacher=None):
     return loss_fn
 
 
+def patch_keep(config, seed, step, rank, batch, device):
+    """FLIP patch dropout: this rank's (batch, K) kept-patch indices for this step, or None without it. A fresh
+    generator seeded from (seed, step, rank) alone: a resumed run drops the same patches, and nothing else that
+    draws from the global torch RNG can shift the choice. A tensor input, so torch.compile does not recompile."""
+    if not config.vision.patch_dropout:
+        return None
+    import numpy as np
+    mixed = int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0] >> 1)  # a 63-bit seed
+    return clip.sample_patch_keep(batch, config.vision, torch.Generator(device).manual_seed(mixed))
+
+
 def as_float(outs):
     """A CLIPOutput with every tensor in fp32 (the loss is computed in fp32 under bf16 autocast)."""
     return outs._replace(**{k: v.float() for k, v in outs._asdict().items() if v is not None})
@@ -238,25 +264,28 @@ def teacher_features(batch, teacher, device):
 
 
 def forward_backward(model, inputs, accum, autocast, loss_fn, batch=None):
-    """One optimizer step's gradients; returns (loss, terms). inputs: the model's batched inputs (images, tokens
-    [, short tokens]). With accum > 1 (GradCache, Gao et al. 2021): 1) embed every micro-batch without
-    gradients, 2) compute the whole batch's loss on those cached embeddings and its gradient w.r.t. them,
+    """One optimizer step's gradients; returns (loss, terms). inputs: the model's batched inputs (images, tokens,
+    short tokens or None, kept patches or None). With accum > 1 (GradCache, Gao et al. 2021): 1) embed every
+    micro-batch without gradients, 2) compute the whole batch's loss on those cached embeddings and its gradient w.r.t. them,
     3) re-embed each micro-batch with gradients and backpropagate the cached gradients. Exactly the big batch's
-    gradient, at the activation memory of one micro-batch, for one extra forward pass."""
+    gradient, at the activation memory of one micro-batch, for one extra forward pass. An input may be None
+    (no short captions, no patch dropout); a tensor input such as the kept-patch indices is split like the images,
+    so both passes over a micro-batch see the same patches."""
     if accum == 1:
         with autocast:
             outs = model(*inputs)  # CLIPOutput: image (B, E), text (B, E), logit_scale () ...
         loss, terms = loss_fn(as_float(outs), batch)
         loss.backward()
         return loss.detach(), terms
-    chunks = list(zip(*(x.chunk(accum) for x in inputs)))
+    chunks = list(zip(*(x.chunk(accum) if x is not None else [None] * accum for x in inputs)))
     with torch.no_grad(), autocast:
         cached = [model(*c) for c in chunks]
-    # the cached outputs as leaves: per-sample embeddings (B, E) concatenated, scalars (scale, bias) taken once
+    # the cached outputs as leaves: per-sample embeddings (B, E) concatenated, scalars (scale, bias) taken once.
+    # detach: a scalar may be the parameter itself (SigLIP's bias), whose .grad the loss must not write into
     fields = [k for k, v in cached[0]._asdict().items() if v is not None]
     scalar = {k for k in fields if cached[0]._asdict()[k].dim() == 0}
     leaves = cached[0]._replace(**{k: (getattr(cached[0], k) if k in scalar else torch.cat([getattr(c, k) for c in cached]))
-                                   .float().requires_grad_() for k in fields})
+                                   .detach().float().requires_grad_() for k in fields})
     loss, terms = loss_fn(leaves, batch)
     loss.backward()  # gradients w.r.t. the cached outputs only; the model is untouched so far
     sizes = [c[0].shape[0] for c in chunks]
@@ -281,13 +310,18 @@ def forward_backward(model, inputs, accum, autocast, loss_fn, batch=None):
 
 @torch.no_grad()
 def val_loss(model, batches, device, autocast):
-    """Mean contrastive loss over the val batches (each batch weighted by its size); one read from the device."""
+    """Mean training loss (softmax or SigLIP) over the val batches, each weighted by its size; one read from the device."""
     model.eval()
     total, n = torch.zeros((), dtype=torch.float64, device=device), 0
     for batch in batches:
         with autocast:  # uint8 images: the model normalises them
             outs = model(batch["image"].to(device, non_blocking=True), batch["text"].to(device, non_blocking=True))
-        total += clip.clip_loss(outs.image.float(), outs.text.float(), outs.logit_scale.float()) * outs.image.shape[0]
+        img, txt, scale = outs.image.float(), outs.text.float(), outs.logit_scale.float()
+        if outs.logit_bias is not None:  # a SigLIP model: its own loss, so best.pt follows what it trains on
+            loss = clip.siglip_loss(img, txt, scale, outs.logit_bias.float())
+        else:
+            loss = clip.clip_loss(img, txt, scale)
+        total += loss * outs.image.shape[0]
         n += outs.image.shape[0]
     model.train()
     return total.item() / max(1, n)
@@ -401,9 +435,10 @@ def ddp_ignored(model):
     return [n for n in dict(model.named_parameters()) if list(cm.strip_prefixes({n: 0})) == ["distill_proj.weight"]]
 
 
-def model_inputs(batch, long):
-    """The model's inputs from a batch on the device: uint8 images (the model normalises them), tokens [, short]."""
-    return (batch["image"], batch["text"]) + ((batch["text_short"],) if long else ())
+def model_inputs(batch, long, keep=None):
+    """The model's inputs from a batch on the device: uint8 images (the model normalises them), tokens, short tokens
+    (--long, else None) and the kept patches (--patch_dropout, else None)."""
+    return batch["image"], batch["text"], batch["text_short"] if long else None, keep
 
 
 class DevicePrefetcher:
@@ -646,7 +681,8 @@ def main(argv=None):
         # the batch, already on the device: its copy was issued while the previous step ran
         batch = next(batches)
         # forward, the loss over the global batch, backward (GradCache over --accum micro-batches)
-        loss, terms = forward_backward(model, model_inputs(batch, args.long), args.accum, autocast, loss_fn, batch)
+        keep = patch_keep(config, args.seed, step, rank, batch["image"].shape[0], device)  # (B, K), None without dropout
+        loss, terms = forward_backward(model, model_inputs(batch, args.long, keep), args.accum, autocast, loss_fn, batch)
         if ddp and hasattr(raw_model, "distill_proj"):  # DDP leaves this gradient to us (see wrap_model)
             dist.all_reduce(raw_model.distill_proj.weight.grad, op=dist.ReduceOp.AVG)
         # clip, update, clamp the temperature; the values to log stay on the device
@@ -663,7 +699,8 @@ def main(argv=None):
             if master and not args.quiet:
                 tqdm.write(f"epoch {report['epoch']}: skipped {', '.join(f'{n} {w}' for w, n in report['skipped'].items())}")
         window.append((step, host, {"loss": loss, **{k: v.detach() for k, v in terms.items()}, "grad_norm": grad_norm,
-                                    "logit_scale": raw_model.logit_scale.detach().exp()}))
+                                    "logit_scale": raw_model.logit_scale.detach().exp(),
+                                    **({"logit_bias": raw_model.logit_bias.detach()} if config.loss == "siglip" else {})}))
 
         eval_step = (args.eval_every and step % args.eval_every == 0) or step == stop
         ckpt_step = step % args.ckpt_every == 0 or step == stop
@@ -768,6 +805,7 @@ def build_config(args, index, tokenizer, teacher_dim):
                                  context_length=args.context_length, pool=args.pool, pool_layers=args.pool_layers,
                                  head=args.head, head_mode=args.head_mode, quick_gelu=args.quick_gelu)
     config.adapters, config.adapter_towers, config.teacher_dim = args.adapters, tuple(args.adapter_towers), teacher_dim
+    config.loss, config.vision.patch_dropout = args.loss, args.patch_dropout  # also over an --init model's own
     if args.long and not args.init:
         print(f"note: --long without --init trains at context {config.text.context_length} from scratch "
               f"(no stretching); longer captions are truncated")
@@ -794,9 +832,10 @@ def build_model(args, config, init_sd, quiet):
         model.lock("visual", args.unlocked_layers)
     if args.lock_text:
         model.lock("text", args.unlocked_layers)
+    model.set_grad_checkpointing(args.grad_ckpt)
     if args.adapters:  # only the adapters train (plus the heads with --train_heads)
         for name, p in model.named_parameters():
-            head = name.startswith(("visual.proj", "text.proj", "logit_scale", "distill_proj"))
+            head = name.startswith(("visual.proj", "text.proj", "logit_scale", "logit_bias", "distill_proj"))
             p.requires_grad_("adapter_" in name or (head and args.train_heads) or name.startswith("distill_proj"))
     return model
 
