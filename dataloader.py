@@ -52,6 +52,7 @@ import tarfile
 import threading
 import traceback
 import warnings
+import collections
 from collections import Counter, OrderedDict
 
 import numpy as np
@@ -494,6 +495,8 @@ class ShardLoader:
                  shuffle=None, drop_last=None, rank=0, world_size=1, num_workers=0, prefetch=2,
                  shuffle_shards=4, long_captions=False, augment=False, pin_memory=False):
         self.workers = []  # (process, task queue, result queue) once started
+        # batches kept referenced by the feeder thread: queued, being put, being received, the two the loop had last
+        self.held = collections.deque(maxlen=max(1, prefetch) + 4)
         index = read_index(data_dir, split)
         if batch_size < 1 or not 0 <= rank < world_size or num_workers < 0 or prefetch < 1 or shuffle_shards < 1:
             raise ValueError(f"need batch_size >= 1, 0 <= rank < world_size, num_workers >= 0, prefetch >= 1, "
@@ -578,7 +581,7 @@ class ShardLoader:
         if self.num_workers == 0:
             results = ((self.pin(batch), notes, bad) for batch, notes, bad in (self.make(*t[1:]) for t in tasks))
         else:  # decoded by the workers; received (and pinned) by a thread, off the training loop's path
-            results = background(self.from_workers(tasks), self.prefetch, self.pin)
+            results = background(self.from_workers(tasks), self.prefetch, self.pin, self.held)
         try:
             for b, (batch, notes, bad) in zip(range(start, n), results):
                 for note in notes:
@@ -658,6 +661,7 @@ class ShardLoader:
 
     def close(self):
         """Stop the worker processes (called by the owner at the end, on errors and by the GC)."""
+        self.held.clear()
         for p, tasks, _ in self.workers:
             if p.is_alive():
                 tasks.put(None)
@@ -672,7 +676,10 @@ class ShardLoader:
         self.workers = []
 
     def __del__(self):
-        self.close()
+        try:
+            self.close()
+        except Exception:  # at interpreter exit the queues' internals may already be gone
+            pass
 
     def pop_epoch_report(self):
         """None, or once after each finished epoch {"epoch": e, "skipped": {reason: count}}: the distinct bad
@@ -695,10 +702,12 @@ class ShardLoader:
         self.bad = {(int(s), int(k)): r for s, k, r in state.get("bad", [])}
 
 
-def background(results, size, pin):
+def background(results, size, pin, held):
     """Run the generator `results` in a thread, `size` items ahead, applying `pin` to each batch there; the
     training loop then only takes finished batches from a queue. Returns a generator; closing it stops the
-    thread (after the batch it is receiving, if any)."""
+    thread (after the batch it is receiving, if any). `held` (a deque that outlives the thread, so across epochs)
+    keeps the last few batches referenced: the one the loop has finished with is then freed by this thread when
+    it drops out of the deque (returning a 154 MB batch's shared-memory pages costs ~25 ms), not by the loop."""
     out, stop = queue.Queue(size), threading.Event()
 
     def put(item):  # False once the consumer has gone
@@ -713,7 +722,9 @@ def background(results, size, pin):
     def run():
         try:
             for batch, notes, bad in results:
-                if not put((pin(batch), notes, bad)):
+                batch = pin(batch)
+                held.append(batch)
+                if not put((batch, notes, bad)):
                     return
             put(StopIteration)
         except BaseException as e:  # handed to the consumer, raised there

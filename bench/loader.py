@@ -125,9 +125,8 @@ def webdataset_anchor(path, tok, batch, workers, quiet):
 def main_thread_cost(path, tok, batch, workers, steps=6):
     """The training loop's own cost per batch, in main-thread CPU ms (medians), when the workers are ahead:
     (next(): take a received - and, with CUDA, pinned - batch from the feeder thread; releasing the previous
-    batch). The feeder thread's receive and pin are off this path. Without CUDA the batch released is the
-    workers' shared memory (its pages are returned to the OS here); with CUDA it is a pinned buffer going back
-    to torch's caching host allocator, since the feeder thread already dropped the shared memory."""
+    batch). The feeder thread's receive and pin, and the freeing of the workers' shared memory (which it does by
+    holding the last few batches), are off this path."""
     loader = ShardLoader(path, "train", batch_size=batch, num_workers=workers, tokenizer=tok,
                          pin_memory=torch.cuda.is_available())
     it = iter(loader)
@@ -221,7 +220,7 @@ def main():
     print(f"ours / (workers x bare)    : {per_worker:8.2f}  ({os.cpu_count()} cores, the main process shares them)")
     print(f"training loop per 1,024-sample batch: next() {take_ms:.2f} ms + releasing the batch {free_ms:.1f} ms "
           f"of main-thread CPU (target <= {MAIN_MS_TARGET} together; "
-          f"{'pinned' if torch.cuda.is_available() else 'no CUDA: the release returns shared-memory pages'})")
+          f"{'pinned' if torch.cuda.is_available() else 'not pinned: no CUDA here'})")
     print(f"cores to feed {FEED_RATE} samples/s at {args.size} px: {cores:.1f} (at one worker's "
           f"{min(one_worker, single):.0f} samples/s)")
     print(f"max RSS of any finished child: {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MiB")
