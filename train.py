@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import checkpoint_manager as cm
 import clip
-from dataloader import ShardLoader
+from dataloader import CROP_AREA, CROP_RATIO, ShardLoader
 from logger import Logger
 from tokenizer import Tokenizer
 
@@ -53,7 +53,10 @@ def get_parser():
     a("--compile", action="store_true", help="torch.compile the model")
     a("--seed", type=int, default=0)
     a("--workers", type=int, default=2, help="loader worker processes per rank")
-    a("--augment", action="store_true", help="random-resized-crop on training images")
+    a("--augment", action=argparse.BooleanOptionalAction, default=None,
+      help="random-resized-crop on training images (default: from the data: off when its captions describe layout)")
+    a("--crop_area", type=float, nargs=2, default=CROP_AREA, metavar=("MIN", "MAX"), help="fraction of the image area kept")
+    a("--crop_ratio", type=float, nargs=2, default=CROP_RATIO, metavar=("MIN", "MAX"), help="crop aspect ratio w/h")
     # not --run / --logs: torchrun reads those as ambiguous abbreviations of its own --run-path / --logs-specs
     a("--run_name", default=None, help="run name (default: <preset>-<data dir name>)")
     a("--out", default="out", help="checkpoints go to <out>/<run_name>/ckpt")
@@ -122,6 +125,23 @@ def validate(parser, args):
         parser.error(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
     if args.adapters < 0 or args.unlocked_layers < 0 or args.long_pca < 1:
         parser.error("--adapters and --unlocked_layers must be >= 0, --long_pca >= 1")
+    (a0, a1), (r0, r1) = args.crop_area, args.crop_ratio
+    if not 0 < a0 <= a1 <= 1 or not 0 < r0 <= r1:
+        parser.error(f"--crop_area needs 0 < MIN <= MAX <= 1 and --crop_ratio 0 < MIN <= MAX, got {args.crop_area} "
+                     f"and {args.crop_ratio}")
+
+
+def augment_policy(args, index):
+    """(augment?, why): --augment/--no-augment, else what the data says about itself (index.json
+    "layout_in_captions": crops would make "on the left" false), else off only for the synthetic set (made
+    before the field existed)."""
+    if args.augment is not None:
+        return args.augment, "--augment" if args.augment else "--no-augment"
+    if "layout_in_captions" in index:
+        layout = bool(index["layout_in_captions"])
+        return not layout, f"index.json: layout_in_captions={str(layout).lower()}"
+    synthetic = index.get("source") == "synthetic"
+    return not synthetic, f"index.json has no layout_in_captions; source {index.get('source')!r}"
 
 
 def lr_at(step, total, max_lr, warmup_frac, min_lr_frac):
@@ -357,11 +377,16 @@ def main(argv=None):
     if step_batch * world > train_split:
         parser.error(f"--batch {args.batch} x --accum {args.accum} x {world} processes = {step_batch * world} "
                      f"is larger than the {train_split} training samples")
+    augment, why = augment_policy(args, index)
+    if master and not args.quiet:
+        crop = f" (area {args.crop_area[0]:g}-{args.crop_area[1]:g}, aspect {args.crop_ratio[0]:.3g}-{args.crop_ratio[1]:.3g})"
+        print(f"augmentation: {'random-resized-crop' + crop if augment else 'none'}, from {why}")
     loader = ShardLoader(data, "train", step_batch, tokenizer, config.text.context_length, seed=args.seed,
-                         rank=rank, world_size=world, num_workers=args.workers, augment=args.augment,
-                         long_captions=args.long, pin_memory=device.startswith("cuda"))
-    val_loader = ShardLoader(data, "val", min(args.batch, index["val"]["num_samples"]), tokenizer,
-                             config.text.context_length, num_workers=0, long_captions=args.long) if master and index.get("val", {}).get("num_samples") else None
+                         rank=rank, world_size=world, num_workers=args.workers, augment=augment,
+                         long_captions=args.long, pin_memory=device.startswith("cuda"),
+                         crop_area=tuple(args.crop_area), crop_ratio=tuple(args.crop_ratio))
+    val_loader = ShardLoader(data, "val", min(args.batch, index["val"]["num_samples"]), tokenizer,  # never augmented
+                             config.text.context_length, num_workers=0, long_captions=args.long, augment=False) if master and index.get("val", {}).get("num_samples") else None
     total_steps = max(1, math.ceil(args.epochs * len(loader)))
 
     try:
