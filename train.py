@@ -378,7 +378,7 @@ def main(argv=None):
         parser.error(f"--batch {args.batch} x --accum {args.accum} x {world} processes = {step_batch * world} "
                      f"is larger than the {train_split} training samples")
     augment, why = augment_policy(args, index)
-    if master and not args.quiet:
+    if master:  # even with --quiet: what the data did to the recipe is worth one line
         crop = f" (area {args.crop_area[0]:g}-{args.crop_area[1]:g}, aspect {args.crop_ratio[0]:.3g}-{args.crop_ratio[1]:.3g})"
         print(f"augmentation: {'random-resized-crop' + crop if augment else 'none'}, from {why}")
     loader = ShardLoader(data, "train", step_batch, tokenizer, config.text.context_length, seed=args.seed,

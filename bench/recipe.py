@@ -149,6 +149,14 @@ def pct(xs):
     return f"{statistics.mean(xs):.1f}" + (f" ± {max(xs) - min(xs):.1f}" if len(xs) > 1 else "")
 
 
+def describe(flags):
+    """The augmentation of a run logged before train.py printed it under --quiet: from its flags (last wins)."""
+    on = [f for f in flags if f in ("--augment", "--no-augment")][-1:] == ["--augment"]
+    i = len(flags) - 1 - flags[::-1].index("--crop_area") if "--crop_area" in flags else None
+    return f"random-resized-crop (area {float(flags[i + 1]):g}-{float(flags[i + 2]):g})" if on and i is not None else \
+        "random-resized-crop" if on else "none"
+
+
 def report(path_jsonl, path_md):
     recs = [json.loads(ln) for ln in open(path_jsonl)] if os.path.isfile(path_jsonl) else []
     lines = ["# Recipe benchmark (bench/recipe.py)", "",
@@ -172,7 +180,7 @@ def report(path_jsonl, path_md):
             cols = [pct([r["top1"] for r in g])]
             cols += [pct([r["zeroshot_top1_seen"] for r in g]), pct([r["zeroshot_top1_heldout"] for r in g])] if syn \
                 else [pct([r["top1_in_source"] for r in g])]
-            aug = g[0]["augmentation"].replace("augmentation: ", "")
+            aug = g[0]["augmentation"].replace("augmentation: ", "") or describe(g[0]["flags"])
             lines.append(f"| {row} | {len(g)} | {g[0]['steps']} | " + " | ".join(cols) +
                          f" | {pct([r['i2t_R@1'] for r in g])} | {statistics.mean(r['s_per_step'] for r in g):.3f} | {aug} |")
         lines.append("")
