@@ -91,7 +91,7 @@ def test_start_line_says_which_and_why(folder, tmp_path, capsys):
             "--eval_every", "0", "--out", str(tmp_path / "out"), "--log_dir", str(tmp_path / "logs"), "--quiet"]
     assert train.main(argv) == 0
     out = capsys.readouterr().out
-    assert "augmentation: random-resized-crop (area 0.6-1, aspect 0.75-1.33), from index.json: layout_in_captions=false" in out
+    assert "augmentation: random-resized-crop (area 0.35-1, aspect 0.75-1.33), from index.json: layout_in_captions=false" in out
 
 
 def batches(root, n, **kw):
