@@ -183,6 +183,12 @@ def report(path_jsonl, path_md):
             aug = g[0]["augmentation"].replace("augmentation: ", "") or describe(g[0]["flags"])
             lines.append(f"| {row} | {len(g)} | {g[0]['steps']} | " + " | ".join(cols) +
                          f" | {pct([r['i2t_R@1'] for r in g])} | {statistics.mean(r['s_per_step'] for r in g):.3f} | {aug} |")
+        old, new = ([100 * r["top1"] for r in rs if r["row"] == row] for row in ("old defaults", "new defaults"))
+        if len(old) > 1 and len(new) > 1:  # the bar: the gain against twice the seed-to-seed spread
+            gain = statistics.mean(new) - statistics.mean(old)
+            spread = max(max(old) - min(old), max(new) - min(new))
+            lines += ["", f"new - old defaults, {data_set}: {gain:+.1f} points zero-shot top-1 ({len(old)} vs {len(new)} "
+                          f"seeds); twice the larger seed spread: {2 * spread:.1f} points"]
         lines.append("")
     with open(path_md, "w") as f:
         f.write("\n".join(lines))
