@@ -324,16 +324,21 @@ class BadSample(Exception):
     """A sample that cannot be trained on; args[0] is the reason it is counted under."""
 
 
+# random-resized-crop defaults (train.py --crop_area/--crop_ratio): area 0.35-1 transferred best across digit
+# sources in bench/recipe.py (0.9-1 as OpenCLIP and 0.6-1 gave less); the aspect range is the usual one
+CROP_AREA, CROP_RATIO = (0.35, 1.0), (3 / 4, 4 / 3)
+
+
 class BatchMaker:
     """Everything a worker needs to turn a list of (shard, sample) pairs into a batch. Picklable, so it can be
     sent to a spawned worker; keeps an LRU cache of whole shards mapped into memory."""
 
     def __init__(self, paths, sizes, fields, required, tokenizer, context_length, img_size, labels,
-                 long_captions, augment, seed, cache_shards):
+                 long_captions, augment, seed, cache_shards, crop_area=CROP_AREA, crop_ratio=CROP_RATIO):
         self.paths, self.sizes, self.fields, self.required = paths, sizes, fields, required
         self.tokenizer, self.context_length, self.img_size = tokenizer, context_length, img_size
         self.labels, self.long_captions, self.augment, self.seed = labels, long_captions, augment, seed
-        self.cache_shards = cache_shards
+        self.cache_shards, self.crop_area, self.crop_ratio = cache_shards, crop_area, crop_ratio
         self.cache = OrderedDict()  # shard index -> (mapped tar, [{ext: (offset, size)} per key, sorted by key])
 
     def __getstate__(self):  # the cache stays behind when this object is sent to a worker
@@ -359,12 +364,12 @@ class BatchMaker:
         return self.cache[s]
 
     def random_resized_crop(self, img, epoch, pos):
-        """Crop 60-100% of the area at aspect 3/4..4/3, resized back to S; seeded by (seed, epoch, position)
-        so it is the same in every run and after a resume."""
+        """Crop a crop_area fraction of the area at an aspect ratio in crop_ratio (log-uniform), resized back to
+        S; seeded by (seed, epoch, position) so it is the same in every run and after a resume."""
         rng = np.random.default_rng([self.seed, epoch, pos])
         W, H = img.size
-        area = W * H * rng.uniform(0.6, 1.0)
-        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        area = W * H * rng.uniform(*self.crop_area)
+        ratio = math.exp(rng.uniform(math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1])))
         w = min(W, round(math.sqrt(area * ratio)))
         h = min(H, round(math.sqrt(area / ratio)))
         x, y = int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1))
@@ -493,7 +498,8 @@ class ShardLoader:
 
     def __init__(self, data_dir, split="train", batch_size=32, tokenizer=None, context_length=77, seed=0,
                  shuffle=None, drop_last=None, rank=0, world_size=1, num_workers=0, prefetch=2,
-                 shuffle_shards=4, long_captions=False, augment=False, pin_memory=False):
+                 shuffle_shards=4, long_captions=False, augment=False, pin_memory=False, crop_area=CROP_AREA,
+                 crop_ratio=CROP_RATIO):
         self.workers = []  # (process, task queue, result queue) once started
         # batches kept referenced by the feeder thread: queued, being put, being received, the two the loop had last
         self.held = collections.deque(maxlen=max(1, prefetch) + 4)
@@ -538,7 +544,8 @@ class ShardLoader:
         self.fields = sorted(fields or ())
         self.make = BatchMaker(paths, self.sizes, self.fields, required, tokenizer, context_length,
                                int(index["img_size"]), labels, long_captions, augment, seed,
-                               cache_shards=shuffle_shards + 1)  # a window, plus one for batches that straddle
+                               cache_shards=shuffle_shards + 1,  # a window, plus one for batches that straddle
+                               crop_area=crop_area, crop_ratio=crop_ratio)
         self.epoch, self.batch = 0, 0
         self.bad = {}  # (shard, sample) -> reason: the bad samples met so far this epoch (saved in state_dict)
         self.epoch_report, self.noted = None, set()

@@ -299,7 +299,8 @@ def prep_synthetic(args):
             captions += texts if split == "train" else []
             bar.update(n)
     bar.close()
-    extra = {"img_size": args.img_size, "source": "synthetic", "classes": CLASSES,
+    # the captions say where things are ("on the left", "above"): a crop or flip would make them false
+    extra = {"img_size": args.img_size, "source": "synthetic", "classes": CLASSES, "layout_in_captions": True,
              "heldout": [f"{list(COLOURS)[c]} {SHAPES[s]}" for c, s in sorted(heldout)], "seed": args.seed}
     return finish(args.out, splits, extra, captions, args.vocab_size, Counter(), args.quiet)
 
@@ -760,7 +761,9 @@ def prep_records(parser, args, source, records, skipped, files, classes=None, ex
         parser.error(f"no samples written: {end} records read, every one skipped ({skip_summary(skipped)})")
     if splits["val"]["num_samples"] == 0:
         warnings.warn(f"the val split is empty ({end} samples x val_frac {args.val_frac})")
-    extra = {"img_size": args.img_size, "source": source, **({"classes": classes} if classes else {}), **(extra or {})}
+    # real captions rarely depend on where things sit in the frame: random crops keep them true (see train.py --augment)
+    extra = {"img_size": args.img_size, "source": source, "layout_in_captions": False,
+             **({"classes": classes} if classes else {}), **(extra or {})}
     return finish(args.out, splits, extra, captions, args.vocab_size, skipped, args.quiet)
 
 

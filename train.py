@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import checkpoint_manager as cm
 import clip
-from dataloader import ShardLoader, auto_workers, load_tokenizer, read_index
+from dataloader import CROP_AREA, CROP_RATIO, ShardLoader, auto_workers, load_tokenizer, read_index
 from logger import Logger
 from tokenizer import Tokenizer
 
@@ -67,7 +67,10 @@ def get_parser():
       help="torch.compile the model (default: on with CUDA, off on a CPU)")
     a("--seed", type=int, default=0)
     a("--workers", type=int, default=None, help="loader worker processes per rank (default: from the free cores)")
-    a("--augment", action="store_true", help="random-resized-crop on training images")
+    a("--augment", action=argparse.BooleanOptionalAction, default=None,
+      help="random-resized-crop on training images (default: from the data: off when its captions describe layout)")
+    a("--crop_area", type=float, nargs=2, default=CROP_AREA, metavar=("MIN", "MAX"), help="fraction of the image area kept")
+    a("--crop_ratio", type=float, nargs=2, default=CROP_RATIO, metavar=("MIN", "MAX"), help="crop aspect ratio w/h")
     # not --run / --logs: torchrun reads those as ambiguous abbreviations of its own --run-path / --logs-specs
     a("--run_name", default=None, help="run name (default: <preset>-<data dir name>)")
     a("--out", default="out", help="checkpoints go to <out>/<run_name>/ckpt")
@@ -157,6 +160,23 @@ def validate(parser, args):
         parser.error(f"--patch_dropout must be in [0, 1) (the fraction of patches dropped), got {args.patch_dropout}")
     if args.loss == "siglip" and args.label_smoothing:
         parser.error("--label_smoothing applies to the softmax loss only, not --loss siglip")
+    (a0, a1), (r0, r1) = args.crop_area, args.crop_ratio
+    if not 0 < a0 <= a1 <= 1 or not 0 < r0 <= r1:
+        parser.error(f"--crop_area needs 0 < MIN <= MAX <= 1 and --crop_ratio 0 < MIN <= MAX, got {args.crop_area} "
+                     f"and {args.crop_ratio}")
+
+
+def augment_policy(args, index):
+    """(augment?, why): --augment/--no-augment, else what the data says about itself (index.json
+    "layout_in_captions": crops would make "on the left" false), else off only for the synthetic set (made
+    before the field existed)."""
+    if args.augment is not None:
+        return args.augment, "--augment" if args.augment else "--no-augment"
+    if "layout_in_captions" in index:
+        layout = bool(index["layout_in_captions"])
+        return not layout, f"index.json: layout_in_captions={str(layout).lower()}"
+    synthetic = index.get("source") == "synthetic"
+    return not synthetic, f"index.json has no layout_in_captions; source {index.get('source')!r}"
 
 
 def lr_at(step, total, max_lr, warmup_frac, min_lr_frac):
@@ -542,19 +562,24 @@ def load_resume(args, out_dir, config, world):
     return ckpt
 
 
-def make_loaders(args, data, index, tokenizer, config, rank, world, cuda):
+def make_loaders(args, data, index, tokenizer, config, rank, world, cuda, master):
     """This rank's training loader (disjoint samples; each batch is a whole step: --accum micro-batches, pinned for
-    the copy to the GPU) and, on rank 0, the val loader."""
+    the copy to the GPU; augmented as augment_policy says) and, on rank 0, the val loader (never augmented)."""
     step_batch, train_split = args.batch * args.accum, index["train"]["num_samples"]
     if step_batch * world > train_split:
         raise ValueError(f"--batch {args.batch} x --accum {args.accum} x {world} processes = {step_batch * world} "
                          f"is larger than the {train_split} training samples")
+    augment, why = augment_policy(args, index)
+    if master:  # even with --quiet: what the data did to the recipe is worth one line
+        crop = f" (area {args.crop_area[0]:g}-{args.crop_area[1]:g}, aspect {args.crop_ratio[0]:.3g}-{args.crop_ratio[1]:.3g})"
+        print(f"augmentation: {'random-resized-crop' + crop if augment else 'none'}, from {why}")
     ctx = config.text.context_length
     loader = ShardLoader(data, "train", step_batch, tokenizer, ctx, seed=args.seed, rank=rank, world_size=world,
-                         num_workers=args.workers, augment=args.augment, long_captions=args.long, pin_memory=cuda)
+                         num_workers=args.workers, augment=augment, long_captions=args.long, pin_memory=cuda,
+                         crop_area=tuple(args.crop_area), crop_ratio=tuple(args.crop_ratio))
     n_val = index.get("val", {}).get("num_samples") or 0
     val_loader = ShardLoader(data, "val", min(args.batch, n_val), tokenizer, ctx, num_workers=args.workers,
-                             long_captions=args.long) if rank == 0 and n_val else None
+                             long_captions=args.long, augment=False) if rank == 0 and n_val else None
     return loader, val_loader
 
 
@@ -592,7 +617,7 @@ def main(argv=None):
         teacher, teacher_dim = load_teacher(args, data, index, tokenizer, device)
         config, tokenizer, init_sd = build_config(args, index, tokenizer, teacher_dim)
         ckpt = load_resume(args, out_dir, config, world) if args.resume else None
-        loader, val_loader = make_loaders(args, data, index, tokenizer, config, rank, world, cuda)
+        loader, val_loader = make_loaders(args, data, index, tokenizer, config, rank, world, cuda, master)
         model = build_model(args, config, init_sd if ckpt is None else None, quiet).to(device)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
