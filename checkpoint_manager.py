@@ -278,6 +278,29 @@ def load_partial(model, state_dict, ignore_keys=(), quiet=False):
               + "".join(f"; {name} {len(ks)}{names(ks)}" for name, ks in report._asdict().items()))
     return report
 
+def diff_configs(a, b, prefix=""):
+    """Fields that differ between two config dicts, as 'name: saved -> flags'."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out.append(diff_configs(a[k], b[k], f"{prefix}{k}."))
+        elif a.get(k) != b.get(k):
+            out.append(f"{prefix}{k}: {a.get(k)!r} -> {b.get(k)!r}")
+    return ", ".join(x for x in out if x)
+
+
+def load_init(path, quick_gelu):
+    """--init file -> (state dict, config dict, tokenizer dict or None): our checkpoint, or an original CLIP /
+    OpenCLIP ViT state dict (converted by clip.py)."""
+    from clip import CLIP  # lazy, as in load_model
+    sd = load(path)
+    if "model" in sd and "config" in sd:
+        return strip_prefixes(sd["model"]), sd["config"], sd.get("tokenizer")
+    sd = strip_prefixes(sd.get("state_dict", sd))
+    model = CLIP.from_openai_state_dict(sd, quick_gelu=quick_gelu)
+    return model.state_dict(), model.config.to_dict(), None
+
+
 def load_model(path, map_location="cpu"):
     """Rebuild the CLIP model a checkpoint was trained with; returns (model in eval mode, ckpt dict)."""
     from clip import CLIP, CLIPConfig  # lazy: the rest of this file does not need the model code

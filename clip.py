@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import NamedTuple, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -584,6 +585,31 @@ class CLIP(nn.Module):
 
 # -----------------------------------------------------------------------------
 # losses
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """(b, E) on every rank -> (world * b, E) in rank order. Backward: every rank's loss used every rank's rows,
+    so the gradient of row block r is the sum over ranks (all_reduce) of that block (works on gloo and nccl)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)  # (world * b, E)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: (world * b, E)
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        b = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * b:(dist.get_rank() + 1) * b]  # (b, E) this rank's rows
+
+
+def gather(x):
+    """Every rank's rows of x, with gradient: (b, ...) -> (world * b, ...); x itself in a single process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    return GatherWithGrad.apply(x)
 
 
 def clip_loss(img, txt, logit_scale, label_smoothing=0.0, all_img=None, all_txt=None, offset=0):

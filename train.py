@@ -190,31 +190,7 @@ def lr_at(step, total, max_lr, warmup_frac, min_lr_frac):
 
 
 # -----------------------------------------------------------------------------
-# the loss across ranks and micro-batches
-
-
-class GatherWithGrad(torch.autograd.Function):
-    """(b, E) on every rank -> (world * b, E) in rank order. Backward: every rank's loss used every rank's rows,
-    so the gradient of row block r is the sum over ranks (all_reduce) of that block (works on gloo and nccl)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)  # (world * b, E)
-
-    @staticmethod
-    def backward(ctx, grad):  # grad: (world * b, E)
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        b = grad.shape[0] // dist.get_world_size()
-        return grad[dist.get_rank() * b:(dist.get_rank() + 1) * b]  # (b, E) this rank's rows
-
-
-def gather(x):
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return x
-    return GatherWithGrad.apply(x)
+# the loss across micro-batches (across ranks: clip.gather)
 
 
 def make_loss(args, model, teacher=None):
@@ -232,19 +208,19 @@ def make_loss(args, model, teacher=None):
 
     def loss_fn(outs, batch):
         img, txt, scale = outs.image, outs.text, outs.logit_scale  # (b, E), (b, E), ()
-        all_img, all_txt = gather(img), gather(txt)  # (N, E): every rank's rows, gathered once per step
+        all_img, all_txt = clip.gather(img), clip.gather(txt)  # (N, E): every rank's rows, gathered once per step
         rank = dist.get_rank() if dist.is_initialized() else 0
         # this rank's rows against the global batch, as if one big batch
         loss = contrastive(img, txt, outs, all_img, all_txt, offset=rank * img.shape[0])
         terms = {}
         if args.long:  # fine: long caption vs image; coarse: short caption vs the image's top principal components
-            short = gather(outs.text_short)  # (N, E)
+            short = clip.gather(outs.text_short)  # (N, E)
             coarse = F.normalize(clip.pca_reconstruct(all_img, args.long_pca), dim=-1)  # (N, E)
             terms["loss_long"], terms["loss_short"] = loss, contrastive(coarse, short, outs)
             loss = loss + terms["loss_short"]
         if args.distill != "none":
             t_img, t_txt = teacher_features(batch, teacher, img.device)  # (b, Et) each, normalised
-            t_img, t_txt = gather(t_img), gather(t_txt)  # (N, Et)
+            t_img, t_txt = clip.gather(t_img), clip.gather(t_txt)  # (N, Et)
             if hasattr(model, "distill_proj"):  # student -> teacher space when the sizes differ
                 all_img = F.normalize(model.distill_proj(all_img), dim=-1)
                 all_txt = F.normalize(model.distill_proj(all_txt), dim=-1)
@@ -556,7 +532,7 @@ def load_resume(args, out_dir, config, world):
     ckpt = cm.load(path, map_location="cpu")
     why = check_resume(ckpt, path, args, world)
     if why is None and ckpt["config"] != config.to_dict():
-        why = f"--resume: the checkpoint's model differs from these flags: {diff_configs(ckpt['config'], config.to_dict())}"
+        why = f"--resume: the checkpoint's model differs from these flags: {cm.diff_configs(ckpt['config'], config.to_dict())}"
     if why:
         raise ValueError(why)
     return ckpt
@@ -789,34 +765,12 @@ def cleanup(loader, logger, bar, ddp, manager=None):
         dist.destroy_process_group()
 
 
-def diff_configs(a, b, prefix=""):
-    """Fields that differ between two config dicts, as 'name: saved -> flags'."""
-    out = []
-    for k in sorted(set(a) | set(b)):
-        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            out.append(diff_configs(a[k], b[k], f"{prefix}{k}."))
-        elif a.get(k) != b.get(k):
-            out.append(f"{prefix}{k}: {a.get(k)!r} -> {b.get(k)!r}")
-    return ", ".join(x for x in out if x)
-
-
-def read_init(path, quick_gelu):
-    """--init file -> (state dict, config dict, tokenizer dict or None): our checkpoint, or an original CLIP /
-    OpenCLIP ViT state dict (converted by clip.py)."""
-    sd = cm.load(path)
-    if "model" in sd and "config" in sd:
-        return cm.strip_prefixes(sd["model"]), sd["config"], sd.get("tokenizer")
-    sd = cm.strip_prefixes(sd.get("state_dict", sd))
-    model = clip.CLIP.from_openai_state_dict(sd, quick_gelu=quick_gelu)
-    return model.state_dict(), model.config.to_dict(), None
-
-
 def build_config(args, index, tokenizer, teacher_dim):
     """The run's model config (and tokenizer): the preset sized to the data, or --init's architecture with the
     pooling/adapter flags on top; --long with --init stretches the text positions (Long-CLIP)."""
     init_sd = None
     if args.init:
-        init_sd, cfg, tok = read_init(args.init, args.quick_gelu)
+        init_sd, cfg, tok = cm.load_init(args.init, args.quick_gelu)
         if tok is not None:  # the model's token embeddings go with its own tokenizer
             tokenizer = Tokenizer.from_dict(tok)
         if cfg["vision"]["img_size"] != index["img_size"]:
