@@ -355,6 +355,7 @@ class CLIPOutput(NamedTuple):
     logit_scale: torch.Tensor                   # () exp(log scale), the inverse temperature
     logit_bias: Optional[torch.Tensor] = None   # () SigLIP's learnable bias (None for the softmax loss)
     text_short: Optional[torch.Tensor] = None   # (B, E) Long-CLIP's short-caption embeddings
+    text_neg: Optional[torch.Tensor] = None     # (B, K, E) hard-negative captions; empty slots are zero vectors
 
 
 class CLIP(nn.Module):
@@ -399,11 +400,22 @@ class CLIP(nn.Module):
     def encode_text(self, tokens, return_hidden=False):  # int64 (B, T) -> (B, E)
         return self.text(tokens, return_hidden)
 
-    def forward(self, images, tokens, tokens_short=None):
+    def forward(self, images, tokens, tokens_short=None, tokens_neg=None):
         img = F.normalize(self.encode_image(images), dim=-1)  # (B, E) on the unit sphere
         txt = F.normalize(self.encode_text(tokens), dim=-1)  # (B, E)
         short = None if tokens_short is None else F.normalize(self.encode_text(tokens_short), dim=-1)  # (B, E)
-        return CLIPOutput(img, txt, self.logit_scale.exp(), text_short=short)
+        neg = None if tokens_neg is None else self.encode_negatives(tokens_neg)  # (B, K, E)
+        return CLIPOutput(img, txt, self.logit_scale.exp(), text_short=short, text_neg=neg)
+
+    def encode_negatives(self, tokens_neg):
+        """int64 (B, K, T) negative captions, all-zero rows for empty slots -> (B, K, E) normalised, zero vectors
+        for the empty slots (only the real captions run through the text tower)."""
+        B, K, T = tokens_neg.shape
+        flat = tokens_neg.reshape(B * K, T)  # (B*K, T)
+        valid = flat.any(1)  # (B*K,) a real caption starts with sot, never 0
+        emb = F.normalize(self.encode_text(flat[valid]), dim=-1)  # (V, E)
+        out = emb.new_zeros(B * K, emb.shape[-1]).index_put((valid.nonzero()[:, 0],), emb)  # (B*K, E)
+        return out.view(B, K, -1)
 
     @torch.no_grad()
     def clamp_logit_scale(self, max_scale=100.0):
@@ -532,6 +544,22 @@ def clip_loss(img, txt, logit_scale, label_smoothing=0.0, all_img=None, all_txt=
     logits_t = logit_scale * txt @ all_img.t()  # (b, N) caption -> every image
     return (F.cross_entropy(logits_i, targets, label_smoothing=label_smoothing)
             + F.cross_entropy(logits_t, targets, label_smoothing=label_smoothing)) / 2
+
+
+def negclip_loss(img, txt, neg, neg_mask, logit_scale, all_img=None, all_txt=None, offset=0):
+    """clip_loss with hard negatives (NegCLIP, Yuksekgonul et al. 2023): each image is contrasted with every
+    caption AND every negative caption of the batch; caption -> image is unchanged. neg: (N, K, E) the global
+    batch's negative captions, neg_mask: (N, K) bool, False for empty slots (their logits are -inf).
+    loss = (CE(s * img @ [all_txt; neg]^T, targets) + CE(s * txt @ all_img^T, targets)) / 2."""
+    all_img = img if all_img is None else all_img
+    all_txt = txt if all_txt is None else all_txt
+    targets = torch.arange(img.shape[0], device=img.device) + offset  # (b,)
+    negs = neg.reshape(-1, neg.shape[-1])  # (N*K, E)
+    logits_i = logit_scale * img @ torch.cat([all_txt, negs]).t()  # (b, N + N*K) image -> captions, negatives
+    keep = torch.cat([neg_mask.new_ones(all_txt.shape[0]), neg_mask.reshape(-1)])  # (N + N*K,) bool
+    logits_i = logits_i.masked_fill(~keep, float("-inf"))  # empty slots take no probability
+    logits_t = logit_scale * txt @ all_img.t()  # (b, N) caption -> every image
+    return (F.cross_entropy(logits_i, targets) + F.cross_entropy(logits_t, targets)) / 2
 
 
 def kd_loss(img, txt, logit_scale, t_img, t_txt, teacher_scale=100.0):

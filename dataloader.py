@@ -328,8 +328,9 @@ class BatchMaker:
     sent to a spawned worker; keeps an LRU cache of whole shards mapped into memory."""
 
     def __init__(self, paths, sizes, fields, required, tokenizer, context_length, img_size, labels,
-                 long_captions, augment, seed, cache_shards):
+                 long_captions, augment, seed, cache_shards, negatives=(), num_negatives=0):
         self.paths, self.sizes, self.fields, self.required = paths, sizes, fields, required
+        self.negatives, self.num_negatives = negatives, num_negatives  # json keys of negative captions, slots
         self.tokenizer, self.context_length, self.img_size = tokenizer, context_length, img_size
         self.labels, self.long_captions, self.augment, self.seed = labels, long_captions, augment, seed
         self.cache_shards = cache_shards
@@ -410,6 +411,15 @@ class BatchMaker:
             raise BadSample("bad_label")
         return image_array(img), caption, short, label, arrays
 
+    def read_negatives(self, data, exts):
+        """The sample's negative captions: the json lists under self.negatives, concatenated, at most
+        num_negatives of them (read's json check has passed, so the json parses)."""
+        meta = json.loads(data[exts["json"][0]: exts["json"][0] + exts["json"][1]])
+        negs = [meta.get(k) for k in self.negatives]
+        if not all(isinstance(n, list) and all(isinstance(c, str) for c in n) for n in negs):
+            raise BadSample("missing_negatives")
+        return [c for n in negs for c in n][:self.num_negatives]
+
     def __call__(self, epoch, positions, pairs):
         """positions: (n,) sample positions in the epoch order; pairs: (n, 2) (shard, sample index).
         Returns (batch dict of tensors, notes, bad) where bad lists (shard, sample index, reason) of every bad
@@ -419,6 +429,7 @@ class BatchMaker:
         image = np.empty((n, 3, S, S), dtype=np.uint8)  # (B, 3, S, S), filled in place
         captions, shorts, labels = [""] * n, [""] * n, [-1] * n
         arrays = {f: [None] * n for f in self.fields}
+        negs = [[] for _ in range(n)]
         # visit shards in order of first use, so a batch straddling two windows evicts the older one first
         for s in dict.fromkeys(pairs[:, 0].tolist()):
             data, samples = self.shard(s, notes)
@@ -428,6 +439,7 @@ class BatchMaker:
                     try:
                         image[i], captions[i], shorts[i], labels[i], a = self.read(data, samples[k], epoch,
                                                                                    int(positions[i]))
+                        negs[i] = self.read_negatives(data, samples[k]) if self.negatives else []
                         break
                     except BadSample as e:
                         bad.append((s, k, e.args[0]))
@@ -447,6 +459,12 @@ class BatchMaker:
             batch["text_short"] = self.tokenizer.tokenize(shorts, self.context_length)  # int64 (B, ctx)
         if self.labels:
             batch["label"] = torch.tensor(labels, dtype=torch.int64)  # (B,)
+        if self.negatives:  # fixed slots per sample; an empty slot is an all-zero row (no sot), masked in the loss
+            tok = torch.zeros(n * self.num_negatives, self.context_length, dtype=torch.int64)  # (B*K, ctx)
+            flat = [(i * self.num_negatives + j, c) for i, cs in enumerate(negs) for j, c in enumerate(cs)]
+            if flat:
+                tok[[r for r, _ in flat]] = self.tokenizer.tokenize([c for _, c in flat], self.context_length)
+            batch["text_neg"] = tok.view(n, self.num_negatives, self.context_length)  # int64 (B, K, ctx)
         for f, arrs in arrays.items():
             # float16 -> float32 is exact, so stored teacher values arrive unchanged
             batch[f] = torch.from_numpy(np.stack(arrs).astype(np.float32))  # (B, ...)
@@ -492,7 +510,8 @@ class ShardLoader:
 
     def __init__(self, data_dir, split="train", batch_size=32, tokenizer=None, context_length=77, seed=0,
                  shuffle=None, drop_last=None, rank=0, world_size=1, num_workers=0, prefetch=2,
-                 shuffle_shards=4, long_captions=False, augment=False, pin_memory=False):
+                 shuffle_shards=4, long_captions=False, augment=False, pin_memory=False, negatives=(),
+                 num_negatives=0):
         self.workers = []  # (process, task queue, result queue) once started
         index = read_index(data_dir, split)
         if batch_size < 1 or not 0 <= rank < world_size or num_workers < 0 or prefetch < 1 or shuffle_shards < 1:
@@ -514,7 +533,7 @@ class ShardLoader:
         order = sorted(range(len(names)), key=lambda i: names[i])
         paths = [os.path.join(data_dir, names[i]) for i in order]
         labels = "classes" in index  # labelled sets list their classes; every sample's json then has "label"
-        required = ("txt",) + (("json",) if long_captions or labels else ())
+        required = ("txt",) + (("json",) if long_captions or labels or negatives else ())
         sizes, fields, bad = [], None, []
         for p in paths[:1] if given is not None else paths:  # with given sizes, fields come from shard 0
             groups, skipped = scan_tar(map_file(p))
@@ -535,7 +554,8 @@ class ShardLoader:
         self.fields = sorted(fields or ())
         self.make = BatchMaker(paths, self.sizes, self.fields, required, tokenizer, context_length,
                                int(index["img_size"]), labels, long_captions, augment, seed,
-                               cache_shards=shuffle_shards + 1)  # a window, plus one for batches that straddle
+                               cache_shards=shuffle_shards + 1,  # a window, plus one for batches that straddle
+                               negatives=tuple(negatives), num_negatives=num_negatives)
         self.epoch, self.batch = 0, 0
         self.bad = {}  # (shard, sample) -> reason: the bad samples met so far this epoch (saved in state_dict)
         self.epoch_report, self.noted = None, set()

@@ -32,6 +32,9 @@ from logger import Logger
 from tokenizer import Tokenizer
 
 DEFAULT_DATA = os.path.join("data", "synthetic")
+# --hard_negatives -> the per-sample json lists read (prep_dataset.py writes "negatives" at prep time or with
+# add-swaps, "mined" with add-negatives)
+NEGATIVE_KEYS = {"none": (), "swaps": ("negatives",), "mined": ("mined",), "both": ("negatives", "mined")}
 
 
 def get_parser():
@@ -81,6 +84,9 @@ def get_parser():
     # Long-CLIP
     a("--long", action="store_true", help="long captions + short-caption PCA loss; with --init, stretch positions")
     a("--long_pca", type=int, default=32, help="principal components of the coarse image feature")
+    # hard negatives (NegCLIP swaps / mined captions stored in the shards' json by prep_dataset.py)
+    a("--hard_negatives", choices=tuple(NEGATIVE_KEYS), default="none",
+      help="extra captions each image must score below its own: swaps (json 'negatives'), mined ('mined'), both")
     # fine-tuning
     a("--lock_image", action="store_true", help="freeze the image tower (LiT)")
     a("--lock_text", action="store_true", help="freeze the text tower")
@@ -122,6 +128,8 @@ def validate(parser, args):
         parser.error(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
     if args.adapters < 0 or args.unlocked_layers < 0 or args.long_pca < 1:
         parser.error("--adapters and --unlocked_layers must be >= 0, --long_pca >= 1")
+    if args.hard_negatives != "none" and (args.long or args.label_smoothing):
+        parser.error("--hard_negatives does not combine with --long or --label_smoothing")
 
 
 def lr_at(step, total, max_lr, warmup_frac, min_lr_frac):
@@ -173,7 +181,12 @@ def make_loss(args, model, teacher=None):
         all_img, all_txt = gather(img), gather(txt)  # (N, E): every rank's rows, gathered once per step
         rank = dist.get_rank() if dist.is_initialized() else 0
         # this rank's rows against the global batch, as if one big batch
-        loss = clip.clip_loss(img, txt, scale, smoothing, all_img=all_img, all_txt=all_txt, offset=rank * img.shape[0])
+        if args.hard_negatives != "none":  # images also against every negative caption of the global batch
+            all_neg = gather(outs.text_neg)  # (N, K, E); empty slots are zero vectors
+            loss = clip.negclip_loss(img, txt, all_neg, all_neg.abs().sum(-1) > 0, scale, all_img=all_img,
+                                     all_txt=all_txt, offset=rank * img.shape[0])
+        else:
+            loss = clip.clip_loss(img, txt, scale, smoothing, all_img=all_img, all_txt=all_txt, offset=rank * img.shape[0])
         terms = {}
         if args.long:  # fine: long caption vs image; coarse: short caption vs the image's top principal components
             short = gather(outs.text_short)  # (N, E)
@@ -222,7 +235,7 @@ def forward_backward(model, inputs, accum, autocast, loss_fn, batch=None):
         loss, terms = loss_fn(as_float(outs), batch)
         loss.backward()
         return loss.detach(), terms
-    chunks = list(zip(*(x.chunk(accum) for x in inputs)))
+    chunks = list(zip(*(x.chunk(accum) if x is not None else [None] * accum for x in inputs)))
     with torch.no_grad(), autocast:
         cached = [model(*c) for c in chunks]
     # the cached outputs as leaves: per-sample embeddings (B, E) concatenated, scalars (scale, bias) taken once
@@ -327,6 +340,14 @@ def main(argv=None):
     run = args.run_name or f"{args.preset}-{os.path.basename(os.path.normpath(data))}"
     out_dir, log_dir = os.path.join(args.out, run), os.path.join(args.log_dir, run)
 
+    # hard negatives: every training sample's json must carry the lists (checked now, not mid-run)
+    num_negatives = 0
+    if args.hard_negatives != "none":
+        try:
+            num_negatives = stored_negatives(data, index, NEGATIVE_KEYS[args.hard_negatives])
+        except ValueError as e:
+            parser.error(str(e))
+
     # the teacher: stored in the shards (checked for every sample now, not mid-run), or run online
     teacher, teacher_dim = None, 0
     if args.distill != "none":
@@ -359,7 +380,8 @@ def main(argv=None):
                      f"is larger than the {train_split} training samples")
     loader = ShardLoader(data, "train", step_batch, tokenizer, config.text.context_length, seed=args.seed,
                          rank=rank, world_size=world, num_workers=args.workers, augment=args.augment,
-                         long_captions=args.long, pin_memory=device.startswith("cuda"))
+                         long_captions=args.long, pin_memory=device.startswith("cuda"),
+                         negatives=NEGATIVE_KEYS[args.hard_negatives], num_negatives=num_negatives)
     val_loader = ShardLoader(data, "val", min(args.batch, index["val"]["num_samples"]), tokenizer,
                              config.text.context_length, num_workers=0, long_captions=args.long) if master and index.get("val", {}).get("num_samples") else None
     total_steps = max(1, math.ceil(args.epochs * len(loader)))
@@ -432,6 +454,8 @@ def main(argv=None):
         inputs = (images, batch["text"].to(device, non_blocking=True))
         if args.long:
             inputs += (batch["text_short"].to(device, non_blocking=True),)
+        if args.hard_negatives != "none":  # (images, tokens, no short tokens, negative tokens (B, K, ctx))
+            inputs += (None, batch["text_neg"].to(device, non_blocking=True))
         loss, terms = forward_backward(model, inputs, args.accum, autocast, loss_fn, batch)
         if ddp:  # log the global batch's loss: the mean of the ranks' means
             dist.all_reduce(loss, op=dist.ReduceOp.AVG)
@@ -584,6 +608,36 @@ def stored_teacher_dim(data, index):
             off, size = next(iter(groups.values()))["teacher_image.npy"]
             dim = np.load(io.BytesIO(buf[off:off + size]), allow_pickle=False).shape[-1]
     return dim
+
+
+def stored_negatives(data, index, keys):
+    """The most negative captions any training sample has under the json `keys` (the loader's slot count), or
+    one clear error naming the first shard with a sample that lacks them. Reads every json member once."""
+    from dataloader import map_file, scan_tar
+    most = 0
+    for name in index["train"]["shards"]:
+        buf = map_file(os.path.join(data, name))
+        groups, _ = scan_tar(buf)
+        lacking = 0
+        for exts in groups.values():
+            if "json" not in exts:
+                continue  # the loader skips it (missing_json), as it skips a broken json below
+            try:
+                meta = json.loads(buf[exts["json"][0]:exts["json"][0] + exts["json"][1]])
+            except ValueError:
+                continue
+            lists = [meta.get(k) for k in keys] if isinstance(meta, dict) else [None]
+            if all(isinstance(x, list) for x in lists):
+                most = max(most, sum(map(len, lists)))
+            else:
+                lacking += 1
+        if lacking:
+            cmd = "add-negatives --model CKPT" if "mined" in keys else "add-swaps"
+            raise ValueError(f"--hard_negatives: {lacking} of {len(groups)} samples in shard {name} have no json "
+                             f"{' / '.join(keys)} list (run `prep_dataset.py {cmd}` on {data})")
+    if most == 0:
+        raise ValueError(f"--hard_negatives: no training sample in {data} has a negative caption")
+    return most
 
 
 class OnlineTeacher:
