@@ -54,9 +54,53 @@ def run(argv, quiet):
 def results(log_dir, run_name, batch):
     with open(os.path.join(log_dir, run_name, "metrics.jsonl")) as f:
         recs = [json.loads(line) for line in f]
-    steps = [batch / r["samples_per_s"] for r in recs if r["split"] == "train"][5:]
+    steps = [batch / r["samples_per_s"] for r in recs if r["split"] == "train"]
+    steps = steps[5:] or steps  # after warmup, when the run is long enough
     val = [r for r in recs if r["split"] == "val"][-1]
     return {**{k: val.get(k) for k in METRICS}, "val_loss": val["loss"], "s_per_step": statistics.median(steps)}
+
+
+def report(args, rows, t_mine, t_all, load0):
+    """Write the table of the runs so far (mean over seeds, ± the spread) to bench/results/hard_negatives.md."""
+    def cell(mode, key, scale=100, fmt="{:.1f}"):
+        vals = [r[key] for r in rows[mode] if r.get(key) is not None]
+        if not vals:
+            return "-"
+        s = fmt.format(scale * statistics.mean(vals))
+        return s + (f" ± {fmt.format(scale * statistics.stdev(vals))}" if len(vals) > 1 else "")
+    lines = ["| --hard_negatives | zero-shot seen % | zero-shot held-out % | swap_attribute % | swap_relation % | "
+             "i2t R@1 % | t2i R@1 % | val loss | s/step | s/step vs none |", "|---|" + "---:|" * 9]
+    anchor = statistics.mean(r["s_per_step"] for r in rows["none"]) if rows.get("none") else None
+    for mode in (m for m in args.modes if rows[m]):
+        ratio = statistics.mean(r["s_per_step"] for r in rows[mode]) / anchor if anchor else None
+        lines.append(f"| {mode} | " + " | ".join(cell(mode, k) for k in METRICS) + f" | {cell(mode, 'val_loss', 1, '{:.3f}')}"
+                     f" | {cell(mode, 's_per_step', 1, '{:.3f}')} | {'-' if ratio is None else f'{ratio:.2f}x'} |")
+    table = "\n".join(lines)
+    total = time.time() - t_all
+    settings = (f"data: synthetic, {args.num_train} train / {args.num_val} val at 32 px (bench/.data, made by "
+                f"prep_dataset.py synthetic); `{args.preset}` preset, {args.steps} steps of batch {args.batch}, max_lr "
+                f"{args.lr}, seeds {' '.join(map(str, args.seeds))}; mined: k={args.k} per training sample, with the "
+                f"`none` checkpoint of the same seed ({statistics.mean(t_mine) if t_mine else 0:.0f} s per add-negatives); "
+                f"{args.workers} loader worker(s), {torch.get_num_threads()} torch thread(s) (OMP_NUM_THREADS="
+                f"{os.environ.get('OMP_NUM_THREADS', 'unset')}); {os.cpu_count()} CPU cores ({platform.node()}) shared "
+                f"with other jobs, load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; whole "
+                f"benchmark {total:.0f} s.")
+    print(table)
+    print(settings)
+    md = (f"# Hard negatives on the synthetic set\n\n`python bench/hard_negatives.py {' '.join(sys.argv[1:])}`".rstrip()
+          + f"\n\n{table}\n\n{settings}\n\n"
+          "Zero-shot: top-1 over the 64 colour-shape classes on val, split into the 56 combinations seen in training "
+          "and the 8 held out of it. swap_attribute / swap_relation: the fraction of val images (two-object ones) "
+          "whose own caption scores strictly above its colour-swapped / relation-reversed version (chance 0.5). "
+          "`swaps` trains on the TRAIN split's own swaps of the same two kinds (as NegCLIP does with COCO), so the "
+          "swap test measures generalisation to new images and held-out combinations, not an unseen kind of "
+          "negative. `mined`: the k captions of other training samples the `none` model scores highest for each "
+          "image. i2t/t2i R@1 among all val pairs (the synthetic captions repeat, so many pairs share a caption). "
+          "s/step: median step time; the negative captions run through the text tower, so it grows with them. "
+          "With one seed, differences of a few points can be noise.\n")
+    with open(os.path.join(ROOT, "bench", "results", "hard_negatives.md"), "w") as f:
+        f.write(md)
+
 
 
 def main():
@@ -121,46 +165,8 @@ def main():
                                     "mode": mode, "seed": seed, "steps": args.steps, "batch": args.batch,
                                     "preset": args.preset, "k": args.k, "num_train": args.num_train,
                                     "threads": torch.get_num_threads(), "load": os.getloadavg()[0], **r}) + "\n")
+            report(args, rows, t_mine, t_all, load0)  # after every run: a cut-off benchmark keeps its finished rows
         shutil.rmtree(mined_data, ignore_errors=True)
-
-    def cell(mode, key, scale=100, fmt="{:.1f}"):
-        vals = [r[key] for r in rows[mode] if r.get(key) is not None]
-        if not vals:
-            return "-"
-        s = fmt.format(scale * statistics.mean(vals))
-        return s + (f" ± {fmt.format(scale * statistics.stdev(vals))}" if len(vals) > 1 else "")
-    lines = ["| --hard_negatives | zero-shot seen % | zero-shot held-out % | swap_attribute % | swap_relation % | "
-             "i2t R@1 % | t2i R@1 % | val loss | s/step | s/step vs none |", "|---|" + "---:|" * 9]
-    anchor = statistics.mean(r["s_per_step"] for r in rows["none"]) if rows.get("none") else None
-    for mode in args.modes:
-        ratio = statistics.mean(r["s_per_step"] for r in rows[mode]) / anchor if anchor else None
-        lines.append(f"| {mode} | " + " | ".join(cell(mode, k) for k in METRICS) + f" | {cell(mode, 'val_loss', 1, '{:.3f}')}"
-                     f" | {cell(mode, 's_per_step', 1, '{:.3f}')} | {'-' if ratio is None else f'{ratio:.2f}x'} |")
-    table = "\n".join(lines)
-    total = time.time() - t_all
-    settings = (f"data: synthetic, {args.num_train} train / {args.num_val} val at 32 px (bench/.data, made by "
-                f"prep_dataset.py synthetic); `{args.preset}` preset, {args.steps} steps of batch {args.batch}, max_lr "
-                f"{args.lr}, seeds {' '.join(map(str, args.seeds))}; mined: k={args.k} per training sample, with the "
-                f"`none` checkpoint of the same seed ({statistics.mean(t_mine) if t_mine else 0:.0f} s per add-negatives); "
-                f"{args.workers} loader worker(s), {torch.get_num_threads()} torch thread(s) (OMP_NUM_THREADS="
-                f"{os.environ.get('OMP_NUM_THREADS', 'unset')}); {os.cpu_count()} CPU cores ({platform.node()}) shared "
-                f"with other jobs, load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; whole "
-                f"benchmark {total:.0f} s.")
-    print(table)
-    print(settings)
-    md = (f"# Hard negatives on the synthetic set\n\n`python bench/hard_negatives.py {' '.join(sys.argv[1:])}`".rstrip()
-          + f"\n\n{table}\n\n{settings}\n\n"
-          "Zero-shot: top-1 over the 64 colour-shape classes on val, split into the 56 combinations seen in training "
-          "and the 8 held out of it. swap_attribute / swap_relation: the fraction of val images (two-object ones) "
-          "whose own caption scores strictly above its colour-swapped / relation-reversed version (chance 0.5). "
-          "`swaps` trains on the TRAIN split's own swaps of the same two kinds (as NegCLIP does with COCO), so the "
-          "swap test measures generalisation to new images and held-out combinations, not an unseen kind of "
-          "negative. `mined`: the k captions of other training samples the `none` model scores highest for each "
-          "image. i2t/t2i R@1 among all val pairs (the synthetic captions repeat, so many pairs share a caption). "
-          "s/step: median step time; the negative captions run through the text tower, so it grows with them. "
-          "With one seed, differences of a few points can be noise.\n")
-    with open(os.path.join(ROOT, "bench", "results", "hard_negatives.md"), "w") as f:
-        f.write(md)
 
 
 if __name__ == "__main__":
