@@ -506,7 +506,9 @@ def auto_workers(local_world_size=1, cap=16):
 class ShardLoader:
     """Batches from `data_dir/index.json`'s `split`; one full pass over the split per `for` loop (an epoch).
     Iterating again continues from state (epoch, batch), so a loop interrupted by `break` or a restart resumes
-    exactly where it stopped. Worker processes start on the first iteration and live until close()."""
+    exactly where it stopped. Worker processes start on the first iteration and live until close().
+    negatives: json keys of per-sample caption lists (hard negatives); the batch then has "text_neg" int64
+    (B, num_negatives, ctx), the lists concatenated, an all-zero row for each empty slot."""
 
     def __init__(self, data_dir, split="train", batch_size=32, tokenizer=None, context_length=77, seed=0,
                  shuffle=None, drop_last=None, rank=0, world_size=1, num_workers=0, prefetch=2,

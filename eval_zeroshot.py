@@ -23,6 +23,10 @@ Ranks and ties: the rank of the right answer is 1 + the number of candidates wit
 tie counts in the model's favour (identical captions in a retrieval set do not push each other down). Accuracies,
 recalls and MRR are fractions in [0, 1].
 
+--save_embeddings DIR exports the shard split's embeddings (DIR/{image,text}.npy float32 normalised, ids.npy
+"shard/key", captions.npy; np.load with allow_pickle=False). nearest_captions searches them in chunks (plain numpy,
+or a FAISS IndexFlatIP); `prep_dataset.py add-negatives` mines hard negatives with exactly these functions.
+
 train.py calls `evaluate_checkpoint` every --eval_every steps: one encoding pass over the split, reused by
 zero-shot, retrieval and the swap test. Pass it the bare model (not the DDP wrapper, which has no encode_image).
 
