@@ -60,8 +60,24 @@ def results(log_dir, run_name, batch):
     return {**{k: val.get(k) for k in METRICS}, "val_loss": val["loss"], "s_per_step": statistics.median(steps)}
 
 
-def report(args, rows, t_mine, t_all, load0):
+def jsonl_rows(path, args):
+    """Every run in the jsonl with this benchmark's settings, the latest per (mode, seed) -> {mode: [record]}: so
+    seeds added by a later invocation (--seeds 1 2) join the table."""
+    same = ("steps", "batch", "preset", "k", "num_train")
+    latest = {}
+    with open(path) as f:
+        for r in map(json.loads, f):
+            if all(r.get(k) == getattr(args, k) for k in same):
+                latest[(r["mode"], r["seed"])] = r
+    rows = {m: [] for m in MODES}
+    for (mode, _), r in sorted(latest.items()):
+        rows[mode].append(r)
+    return rows, sorted({seed for _, seed in latest})
+
+
+def report(args, jsonl, t_mine, t_all, load0):
     """Write the table of the runs so far (mean over seeds, ± the spread) to bench/results/hard_negatives.md."""
+    rows, seeds = jsonl_rows(jsonl, args)
     def cell(mode, key, scale=100, fmt="{:.1f}"):
         vals = [r[key] for r in rows[mode] if r.get(key) is not None]
         if not vals:
@@ -71,7 +87,7 @@ def report(args, rows, t_mine, t_all, load0):
     lines = ["| --hard_negatives | zero-shot seen % | zero-shot held-out % | swap_attribute % | swap_relation % | "
              "i2t R@1 % | t2i R@1 % | val loss | s/step | s/step vs none |", "|---|" + "---:|" * 9]
     anchor = statistics.mean(r["s_per_step"] for r in rows["none"]) if rows.get("none") else None
-    for mode in (m for m in args.modes if rows[m]):
+    for mode in (m for m in MODES if rows[m]):
         ratio = statistics.mean(r["s_per_step"] for r in rows[mode]) / anchor if anchor else None
         lines.append(f"| {mode} | " + " | ".join(cell(mode, k) for k in METRICS) + f" | {cell(mode, 'val_loss', 1, '{:.3f}')}"
                      f" | {cell(mode, 's_per_step', 1, '{:.3f}')} | {'-' if ratio is None else f'{ratio:.2f}x'} |")
@@ -79,15 +95,15 @@ def report(args, rows, t_mine, t_all, load0):
     total = time.time() - t_all
     settings = (f"data: synthetic, {args.num_train} train / {args.num_val} val at 32 px (bench/.data, made by "
                 f"prep_dataset.py synthetic); `{args.preset}` preset, {args.steps} steps of batch {args.batch}, max_lr "
-                f"{args.lr}, seeds {' '.join(map(str, args.seeds))}; mined: k={args.k} per training sample, with the "
+                f"{args.lr}, seeds {' '.join(map(str, seeds))}; mined: k={args.k} per training sample, with the "
                 f"`none` checkpoint of the same seed ({statistics.mean(t_mine) if t_mine else 0:.0f} s per add-negatives); "
                 f"{args.workers} loader worker(s), {torch.get_num_threads()} torch thread(s) (OMP_NUM_THREADS="
                 f"{os.environ.get('OMP_NUM_THREADS', 'unset')}); {os.cpu_count()} CPU cores ({platform.node()}) shared "
-                f"with other jobs, load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; whole "
-                f"benchmark {total:.0f} s.")
+                f"with other jobs, load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; this "
+                f"invocation {total:.0f} s.")
     print(table)
     print(settings)
-    md = (f"# Hard negatives on the synthetic set\n\n`python bench/hard_negatives.py {' '.join(sys.argv[1:])}`".rstrip()
+    md = (f"# Hard negatives on the synthetic set\n\nlast run as `python bench/hard_negatives.py {' '.join(sys.argv[1:])}`".rstrip()
           + f"\n\n{table}\n\n{settings}\n\n"
           "Zero-shot: top-1 over the 64 colour-shape classes on val, split into the 56 combinations seen in training "
           "and the 8 held out of it. swap_attribute / swap_relation: the fraction of val images (two-object ones) "
@@ -165,7 +181,7 @@ def main():
                                     "mode": mode, "seed": seed, "steps": args.steps, "batch": args.batch,
                                     "preset": args.preset, "k": args.k, "num_train": args.num_train,
                                     "threads": torch.get_num_threads(), "load": os.getloadavg()[0], **r}) + "\n")
-            report(args, rows, t_mine, t_all, load0)  # after every run: a cut-off benchmark keeps its finished rows
+            report(args, jsonl, t_mine, t_all, load0)  # after every run: a cut-off benchmark keeps its finished rows
         shutil.rmtree(mined_data, ignore_errors=True)
 
 
