@@ -84,12 +84,13 @@ def report(args, jsonl, t_mine, t_all, load0):
             return "-"
         s = fmt.format(scale * statistics.mean(vals))
         return s + (f" ± {fmt.format(scale * statistics.stdev(vals))}" if len(vals) > 1 else "")
-    lines = ["| --hard_negatives | zero-shot seen % | zero-shot held-out % | swap_attribute % | swap_relation % | "
-             "i2t R@1 % | t2i R@1 % | val loss | s/step | s/step vs none |", "|---|" + "---:|" * 9]
-    anchor = statistics.mean(r["s_per_step"] for r in rows["none"]) if rows.get("none") else None
-    for mode in (m for m in MODES if rows[m]):
-        ratio = statistics.mean(r["s_per_step"] for r in rows[mode]) / anchor if anchor else None
-        lines.append(f"| {mode} | " + " | ".join(cell(mode, k) for k in METRICS) + f" | {cell(mode, 'val_loss', 1, '{:.3f}')}"
+    lines = ["| --hard_negatives | seeds | zero-shot seen % | zero-shot held-out % | swap_attribute % | swap_relation % | "
+             "i2t R@1 % | t2i R@1 % | val loss | s/step | s/step vs none |", "|---|---|" + "---:|" * 9]
+    anchor = {r["seed"]: r["s_per_step"] for r in rows["none"]}  # the machine's load changes between runs:
+    for mode in (m for m in MODES if rows[m]):  # each run is compared with the `none` run of its own seed
+        ratios = [r["s_per_step"] / anchor[r["seed"]] for r in rows[mode] if r["seed"] in anchor]
+        ratio = statistics.mean(ratios) if ratios else None
+        lines.append(f"| {mode} | {' '.join(str(r['seed']) for r in rows[mode])} | " + " | ".join(cell(mode, k) for k in METRICS) + f" | {cell(mode, 'val_loss', 1, '{:.3f}')}"
                      f" | {cell(mode, 's_per_step', 1, '{:.3f}')} | {'-' if ratio is None else f'{ratio:.2f}x'} |")
     table = "\n".join(lines)
     total = time.time() - t_all
@@ -112,7 +113,10 @@ def report(args, jsonl, t_mine, t_all, load0):
           "swap test measures generalisation to new images and held-out combinations, not an unseen kind of "
           "negative. `mined`: the k captions of other training samples the `none` model scores highest for each "
           "image. i2t/t2i R@1 among all val pairs (the synthetic captions repeat, so many pairs share a caption). "
-          "s/step: median step time; the negative captions run through the text tower, so it grows with them. "
+          "s/step: median step time; the negative captions run through the text tower, so it grows with them; "
+          "`vs none` compares each run with the `none` run of its own seed (the shared machine's load changes "
+          "between runs, so absolute s/step differ across seeds). Rows average the seeds listed (± = standard "
+          "deviation over them). "
           "With one seed, differences of a few points can be noise.\n")
     with open(os.path.join(ROOT, "bench", "results", "hard_negatives.md"), "w") as f:
         f.write(md)
@@ -134,10 +138,14 @@ def main():
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch threads in this process (0: torch's default)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--report_only", action="store_true", help="rewrite the table from the jsonl, run nothing")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     t_all, load0 = time.time(), os.getloadavg()[0]
+    jsonl = os.path.join(ROOT, "bench", "results", "hard_negatives.jsonl")
+    if args.report_only:
+        return report(args, jsonl, [], t_all, load0)
     base = os.path.join(args.work, "data")
     out, logs = os.path.join(args.work, "out"), os.path.join(args.work, "logs")
     index_path = os.path.join(base, "index.json")
@@ -149,7 +157,6 @@ def main():
     epochs = lambda steps: (steps - 0.5) / (args.num_train // args.batch)  # train.py runs ceil(epochs * batches)
 
     rows, t_mine = {m: [] for m in args.modes}, []
-    jsonl = os.path.join(ROOT, "bench", "results", "hard_negatives.jsonl")
     os.makedirs(os.path.dirname(jsonl), exist_ok=True)
     for seed in args.seeds:
         common = ["--preset", args.preset, "--batch", str(args.batch), "--seed", str(seed), "--epochs",
