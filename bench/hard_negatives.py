@@ -102,6 +102,11 @@ def report(args, jsonl, t_mine, t_all, load0):
                 f"{os.environ.get('OMP_NUM_THREADS', 'unset')}); {os.cpu_count()} CPU cores ({platform.node()}) shared "
                 f"with other jobs, load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; this "
                 f"invocation {total:.0f} s.")
+    if args.report_only:  # nothing ran: say where the runs' own load and thread counts are
+        settings = settings.split("; mined:")[0] + (f"; mined: k={args.k} per training sample, with the `none` "
+                                                   "checkpoint of the same seed. Table rebuilt from "
+                                                   "bench/results/hard_negatives.jsonl: every run's load average, "
+                                                   "threads (1 torch thread, OMP_NUM_THREADS=1) and time are in its line.")
     print(table)
     print(settings)
     md = (f"# Hard negatives on the synthetic set\n\nlast run as `python bench/hard_negatives.py {' '.join(sys.argv[1:])}`".rstrip()
