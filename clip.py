@@ -399,6 +399,7 @@ class CLIPOutput(NamedTuple):
     logit_scale: torch.Tensor                   # () exp(log scale), the inverse temperature
     logit_bias: Optional[torch.Tensor] = None   # () SigLIP's learnable bias (None for the softmax loss)
     text_short: Optional[torch.Tensor] = None   # (B, E) Long-CLIP's short-caption embeddings
+    text_neg: Optional[torch.Tensor] = None     # (B, K, E) hard-negative captions; empty slots are zero vectors
 
 
 class CLIP(nn.Module):
@@ -453,15 +454,27 @@ class CLIP(nn.Module):
     def encode_text(self, tokens, return_hidden=False):  # int64 (B, T) -> (B, E)
         return self.text(tokens, return_hidden)
 
-    def forward(self, images, tokens, tokens_short=None, patch_keep=None):
-        """patch_keep: (B, K) kept patch indices while training with patch dropout (see sample_patch_keep)."""
+    def forward(self, images, tokens, tokens_short=None, patch_keep=None, tokens_neg=None):
+        """patch_keep: (B, K) kept patch indices while training with patch dropout (see sample_patch_keep);
+        tokens_neg: (B, K, T) hard-negative captions, all-zero rows for empty slots."""
         if images.dtype == torch.uint8:  # bytes from the loader (B, 3, S, S): normalised here, as normalize_images does
             images = (images.float() / 255.0 - self.image_mean) / self.image_std
         img = F.normalize(self.encode_image(images, patch_keep=patch_keep), dim=-1)  # (B, E) on the unit sphere
         txt = F.normalize(self.encode_text(tokens), dim=-1)  # (B, E)
         short = None if tokens_short is None else F.normalize(self.encode_text(tokens_short), dim=-1)  # (B, E)
+        neg = None if tokens_neg is None else self.encode_negatives(tokens_neg)  # (B, K, E)
         bias = self.logit_bias if self.config.loss == "siglip" else None  # () SigLIP only
-        return CLIPOutput(img, txt, self.logit_scale.exp(), logit_bias=bias, text_short=short)
+        return CLIPOutput(img, txt, self.logit_scale.exp(), logit_bias=bias, text_short=short, text_neg=neg)
+
+    def encode_negatives(self, tokens_neg):
+        """int64 (B, K, T) negative captions, all-zero rows for empty slots -> (B, K, E) normalised, zero vectors for
+        the empty slots. Every slot runs through the text tower: selecting the real ones would give a data-dependent
+        shape (a host sync on the GPU, a graph break under compile) for a saving of a few short captions."""
+        B, K, T = tokens_neg.shape
+        flat = tokens_neg.reshape(B * K, T)  # (B*K, T)
+        emb = F.normalize(self.encode_text(flat), dim=-1)  # (B*K, E)
+        real = flat.any(1, keepdim=True)  # (B*K, 1) a real caption starts with sot, never 0
+        return (emb * real).view(B, K, -1)  # (B, K, E)
 
     def set_grad_checkpointing(self, enable=True):
         """Activation checkpointing per block in both towers while training (see run_blocks). Not in the config:
@@ -640,6 +653,23 @@ def siglip_loss(img, txt, logit_scale, logit_bias, all_txt=None, offset=0):
     own = torch.arange(N, device=img.device)[None, :] == torch.arange(b, device=img.device)[:, None] + offset  # (b, N)
     labels = 2.0 * own - 1.0  # (b, N) +1 on each image's own caption, -1 elsewhere
     return -F.logsigmoid(labels * logits).sum(dim=1).mean()
+
+
+def negclip_loss(img, txt, neg, neg_mask, logit_scale, all_img=None, all_txt=None, offset=0):
+    """clip_loss with hard negatives (NegCLIP, Yuksekgonul et al. 2023): each image is contrasted with every
+    caption AND every negative caption of the batch; caption -> image is unchanged. neg: (N, K, E) the global
+    batch's negative captions, neg_mask: (N, K) bool, False for empty slots (their logits are -inf).
+    loss = (CE(s * img @ [all_txt; neg]^T, targets) + CE(s * txt @ all_img^T, targets)) / 2."""
+    all_img = img if all_img is None else all_img
+    all_txt = txt if all_txt is None else all_txt
+    targets = torch.arange(img.shape[0], device=img.device) + offset  # (b,)
+    negs = neg.reshape(-1, neg.shape[-1])  # (N*K, E)
+    logits_i = logit_scale * img @ torch.cat([all_txt, negs]).t()  # (b, N + N*K) image -> captions, negatives
+    keep = torch.cat([neg_mask.new_ones(all_txt.shape[0]), neg_mask.reshape(-1)])  # (N + N*K,) bool
+    logits_i = logits_i.masked_fill(~keep, float("-inf"))  # empty slots take no probability
+    logits_t = logit_scale * txt @ all_img.t()  # (b, N) caption -> every image
+    return (F.cross_entropy(logits_i, targets) + F.cross_entropy(logits_t, targets)) / 2
+
 
 
 def kd_loss(img, txt, logit_scale, t_img, t_txt, teacher_scale=100.0):

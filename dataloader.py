@@ -187,6 +187,53 @@ def is_image_file(path):
     return path.rsplit(".", 1)[-1].lower() in FOLDER_EXTS and os.path.isfile(path)
 
 
+def teacher_embedding_dim(data_dir, shards):
+    """Teacher embedding size when every sample of `shards` carries both teacher fields (train.py --distill);
+    else one ValueError naming the first shard that lacks them (checked before training, not mid-run)."""
+    want, dim = {"teacher_image.npy", "teacher_text.npy"}, None
+    for name in shards:
+        buf = map_file(os.path.join(data_dir, name))
+        groups, _ = scan_tar(buf)
+        have = [want <= exts.keys() for exts in groups.values()]
+        if not all(have):
+            raise ValueError(f"--distill: {sum(not h for h in have)} of {len(have)} samples in shard {name} have no "
+                             f"teacher embeddings (run `prep_dataset.py add-teacher`, or pass --teacher CKPT)")
+        if dim is None and groups:
+            off, size = next(iter(groups.values()))["teacher_image.npy"]
+            dim = np.load(io.BytesIO(buf[off:off + size]), allow_pickle=False).shape[-1]
+    return dim
+
+
+def negative_slots(data_dir, shards, keys):
+    """The most negative captions any sample of `shards` has under the json `keys` (train.py --hard_negatives: the
+    loader's slot count), or one ValueError naming the first shard with a sample that lacks them. A sample whose
+    json is missing or broken is the loader's to skip (missing_json, bad_json)."""
+    most = 0
+    for name in shards:
+        buf = map_file(os.path.join(data_dir, name))
+        groups, _ = scan_tar(buf)
+        lacking = 0
+        for exts in groups.values():
+            try:
+                meta = json.loads(buf[exts["json"][0]:exts["json"][0] + exts["json"][1]]) if "json" in exts else None
+            except (ValueError, UnicodeDecodeError):
+                meta = None
+            if not isinstance(meta, dict):
+                continue
+            lists = [meta.get(k) for k in keys]
+            if all(isinstance(x, list) for x in lists):
+                most = max(most, sum(map(len, lists)))
+            else:
+                lacking += 1
+        if lacking:
+            cmd = "add-negatives --model CKPT" if "mined" in keys else "add-swaps"
+            raise ValueError(f"--hard_negatives: {lacking} of {len(groups)} samples in shard {name} have no json "
+                             f"{' / '.join(keys)} list (run `prep_dataset.py {cmd}` on {data_dir})")
+    if most == 0:
+        raise ValueError(f"--hard_negatives: no sample in {data_dir} has a negative caption")
+    return most
+
+
 # ---------------------------------------------------------------- the one image decode + preprocess
 
 def to_rgb(img):
@@ -334,8 +381,10 @@ class BatchMaker:
     sent to a spawned worker; keeps an LRU cache of whole shards mapped into memory."""
 
     def __init__(self, paths, sizes, fields, required, tokenizer, context_length, img_size, labels,
-                 long_captions, augment, seed, cache_shards, crop_area=CROP_AREA, crop_ratio=CROP_RATIO):
+                 long_captions, augment, seed, cache_shards, crop_area=CROP_AREA, crop_ratio=CROP_RATIO,
+                 negatives=(), num_negatives=0):
         self.paths, self.sizes, self.fields, self.required = paths, sizes, fields, required
+        self.negatives, self.num_negatives = negatives, num_negatives  # json keys of negative captions, slots
         self.tokenizer, self.context_length, self.img_size = tokenizer, context_length, img_size
         self.labels, self.long_captions, self.augment, self.seed = labels, long_captions, augment, seed
         self.cache_shards, self.crop_area, self.crop_ratio = cache_shards, crop_area, crop_ratio
@@ -416,6 +465,15 @@ class BatchMaker:
             raise BadSample("bad_label")
         return image_array(img), caption, short, label, arrays
 
+    def read_negatives(self, data, exts):
+        """The sample's negative captions: the json lists under self.negatives, concatenated, at most
+        num_negatives of them (read's json check has passed, so the json parses)."""
+        meta = json.loads(data[exts["json"][0]: exts["json"][0] + exts["json"][1]])
+        negs = [meta.get(k) for k in self.negatives]
+        if not all(isinstance(n, list) and all(isinstance(c, str) for c in n) for n in negs):
+            raise BadSample("missing_negatives")
+        return [c for n in negs for c in n][:self.num_negatives]
+
     def __call__(self, epoch, positions, pairs):
         """positions: (n,) sample positions in the epoch order; pairs: (n, 2) (shard, sample index).
         Returns (batch dict of tensors, notes, bad) where bad lists (shard, sample index, reason) of every bad
@@ -425,6 +483,7 @@ class BatchMaker:
         image = np.empty((n, 3, S, S), dtype=np.uint8)  # (B, 3, S, S), filled in place
         captions, shorts, labels = [""] * n, [""] * n, [-1] * n
         arrays = {f: [None] * n for f in self.fields}
+        negs = [[] for _ in range(n)]
         # visit shards in order of first use, so a batch straddling two windows evicts the older one first
         for s in dict.fromkeys(pairs[:, 0].tolist()):
             data, samples = self.shard(s, notes)
@@ -434,6 +493,7 @@ class BatchMaker:
                     try:
                         image[i], captions[i], shorts[i], labels[i], a = self.read(data, samples[k], epoch,
                                                                                    int(positions[i]))
+                        negs[i] = self.read_negatives(data, samples[k]) if self.negatives else []
                         break
                     except BadSample as e:
                         bad.append((s, k, e.args[0]))
@@ -453,6 +513,12 @@ class BatchMaker:
             batch["text_short"] = self.tokenizer.tokenize(shorts, self.context_length)  # int64 (B, ctx)
         if self.labels:
             batch["label"] = torch.tensor(labels, dtype=torch.int64)  # (B,)
+        if self.negatives:  # fixed slots per sample; an empty slot is an all-zero row (no sot), masked in the loss
+            tok = torch.zeros(n * self.num_negatives, self.context_length, dtype=torch.int64)  # (B*K, ctx)
+            flat = [(i * self.num_negatives + j, c) for i, cs in enumerate(negs) for j, c in enumerate(cs)]
+            if flat:
+                tok[[r for r, _ in flat]] = self.tokenizer.tokenize([c for _, c in flat], self.context_length)
+            batch["text_neg"] = tok.view(n, self.num_negatives, self.context_length)  # int64 (B, K, ctx)
         for f, arrs in arrays.items():
             # float16 -> float32 is exact, so stored teacher values arrive unchanged
             batch[f] = torch.from_numpy(np.stack(arrs).astype(np.float32))  # (B, ...)
@@ -494,12 +560,14 @@ def auto_workers(local_world_size=1, cap=16):
 class ShardLoader:
     """Batches from `data_dir/index.json`'s `split`; one full pass over the split per `for` loop (an epoch).
     Iterating again continues from state (epoch, batch), so a loop interrupted by `break` or a restart resumes
-    exactly where it stopped. Worker processes start on the first iteration and live until close()."""
+    exactly where it stopped. Worker processes start on the first iteration and live until close().
+    negatives: json keys of per-sample caption lists (hard negatives); the batch then has "text_neg" int64
+    (B, num_negatives, ctx), the lists concatenated, an all-zero row for each empty slot."""
 
     def __init__(self, data_dir, split="train", batch_size=32, tokenizer=None, context_length=77, seed=0,
                  shuffle=None, drop_last=None, rank=0, world_size=1, num_workers=0, prefetch=2,
                  shuffle_shards=4, long_captions=False, augment=False, pin_memory=False, crop_area=CROP_AREA,
-                 crop_ratio=CROP_RATIO):
+                 crop_ratio=CROP_RATIO, negatives=(), num_negatives=0):
         self.workers = []  # (process, task queue, result queue) once started
         # batches kept referenced by the feeder thread: queued, being put, being received, the two the loop had last
         self.held = collections.deque(maxlen=max(1, prefetch) + 4)
@@ -523,7 +591,7 @@ class ShardLoader:
         order = sorted(range(len(names)), key=lambda i: names[i])
         paths = [os.path.join(data_dir, names[i]) for i in order]
         labels = "classes" in index  # labelled sets list their classes; every sample's json then has "label"
-        required = ("txt",) + (("json",) if long_captions or labels else ())
+        required = ("txt",) + (("json",) if long_captions or labels or negatives else ())
         sizes, fields, bad = [], None, []
         for p in paths[:1] if given is not None else paths:  # with given sizes, fields come from shard 0
             groups, skipped = scan_tar(map_file(p))
@@ -545,7 +613,8 @@ class ShardLoader:
         self.make = BatchMaker(paths, self.sizes, self.fields, required, tokenizer, context_length,
                                int(index["img_size"]), labels, long_captions, augment, seed,
                                cache_shards=shuffle_shards + 1,  # a window, plus one for batches that straddle
-                               crop_area=crop_area, crop_ratio=crop_ratio)
+                               crop_area=crop_area, crop_ratio=crop_ratio, negatives=tuple(negatives),
+                               num_negatives=num_negatives)
         self.epoch, self.batch = 0, 0
         self.bad = {}  # (shard, sample) -> reason: the bad samples met so far this epoch (saved in state_dict)
         self.epoch_report, self.noted = None, set()

@@ -23,6 +23,10 @@ Ranks and ties: the rank of the right answer is 1 + the number of candidates wit
 tie counts in the model's favour (identical captions in a retrieval set do not push each other down). Accuracies,
 recalls and MRR are fractions in [0, 1].
 
+--save_embeddings DIR exports the shard split's embeddings (DIR/{image,text}.npy float32 normalised, ids.npy
+"shard/key", captions.npy; np.load with allow_pickle=False). nearest_captions searches them in chunks (plain numpy,
+or a FAISS IndexFlatIP); `prep_dataset.py add-negatives` mines hard negatives with exactly these functions.
+
 train.py calls `evaluate_checkpoint` every --eval_every steps: one encoding pass over the split, reused by
 zero-shot, retrieval and the swap test. Pass it the bare model (not the DDP wrapper, which has no encode_image).
 
@@ -479,14 +483,77 @@ def loader_swaps(model, tokenizer, loader, enc, device, precision="fp32", batch=
 
 
 # -----------------------------------------------------------------------------
+# exported embeddings and nearest-caption search (hard-negative mining)
+
+
+def split_records(loader):
+    """(ids "shard.tar/key", captions) of every complete sample of an unshuffled ShardLoader, in its row order."""
+    ids, captions = [], []
+    for path in loader.make.paths:  # sorted, as the loader reads them when shuffle=False
+        data = map_file(path)
+        groups, _ = scan_tar(data)
+        for key in sorted(groups):
+            exts = groups[key]
+            if complete(exts, loader.make.required, loader.make.fields):
+                ids.append(f"{os.path.basename(path)}/{key}")
+                off, size = exts["txt"]
+                captions.append(bytes(data[off:off + size]).decode("utf-8", "replace"))
+    return ids, captions
+
+
+def embedding_arrays(enc, loader, tokenizer):
+    """encode_split's output on a shard split -> numpy {image, text: float32 (M, E) normalised, ids, captions: str
+    (M,)}. A row the loader filled with another sample (a bad record) is dropped: its image is not its id's."""
+    ids, captions = split_records(loader)
+    if len(ids) != len(enc["image"]):
+        raise ValueError(f"the shards list {len(ids)} complete samples but the loader gave {len(enc['image'])}")
+    same = (enc["tokens"] == tokenizer.tokenize(captions, enc["tokens"].shape[1])).all(1).numpy()  # (N,) bool
+    keep = np.flatnonzero(same)
+    return {"image": enc["image"].cpu().numpy()[keep].astype(np.float32),
+            "text": enc["text"].cpu().numpy()[keep].astype(np.float32),
+            "ids": np.array(ids)[keep].astype(str), "captions": np.array(captions)[keep].astype(str)}
+
+
+def save_embeddings(folder, arrays):
+    """DIR/{image,text,ids,captions}.npy: plain dtypes (float32, fixed-width unicode), so np.load never unpickles;
+    row i of each is one sample. A FAISS IndexFlatIP or plain numpy (nearest_captions) searches them."""
+    os.makedirs(folder, exist_ok=True)
+    for name, a in arrays.items():
+        np.save(os.path.join(folder, f"{name}.npy"), a, allow_pickle=False)
+
+
+def load_embeddings(folder):
+    return {name: np.load(os.path.join(folder, f"{name}.npy"), allow_pickle=False)
+            for name in ("image", "text", "ids", "captions")}
+
+
+def nearest_captions(queries, keys, own, k, chunk=4096):
+    """(N, E) queries, (U, E) keys (distinct captions), own: (N,) index of each query's own caption in keys ->
+    (N, min(k, U - 1)) key indices, most similar first, never the query's own caption. Inner products on
+    normalised rows (cosine), `chunk` query rows at a time: the (N, U) matrix never exists whole."""
+    k = min(k, len(keys) - 1)
+    out = np.empty((len(queries), k), dtype=np.int64)
+    for s in range(0, len(queries), chunk):
+        scores = queries[s:s + chunk] @ keys.T  # (c, U)
+        c = len(scores)
+        scores[np.arange(c), own[s:s + chunk]] = -np.inf  # its own caption (and its exact duplicates) is no negative
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # (c, k) the k best, unordered
+        order = np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable")  # (c, k)
+        out[s:s + c] = np.take_along_axis(top, order, 1)
+    return out
+
+
+# -----------------------------------------------------------------------------
 # one call for train.py and the CLI
 
 
 def evaluate_checkpoint(model, tokenizer, data_dir, split="val", batch=256, device="cpu", precision="fp32",
-                        templates=None, quiet=True, classes=None, workers=0, chunk=1024, details=False):
+                        templates=None, quiet=True, classes=None, workers=0, chunk=1024, details=False,
+                        save_embeddings_to=None):
     """Everything that applies to data_dir, from one encoding pass: zero-shot (labelled data), retrieval and
     swaps (shard sets). Returns numbers only (loggable as they are); details=True adds zeroshot_per_class and
-    the class names and the confusion matrix. data_dir: a shard set (index.json; `split` is read) or class folders."""
+    the class names and the confusion matrix. data_dir: a shard set (index.json; `split` is read) or class folders.
+    save_embeddings_to: a folder for the shard split's embeddings (embedding_arrays, save_embeddings)."""
     if not os.path.isdir(data_dir):
         raise ValueError(f"data directory {data_dir!r} does not exist")
     size, ctx = model.config.vision.img_size, model.config.text.context_length
@@ -523,6 +590,8 @@ def evaluate_checkpoint(model, tokenizer, data_dir, split="val", batch=256, devi
             out["classes"] = list(names)
         if enc["text"] is not None:
             out.update(evaluate_retrieval(enc["image"], enc["text"], chunk))
+            if save_embeddings_to is not None and not isinstance(loader, ImageList):
+                save_embeddings(save_embeddings_to, embedding_arrays(enc, loader, tokenizer))
             out.update(loader_swaps(model, tokenizer, loader, enc, device, precision, batch))
     finally:
         model.train(was_training)
@@ -632,6 +701,8 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="loader processes (shards) / decoding threads (image files)")
     parser.add_argument("--chunk", type=int, default=1024, help="similarity rows held at once in retrieval")
+    parser.add_argument("--save_embeddings", metavar="DIR", help="shard sets: write the split's normalised "
+                        "embeddings to DIR/{image,text,ids,captions}.npy (float32; np.load, no pickle)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or speed line")
     args = parser.parse_args(argv)
 
@@ -649,6 +720,10 @@ def main(argv=None):
         parser.error("--aro FILE needs --aro_images DIR (an existing folder), and the other way round")
     if args.batch < 1 or args.chunk < 1 or args.workers < 0:
         parser.error("--batch and --chunk must be >= 1, --workers >= 0")
+    if args.save_embeddings and not (args.data and os.path.isfile(os.path.join(args.data, "index.json"))):
+        parser.error("--save_embeddings needs --data to be a shard set (a folder with index.json)")
+    if args.save_embeddings and os.path.exists(args.save_embeddings) and not os.path.isdir(args.save_embeddings):
+        parser.error(f"--save_embeddings {args.save_embeddings} is a file; give a folder")
 
     def checked(flag, fn, *a):  # fn's one-line ValueError -> "error: FLAG message", exit 2
         try:
@@ -687,7 +762,8 @@ def main(argv=None):
     try:
         if args.data:
             results.update(evaluate_checkpoint(model, tokenizer, args.data, args.split, args.batch, device, precision,
-                                               templates, args.quiet, classes, args.workers, args.chunk, details=True))
+                                               templates, args.quiet, classes, args.workers, args.chunk, details=True,
+                                               save_embeddings_to=args.save_embeddings))
         if args.swaps_jsonl:
             results.update(evaluate_swap_records(model, tokenizer, read_swaps_jsonl(args.swaps_jsonl), args.batch,
                                                  precision, args.workers, args.quiet, prefix="jsonl_"))
@@ -701,6 +777,8 @@ def main(argv=None):
     write_atomic(args.out, json.dumps(results, indent=1) + "\n")
     print(format_table(results))
     print(f"wrote {args.out}")
+    if args.save_embeddings:
+        print(f"wrote embeddings of {results.get('num_images')} samples to {args.save_embeddings}/")
     if confusion is not None:
         png = os.path.splitext(args.out)[0] + "_confusion.png"
         plot_confusion(confusion, results["classes"], png)

@@ -7,6 +7,8 @@ Image-caption sources -> webdataset shards + index.json + tokenizer.json (the la
     python prep_dataset.py jsonl --src pairs.jsonl --out data/pairs        # {"image": path, "caption": text}
     python prep_dataset.py tar --src shards/ --out data/mine               # existing webdataset tars
     python prep_dataset.py add-teacher --data data/synthetic --teacher out/big/ckpt/best.pt  # distillation
+    python prep_dataset.py add-swaps --data data/t2i                                 # rule-based negatives
+    python prep_dataset.py add-negatives --data data/t2i --model out/run/ckpt/best.pt --k 8  # mined negatives
 
 Every sample is stored as <key>.jpg (RGB, shorter side resized + centre-cropped to S x S, JPEG q95), <key>.txt
 (the caption, UTF-8) and <key>.json (metadata), keys being 9-digit indices within a split. The shard format
@@ -38,6 +40,15 @@ add-teacher runs a trained checkpoint over every sample (its own tokenizer on th
 its resolution) and writes <shard>.teacher.tar beside each shard: the same members plus <key>.teacher_image.npy
 and <key>.teacher_text.npy (float16, L2-normalised). index.json then lists the new shards ("shards_base" keeps the
 old list), and train.py --distill reads the stored embeddings instead of running the teacher.
+
+Hard negatives (train.py --hard_negatives): every source writes json "negatives" at prep time: the synthetic
+set its swaps (one-object images have none), every other source what negative_captions' rules make of the caption
+(swapped colour/size/material/number words, a reversed relation, the two nouns of a relation swapped; captions no
+rule changes get [] and are counted in index.json "negatives"). add-swaps adds them to shards made before, and
+add-negatives stores json "mined": the K captions of other training samples a trained checkpoint scores highest
+for each image. Both write <shard>.<swaps|mined>.tar beside each shard and switch index.json at the end; an
+interrupted run continues where it stopped (.add_<swaps|mined>.json). add-teacher starts from "shards_base", so
+run it before them.
 
 Left out on purpose: image deduplication, caption filtering by language or CLIP score, aspect-ratio bucketing
 (CLIP trains on square crops), resuming a dropped download mid-file (a retry re-reads the file from its start),
@@ -110,6 +121,85 @@ def finish(out, splits, extra, captions, vocab_size, skipped, quiet):
         warnings.warn(f"skipped {sum(skipped.values())} samples/members: {skip_summary(skipped)}")
     print(f"skipped {sum(skipped.values())}: {skip_summary(skipped)}" if skipped else "skipped: none")
     return index
+
+
+# ----------------------------------------------------------------------------- rule-based negative captions
+
+# NegCLIP-style hard negatives (Yuksekgonul et al. 2023): the caption's own words, re-arranged so it is false.
+# Closed lexicons: two words of one group are swapped ("a red cube left of a blue ball" -> "a blue cube left of a
+# red ball"); a swap needs a word between the two other than "and"/"or"/commas ("a red and blue ball" is left
+# alone: swapped, it says the same).
+LEXICON = {
+    "colour": {"red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink", "white", "black", "grey",
+               "gray", "brown"},
+    "size": {"small", "large", "big", "little", "tiny", "huge", "tall"},
+    "material": {"wooden", "metal", "metallic", "plastic", "glass", "stone", "paper", "leather", "cotton", "rubber",
+                 "ceramic", "steel", "golden", "silver"},
+    "number": {"one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"},
+}
+RELATION_PAIRS = [("to the left of", "to the right of"), ("on the left of", "on the right of"), ("left of", "right of"),
+                  ("in front of", "behind"), ("on top of", "underneath"), ("above", "below"), ("inside", "outside"),
+                  ("on", "under")]
+REVERSED = {**dict(RELATION_PAIRS), **{b: a for a, b in RELATION_PAIRS}}
+# A relation must have an object: an article, number or possessive, then not a position ("on the left" has none).
+RELATION_RE = re.compile(r"\b(" + "|".join(re.escape(r) for r in sorted(REVERSED, key=len, reverse=True)) + r")"
+                         r"(?= (?:a|an|the|one|two|three|four|five|his|her|its|their|some) "
+                         r"(?!(?:left|right|top|bottom|side|middle|centre|center)\b))", re.IGNORECASE)
+WORD_RE = re.compile(r"[A-Za-z]+")
+JOINED = re.compile(r"[\s,]*(?:(?:and|or)[\s,]*)?", re.IGNORECASE)  # what may sit between two words of one phrase
+VERBS = {"is", "are", "was", "were", "sits", "stands", "lies", "sit", "stand", "lie"}  # skipped before a relation
+BOUNDARY = {"and", "with", "in", "on", "at", "near", "while", "that", "which", "by", "for", "of", "next", "under"}
+
+
+def edit(text, edits):
+    """Apply [(start, end, new)] (non-overlapping) right to left; an article before an edit is re-decided
+    ("an orange" -> "a red"), and a capitalised word stays capitalised."""
+    for start, end, new in sorted(edits, reverse=True):
+        new = new.capitalize() if text[start].isupper() else new.lower()
+        text = text[:start] + new + text[end:]
+        m = re.search(r"\b(an?)( )$", text[:start], re.IGNORECASE)
+        if m:
+            article = m.group(1)[0] + ("n" if new[0].lower() in "aeiou" else "")
+            text = text[:m.start()] + article + " " + text[start:]
+    return text
+
+
+def relation_nouns(caption, words, m):
+    """The two nouns a relation match joins, as (start, end, word) spans, or None: the word before it (past
+    "is", "sits", "-ing" words) and the last word of the phrase after it (up to a comma or a boundary word)."""
+    before = [w for w in words if w[1] <= m.start()]
+    while before and (before[-1][2] in VERBS or before[-1][2].endswith("ing")):
+        before.pop()
+    after = []
+    for w in (w for w in words if w[0] >= m.end()):
+        if w[2] in BOUNDARY or "," in caption[(after[-1][1] if after else m.end()):w[0]]:
+            break
+        after.append(w)
+    if not before or not after or before[-1][2] == after[-1][2] or before[-1][2] in ("a", "an", "the"):
+        return None
+    return before[-1], after[-1]
+
+
+def negative_captions(caption):
+    """A caption -> its rule-based hard negatives (distinct, none equal to it; [] when no rule applies): per
+    lexicon group one swap of two different words, one reversed relation, and the two nouns around that relation
+    swapped."""
+    words = [(m.start(), m.end(), m.group().lower()) for m in WORD_RE.finditer(caption)]
+    out = []
+    for group in LEXICON.values():
+        hits = [w for w in words if w[2] in group]
+        for a, b in zip(hits, hits[1:]):
+            if a[2] != b[2] and not JOINED.fullmatch(caption[a[1]:b[0]]):
+                out.append(edit(caption, [(a[0], a[1], b[2]), (b[0], b[1], a[2])]))
+                break
+    m = RELATION_RE.search(caption)
+    if m:
+        out.append(edit(caption, [(m.start(), m.end(), REVERSED[m.group(1).lower()])]))
+        nouns = relation_nouns(caption, words, m)
+        if nouns:
+            a, b = nouns
+            out.append(edit(caption, [(a[0], a[1], b[2]), (b[0], b[1], a[2])]))
+    return [n for n in dict.fromkeys(out) if n.lower() != caption.lower()]
 
 
 # ----------------------------------------------------------------------------- the synthetic dataset
@@ -243,7 +333,7 @@ def synthetic_sample(seed, split, index, img_size, heldout):
         caption = articles(SINGLE_TEMPLATES[rng.integers(len(SINGLE_TEMPLATES))].format(**fields))
         long = (f"{caption}. there is one object: a {z1} {colours[c1]} {SHAPES[s1]} {pword}. "
                 f"the background is a {texture} pale {tint} gradient.")
-        meta = {"label": int(main), "long": articles(long), "short": caption, "source": "synthetic"}
+        meta = {"label": int(main), "long": articles(long), "short": caption, "negatives": [], "source": "synthetic"}
         return im.reduce(2), caption, meta
     # Second object: another colour; in train, neither it nor the colour-swapped pair may be a held-out combo,
     # so no training caption (swaps included) ever names one.
@@ -266,21 +356,24 @@ def synthetic_sample(seed, split, index, img_size, heldout):
     long = (f"{caption}. there are two objects. the {colours[c1]} {SHAPES[s1]} is {z1} and sits {p1}. "
             f"the {colours[c2]} {SHAPES[s2]} is {z2} and sits {p2}. "
             f"the background is a {texture} pale {tint} gradient.")
-    meta = {"label": int(main), "long": long, "short": caption,
-            "swaps": {"attribute": say(c2, c1, rel), "relation": say(c1, c2, REVERSE[rel])}, "source": "synthetic"}
+    swaps = {"attribute": say(c2, c1, rel), "relation": say(c1, c2, REVERSE[rel])}
+    # the training negatives are these swaps (never a held-out combination), not the generic rules' output
+    meta = {"label": int(main), "long": long, "short": caption, "swaps": swaps, "negatives": list(swaps.values()),
+            "source": "synthetic"}
     return im.reduce(2), caption, meta
 
 
 def synthetic_shard(job):
     """Worker: draw samples [start, end) of a split and write them as one shard; returns the training text."""
     path, split, start, end, seed, img_size, heldout = job
-    samples, texts = [], []
+    samples, texts, no_negatives = [], [], 0
     for i in range(start, end):
         img, caption, meta = synthetic_sample(seed, split, i, img_size, heldout)
         samples.append((f"{i:09d}", sample_files(img, caption, meta)))
         texts += [caption, meta["long"]]
+        no_negatives += not meta["negatives"]
     write_tar(path, samples)
-    return split, end - start, texts
+    return split, end - start, texts, no_negatives
 
 
 def prep_synthetic(args):
@@ -292,16 +385,18 @@ def prep_synthetic(args):
         splits[split] = {"shards": names, "shard_sizes": sizes, "num_samples": n}
         jobs += [(os.path.join(args.out, name), split, k * args.shard_size, k * args.shard_size + size,
                   args.seed, args.img_size, heldout) for k, (name, size) in enumerate(zip(names, sizes))]
-    captions = []
+    captions, no_negatives = [], 0
     bar = tqdm(total=args.num_train + args.num_val, desc="synthetic", unit="img", disable=args.quiet)
     with multiprocessing.Pool(args.workers) if args.workers > 1 else nullpool() as pool:
-        for split, n, texts in pool.imap(synthetic_shard, jobs):  # in order, so captions come out in order
+        for split, n, texts, without in pool.imap(synthetic_shard, jobs):  # in order, so captions come out in order
             captions += texts if split == "train" else []
+            no_negatives += without
             bar.update(n)
     bar.close()
     # the captions say where things are ("on the left", "above"): a crop or flip would make them false
     extra = {"img_size": args.img_size, "source": "synthetic", "classes": CLASSES, "layout_in_captions": True,
-             "heldout": [f"{list(COLOURS)[c]} {SHAPES[s]}" for c, s in sorted(heldout)], "seed": args.seed}
+             "heldout": [f"{list(COLOURS)[c]} {SHAPES[s]}" for c, s in sorted(heldout)], "seed": args.seed,
+             "negatives": {"rule": "swaps", "without": no_negatives}}  # one-object images have no swaps
     return finish(args.out, splits, extra, captions, args.vocab_size, Counter(), args.quiet)
 
 
@@ -386,20 +481,22 @@ def make_sample(rec, img_size):
 def record_shard(path, split, items, img_size, source, full):
     """Worker: items [(split index, stream index, record)] -> one shard. Returns its name, count, skips, text;
     `full` (the shard got all shard_size positions) is passed through for the restart state."""
-    samples, skipped, captions = [], Counter(), []
+    samples, skipped, captions, no_negatives = [], Counter(), [], 0
     for j, i, rec in items:
         img, caption, reason = make_sample(rec, img_size)
         if reason:
             skipped[reason] += 1
             continue
-        meta = {"source": source, "id": str(rec.get("id", i))}
+        meta = {"source": source, "id": str(rec.get("id", i)), "negatives": negative_captions(caption)}
+        no_negatives += not meta["negatives"]
         if rec.get("label") is not None:
             meta["label"] = rec["label"]
         samples.append((f"{j:09d}", sample_files(img, caption, meta)))
         captions.append(caption)
     write_tar(path, samples)
     return {"name": os.path.basename(path), "num_samples": len(samples), "skipped": dict(skipped),
-            "captions": captions if split == "train" else [], "end": max(i for _, i, _ in items), "full": full}
+            "captions": captions if split == "train" else [], "end": max(i for _, i, _ in items), "full": full,
+            "no_negatives": no_negatives}
 
 
 # ----------------------------------------------------------------------------- tars: local files and URLs
@@ -713,7 +810,7 @@ def prep_records(parser, args, source, records, skipped, files, classes=None, ex
 
     def collect():  # the oldest shard's result: record it in the state, atomically, before going on
         r = pending.pop(0).get()
-        state["shards"][r["name"]] = {k: r[k] for k in ("num_samples", "skipped", "end", "full")}
+        state["shards"][r["name"]] = {k: r[k] for k in ("num_samples", "skipped", "end", "full", "no_negatives")}
         captions.extend(r.pop("captions"))
         save_json(state_path, state)
 
@@ -746,11 +843,13 @@ def prep_records(parser, args, source, records, skipped, files, classes=None, ex
 
     # Everything up to `end` is on disk now; list the shards of positions [0, end) and sum their counts.
     splits, n_split = {}, {"train": end - math.floor(end * args.val_frac), "val": math.floor(end * args.val_frac)}
+    no_negatives = 0  # captions the negative_captions rules cannot change
     for split, n in n_split.items():
         names = [f"{split}-{k:06d}.tar" for k in range(math.ceil(n / ss))]
         for m in names:  # empty shards too: their samples were all skipped
             skipped.update(state["shards"].get(m, {}).get("skipped", {}))
         names = [m for m in names if m in state["shards"] and state["shards"][m]["num_samples"] > 0]
+        no_negatives += sum(state["shards"][m].get("no_negatives", 0) for m in names)
         sizes = [state["shards"][m]["num_samples"] for m in names]
         splits[split] = {"shards": names, "shard_sizes": sizes, "num_samples": sum(sizes)}
         if split == "train":
@@ -763,7 +862,8 @@ def prep_records(parser, args, source, records, skipped, files, classes=None, ex
         warnings.warn(f"the val split is empty ({end} samples x val_frac {args.val_frac})")
     # real captions rarely depend on where things sit in the frame: random crops keep them true (see train.py --augment)
     extra = {"img_size": args.img_size, "source": source, "layout_in_captions": False,
-             **({"classes": classes} if classes else {}), **(extra or {})}
+             **({"classes": classes} if classes else {}), **(extra or {}),
+             "negatives": {"rule": "negative_captions", "without": no_negatives}}
     return finish(args.out, splits, extra, captions, args.vocab_size, skipped, args.quiet)
 
 
@@ -932,6 +1032,140 @@ def add_teacher(parser, args):
     return index
 
 
+# ----------------------------------------------------------------------------- negatives for existing shards
+
+def negative_shard_name(name, suffix):
+    """'train-000000.tar' -> 'train-000000.<suffix>.tar' beside it; a name with that suffix already keeps it."""
+    stem = name[:-4] if name.endswith(".tar") else name
+    return f"{stem}.tar" if stem.endswith(f".{suffix}") else f"{stem}.{suffix}.tar"
+
+
+def rewrite_json(parser, args, suffix, splits, update, settings):
+    """Write <shard>.<suffix>.tar beside every shard of `splits`: the same members, each sample's json passed
+    through update(key_id, meta, caption) -> number of negatives stored (0 is counted). Restartable: the shards
+    done under these settings are listed in .add_<suffix>.json; index.json points at the new shards only once
+    all are on disk. Returns {"without": samples left with none, "skipped": {reason: count}}."""
+    index_path, state_path = os.path.join(args.data, "index.json"), os.path.join(args.data, f".add_{suffix}.json")
+    with open(index_path, encoding="utf-8") as f:
+        index = json.load(f)
+    state = {"settings": settings, "done": {}}
+    if os.path.isfile(state_path):
+        with open(state_path, encoding="utf-8") as f:
+            old = json.load(f)
+        state = old if old.get("settings") == settings else state  # other settings: every shard is redone
+    total = sum(index[s]["num_samples"] for s in splits)
+    bar = tqdm(total=total or None, desc=f"add-{suffix}", unit="img", disable=args.quiet)
+    for split in splits:
+        for name in index[split]["shards"]:
+            out = negative_shard_name(name, suffix)
+            if out in state["done"] and os.path.isfile(os.path.join(args.data, out)):
+                bar.update(state["done"][out]["n"])
+                continue
+            groups, bad = read_tar(os.path.join(args.data, name))
+            without, skipped = 0, Counter({"bad_member": bad} if bad else {})
+            for key in sorted(groups):
+                files = groups[key]
+                try:
+                    meta = json.loads(files.get("json", b"{}"))
+                    caption = files.get("txt", b"").decode("utf-8")
+                except (ValueError, UnicodeDecodeError):  # the loader skips this sample; it is copied unchanged
+                    skipped["bad_json_or_caption"] += 1
+                    continue
+                if not isinstance(meta, dict):
+                    skipped["bad_json_or_caption"] += 1
+                    continue
+                without += update(f"{name}/{key}", meta, caption) == 0
+                files["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
+            write_tar(os.path.join(args.data, out), sorted(groups.items()))
+            state["done"][out] = {"n": len(groups), "without": without, "skipped": dict(skipped)}
+            save_json(state_path, state)
+            bar.update(len(groups))
+    bar.close()
+    # Only now, with every new shard on disk, does index.json point at them (atomically).
+    for split in splits:
+        index[split]["shards"] = [negative_shard_name(n, suffix) for n in index[split]["shards"]]
+    done = [state["done"][n] for s in splits for n in index[s]["shards"]]
+    counts = {"without": sum(d["without"] for d in done),
+              "skipped": dict(sum((Counter(d["skipped"]) for d in done), Counter()))}
+    index[suffix] = {**settings, **counts}
+    save_json(index_path, index)
+    os.remove(state_path)  # a later run starts afresh from the shards index.json lists now
+    print(f"{suffix} negatives in {args.data} ({', '.join(splits)}): {total - counts['without']} samples have some, "
+          f"{counts['without']} have none" + (f"; skipped {skip_summary(counts['skipped'])}" if counts["skipped"] else ""))
+    return index
+
+
+def add_swaps(parser, args):
+    """json "negatives" for every sample of every split: its synthetic "swaps" when it has them (they never name
+    a held-out combination), else negative_captions(caption)."""
+    splits = checked_splits(parser, args.data)
+
+    def update(_, meta, caption):
+        swaps = meta.get("swaps")
+        meta["negatives"] = ([s for s in swaps.values() if isinstance(s, str)] if isinstance(swaps, dict)
+                             else negative_captions(caption))
+        return len(meta["negatives"])
+    return rewrite_json(parser, args, "swaps", splits, update, {"rule": "swaps or negative_captions"})
+
+
+def add_negatives(parser, args):
+    """json "mined" for every training sample (DPR-style hard negatives): the K captions of OTHER samples that a
+    trained checkpoint scores highest for its image, never its own caption or an exact duplicate of it. One
+    encoding pass (eval_zeroshot's, the embeddings --save_embeddings exports), then a chunked inner product."""
+    import torch
+    import checkpoint_manager as cm
+    import eval_zeroshot
+    from dataloader import ShardLoader
+    checked_splits(parser, args.data)
+    if args.k < 1 or args.batch < 1 or args.chunk < 1:
+        parser.error(f"--k, --batch and --chunk must be >= 1, got {args.k}, {args.batch}, {args.chunk}")
+    if not os.path.isfile(args.model):
+        parser.error(f"--model {args.model} does not exist")
+    try:
+        device = eval_zeroshot.pick_device(args.device)
+        model, ckpt = cm.load_model(args.model, map_location=device)
+        tok = Tokenizer.from_dict(ckpt["tokenizer"])  # the model reads captions with its own tokenizer
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+        parser.error(f"--model {args.model}: not a usable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+    with open(os.path.join(args.data, "index.json"), encoding="utf-8") as f:
+        img_size = json.load(f)["img_size"]
+    if model.config.vision.img_size != img_size:
+        parser.error(f"--model takes {model.config.vision.img_size} px images but {args.data} has {img_size} px")
+    model.eval()
+    loader = ShardLoader(args.data, "train", args.batch, tok, model.config.text.context_length, shuffle=False,
+                         drop_last=False, num_workers=args.workers)
+    try:
+        enc = eval_zeroshot.encode_split(model, loader, device, quiet=args.quiet)
+        arrays = eval_zeroshot.embedding_arrays(enc, loader, tok)
+    except ValueError as e:
+        parser.error(f"--data {args.data}: {e}")
+    finally:
+        loader.close()
+    # search over distinct captions: a caption shared by two samples is one key, excluded for both
+    uniq, own = np.unique(arrays["captions"], return_inverse=True)  # (U,) sorted, (N,) each row's caption
+    first = np.empty(len(uniq), dtype=np.int64)
+    first[own[::-1]] = np.arange(len(own))[::-1]  # the first row holding each caption
+    near = eval_zeroshot.nearest_captions(arrays["image"], arrays["text"][first], own, args.k, args.chunk)  # (N, k)
+    mined = {i: [str(uniq[j]) for j in row] for i, row in zip(arrays["ids"].tolist(), near)}
+
+    def update(key_id, meta, _):
+        meta["mined"] = mined.get(key_id, [])  # a sample the loader could not read gets none (counted)
+        return len(meta["mined"])
+    return rewrite_json(parser, args, "mined", ["train"], update, {"model": args.model, "k": args.k})
+
+
+def checked_splits(parser, data):
+    """The splits of a shard folder made by this script (one clear error when it is not one)."""
+    from dataloader import read_index
+    if not os.path.isfile(os.path.join(data, "index.json")):
+        parser.error(f"--data {data} has no index.json (make it with prep_dataset.py)")
+    try:
+        index = read_index(data)
+    except ValueError as e:
+        parser.error(str(e))
+    return [s for s, v in index.items() if isinstance(v, dict) and "shards" in v]
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None):
@@ -974,10 +1208,26 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=256, help="samples per teacher forward pass")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p = sub.add_parser("add-swaps", help="store rule-based negative captions (json 'negatives') in new shards")
+    p.add_argument("--data", required=True, help="a folder made by this script; index.json is rewritten")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p = sub.add_parser("add-negatives", help="store mined hard-negative captions (json 'mined') in new shards")
+    p.add_argument("--data", required=True, help="a folder made by this script; index.json is rewritten")
+    p.add_argument("--model", required=True, help="a trained checkpoint of ours (train.py) that scores the captions")
+    p.add_argument("--k", type=int, default=8, help="mined captions per training sample")
+    p.add_argument("--batch", type=int, default=256, help="samples per forward pass")
+    p.add_argument("--chunk", type=int, default=4096, help="query rows of the similarity matrix held at once")
+    p.add_argument("--workers", type=int, default=0, help="loader processes")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
     if args.source == "add-teacher":
         return add_teacher(parser, args)
+    if args.source == "add-swaps":
+        return add_swaps(parser, args)
+    if args.source == "add-negatives":
+        return add_negatives(parser, args)
     if args.shard_size < 1 or args.workers < 0:
         parser.error("--shard_size must be >= 1 and --workers >= 0")
     if args.img_size < 8:

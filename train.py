@@ -34,7 +34,8 @@ from tqdm import tqdm
 
 import checkpoint_manager as cm
 import clip
-from dataloader import CROP_AREA, CROP_RATIO, ShardLoader, auto_workers, load_tokenizer, read_index
+from dataloader import (CROP_AREA, CROP_RATIO, ShardLoader, auto_workers, load_tokenizer, negative_slots, read_index,
+                        teacher_embedding_dim)
 from logger import Logger
 from tokenizer import Tokenizer
 
@@ -44,6 +45,9 @@ DEFAULT_DATA = os.path.join("data", "synthetic")
 PG_TIMEOUT = datetime.timedelta(minutes=30)
 VAL_CACHE_BYTES = 4 * 2 ** 30  # the in-training val batches are kept in host memory when they fit in this
 PLOT_EVERY_S = 300  # redraw the PNGs after an eval at most this often (drawing takes ~1 s of the training thread)
+# --hard_negatives -> the per-sample json lists read (prep_dataset.py writes "negatives" at prep time or with
+# add-swaps, "mined" with add-negatives)
+NEGATIVE_KEYS = {"none": (), "swaps": ("negatives",), "mined": ("mined",), "both": ("negatives", "mined")}
 
 
 def get_parser():
@@ -105,6 +109,9 @@ def get_parser():
     # Long-CLIP
     a("--long", action="store_true", help="long captions + short-caption PCA loss; with --init, stretch positions")
     a("--long_pca", type=int, default=32, help="principal components of the coarse image feature")
+    # hard negatives (NegCLIP swaps / mined captions stored in the shards' json by prep_dataset.py)
+    a("--hard_negatives", choices=tuple(NEGATIVE_KEYS), default="none",
+      help="extra captions each image must score below its own: swaps (json 'negatives'), mined ('mined'), both")
     # fine-tuning
     a("--lock_image", action="store_true", help="freeze the image tower (LiT)")
     a("--lock_text", action="store_true", help="freeze the text tower")
@@ -164,6 +171,9 @@ def validate(parser, args):
     if not 0 < a0 <= a1 <= 1 or not 0 < r0 <= r1:
         parser.error(f"--crop_area needs 0 < MIN <= MAX <= 1 and --crop_ratio 0 < MIN <= MAX, got {args.crop_area} "
                      f"and {args.crop_ratio}")
+    if args.hard_negatives != "none" and (args.long or args.label_smoothing or args.loss == "siglip"):
+        parser.error("--hard_negatives extends the softmax loss: it does not combine with --long, --label_smoothing "
+                     "or --loss siglip")
 
 
 def augment_policy(args, index):
@@ -211,7 +221,12 @@ def make_loss(args, model, teacher=None):
         all_img, all_txt = clip.gather(img), clip.gather(txt)  # (N, E): every rank's rows, gathered once per step
         rank = dist.get_rank() if dist.is_initialized() else 0
         # this rank's rows against the global batch, as if one big batch
-        loss = contrastive(img, txt, outs, all_img, all_txt, offset=rank * img.shape[0])
+        if args.hard_negatives != "none":  # images also against every negative caption of the global batch
+            all_neg = clip.gather(outs.text_neg)  # (N, K, E); empty slots are zero vectors
+            loss = clip.negclip_loss(img, txt, all_neg, all_neg.abs().sum(-1) > 0, scale, all_img=all_img,
+                                     all_txt=all_txt, offset=rank * img.shape[0])
+        else:
+            loss = contrastive(img, txt, outs, all_img, all_txt, offset=rank * img.shape[0])
         terms = {}
         if args.long:  # fine: long caption vs image; coarse: short caption vs the image's top principal components
             short = clip.gather(outs.text_short)  # (N, E)
@@ -433,8 +448,8 @@ def ddp_ignored(model):
 
 def model_inputs(batch, long, keep=None):
     """The model's inputs from a batch on the device: uint8 images (the model normalises them), tokens, short tokens
-    (--long, else None) and the kept patches (--patch_dropout, else None)."""
-    return batch["image"], batch["text"], batch["text_short"] if long else None, keep
+    (--long, else None), the kept patches (--patch_dropout, else None), negative captions (--hard_negatives)."""
+    return batch["image"], batch["text"], batch["text_short"] if long else None, keep, batch.get("text_neg")
 
 
 class DevicePrefetcher:
@@ -518,7 +533,7 @@ def load_teacher(args, data, index, tokenizer, device):
     if args.distill == "none":
         return None, 0
     try:
-        return None, stored_teacher_dim(data, index)
+        return None, teacher_embedding_dim(data, index["train"]["shards"])
     except ValueError:
         if args.teacher is None:
             raise
@@ -545,6 +560,8 @@ def make_loaders(args, data, index, tokenizer, config, rank, world, cuda, master
     if step_batch * world > train_split:
         raise ValueError(f"--batch {args.batch} x --accum {args.accum} x {world} processes = {step_batch * world} "
                          f"is larger than the {train_split} training samples")
+    keys = NEGATIVE_KEYS[args.hard_negatives]  # every sample's json must carry them: checked now, not mid-run
+    slots = negative_slots(data, index["train"]["shards"], keys) if keys else 0
     augment, why = augment_policy(args, index)
     if master:  # even with --quiet: what the data did to the recipe is worth one line
         crop = f" (area {args.crop_area[0]:g}-{args.crop_area[1]:g}, aspect {args.crop_ratio[0]:.3g}-{args.crop_ratio[1]:.3g})"
@@ -552,7 +569,8 @@ def make_loaders(args, data, index, tokenizer, config, rank, world, cuda, master
     ctx = config.text.context_length
     loader = ShardLoader(data, "train", step_batch, tokenizer, ctx, seed=args.seed, rank=rank, world_size=world,
                          num_workers=args.workers, augment=augment, long_captions=args.long, pin_memory=cuda,
-                         crop_area=tuple(args.crop_area), crop_ratio=tuple(args.crop_ratio))
+                         crop_area=tuple(args.crop_area), crop_ratio=tuple(args.crop_ratio), negatives=keys,
+                         num_negatives=slots)
     n_val = index.get("val", {}).get("num_samples") or 0
     val_loader = ShardLoader(data, "val", min(args.batch, n_val), tokenizer, ctx, num_workers=args.workers,
                              long_captions=args.long, augment=False) if rank == 0 and n_val else None
@@ -817,26 +835,6 @@ def build_model(args, config, init_sd, quiet):
             head = name.startswith(("visual.proj", "text.proj", "logit_scale", "logit_bias", "distill_proj"))
             p.requires_grad_("adapter_" in name or (head and args.train_heads) or name.startswith("distill_proj"))
     return model
-
-
-def stored_teacher_dim(data, index):
-    """Teacher embedding size when every training sample carries both teacher fields; else one clear error
-    naming the first shard that lacks them (checked before training, not discovered mid-run)."""
-    import io
-    import numpy as np
-    from dataloader import map_file, scan_tar
-    want, dim = {"teacher_image.npy", "teacher_text.npy"}, None
-    for name in index["train"]["shards"]:
-        buf = map_file(os.path.join(data, name))
-        groups, _ = scan_tar(buf)
-        have = [want <= exts.keys() for exts in groups.values()]
-        if not all(have):
-            raise ValueError(f"--distill: {sum(not h for h in have)} of {len(have)} samples in shard {name} have no "
-                             f"teacher embeddings (run `prep_dataset.py add-teacher`, or pass --teacher CKPT)")
-        if dim is None and groups:
-            off, size = next(iter(groups.values()))["teacher_image.npy"]
-            dim = np.load(io.BytesIO(buf[off:off + size]), allow_pickle=False).shape[-1]
-    return dim
 
 
 class OnlineTeacher:

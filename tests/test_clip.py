@@ -29,9 +29,9 @@ def test_preset_shapes_on_meta(name):
     with torch.device("meta"):
         model = CLIP(config)
         vc, tc = config.vision, config.text
-        img, txt, scale, bias, short = model(torch.zeros(2, 3, vc.img_size, vc.img_size),
-                                             torch.zeros(2, tc.context_length, dtype=torch.long))
-    assert bias is None and short is None  # the softmax loss has no bias; no short captions given
+        img, txt, scale, bias, short, neg = model(torch.zeros(2, 3, vc.img_size, vc.img_size),
+                                                  torch.zeros(2, tc.context_length, dtype=torch.long))
+    assert bias is None and short is None and neg is None  # no bias (softmax loss), no short or negative captions
     assert img.shape == txt.shape == (2, config.embed_dim)
     assert scale.shape == ()
 

@@ -1,0 +1,201 @@
+"""
+Benchmark hard negatives on the synthetic set: does training with swapped captions (NegCLIP) or mined captions
+(DPR-style) as extra negatives lift the swap tests off chance, and what does it cost in zero-shot accuracy,
+retrieval and time per step? Equal steps, data order and seed for every mode.
+
+  1. make a synthetic set with prep_dataset.py (git-ignored bench/.data/); its json "negatives" are the train
+     split's own swaps (colours swapped, relation reversed; one-object images have none). The swap test on val
+     uses the val split's swaps: the same kind of caption, on other images and on held-out colour-shape
+     combinations. Training on the train split's swaps is what NegCLIP does with its own data.
+  2. per seed: train `none`; mine K negatives per training sample with that checkpoint
+     (`prep_dataset.py add-negatives`, on a copy); train `swaps`, `mined` and `both` on the copy;
+  3. read the final val record of each run: zero-shot top-1 (seen / held-out combinations), swap_attribute,
+     swap_relation, i2t / t2i R@1; s/step is the median step time after 5 warmup steps.
+
+Prints the table (mean over seeds, and the spread when there are several), writes bench/results/hard_negatives.md
+and appends one JSON line per run to bench/results/hard_negatives.jsonl.
+
+    python bench/hard_negatives.py                          # 1 seed, 300 steps: ~30 min on 2 shared CPU cores
+    python bench/hard_negatives.py --seeds 0 1 2 --modes none swaps
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+import prep_dataset  # noqa: E402
+import train  # noqa: E402
+
+MODES = ("none", "swaps", "mined", "both")
+METRICS = ("zeroshot_top1_seen", "zeroshot_top1_heldout", "swap_attribute", "swap_relation", "i2t_R@1", "t2i_R@1")
+
+
+def run(argv, quiet):
+    """train.main in this process; its console lines are swallowed with --quiet, the loss PNGs skipped."""
+    train.Logger.plot = lambda self: None
+    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        code = train.main(argv)
+    if code != 0:
+        raise SystemExit(f"train.py {' '.join(argv)} exited with {code}")
+
+
+def results(log_dir, run_name, batch):
+    with open(os.path.join(log_dir, run_name, "metrics.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    steps = [batch / r["samples_per_s"] for r in recs if r["split"] == "train"]
+    steps = steps[5:] or steps  # after warmup, when the run is long enough
+    val = [r for r in recs if r["split"] == "val"][-1]
+    return {**{k: val.get(k) for k in METRICS}, "val_loss": val["loss"], "s_per_step": statistics.median(steps)}
+
+
+def jsonl_rows(path, args):
+    """Every run in the jsonl with this benchmark's settings, the latest per (mode, seed) -> {mode: [record]}: so
+    seeds added by a later invocation (--seeds 1 2) join the table."""
+    same = ("steps", "batch", "preset", "k", "num_train")
+    latest = {}
+    with open(path) as f:
+        for r in map(json.loads, f):
+            if all(r.get(k) == getattr(args, k) for k in same):
+                latest[(r["mode"], r["seed"])] = r
+    rows = {m: [] for m in MODES}
+    for (mode, _), r in sorted(latest.items()):
+        rows[mode].append(r)
+    return rows, sorted({seed for _, seed in latest})
+
+
+def report(args, jsonl, t_mine, t_all, load0):
+    """Write the table of the runs so far (mean over seeds, ± the spread) to bench/results/hard_negatives.md."""
+    rows, seeds = jsonl_rows(jsonl, args)
+    def cell(mode, key, scale=100, fmt="{:.1f}"):
+        vals = [r[key] for r in rows[mode] if r.get(key) is not None]
+        if not vals:
+            return "-"
+        s = fmt.format(scale * statistics.mean(vals))
+        return s + (f" ± {fmt.format(scale * statistics.stdev(vals))}" if len(vals) > 1 else "")
+    lines = ["| --hard_negatives | seeds | zero-shot seen % | zero-shot held-out % | swap_attribute % | swap_relation % | "
+             "i2t R@1 % | t2i R@1 % | val loss | s/step | s/step vs none |", "|---|---|" + "---:|" * 9]
+    anchor = {r["seed"]: r["s_per_step"] for r in rows["none"]}  # the machine's load changes between runs:
+    for mode in (m for m in MODES if rows[m]):  # each run is compared with the `none` run of its own seed
+        ratios = [r["s_per_step"] / anchor[r["seed"]] for r in rows[mode] if r["seed"] in anchor]
+        ratio = statistics.mean(ratios) if ratios else None
+        lines.append(f"| {mode} | {' '.join(str(r['seed']) for r in rows[mode])} | " + " | ".join(cell(mode, k) for k in METRICS) + f" | {cell(mode, 'val_loss', 1, '{:.3f}')}"
+                     f" | {cell(mode, 's_per_step', 1, '{:.3f}')} | {'-' if ratio is None else f'{ratio:.2f}x'} |")
+    table = "\n".join(lines)
+    total = time.time() - t_all
+    settings = (f"data: synthetic, {args.num_train} train / {args.num_val} val at 32 px (bench/.data, made by "
+                f"prep_dataset.py synthetic); `{args.preset}` preset, {args.steps} steps of batch {args.batch}, max_lr "
+                f"{args.lr}, seeds {' '.join(map(str, seeds))}; mined: k={args.k} per training sample, with the "
+                f"`none` checkpoint of the same seed ({statistics.mean(t_mine) if t_mine else 0:.0f} s per add-negatives); "
+                f"{args.workers} loader worker(s), {torch.get_num_threads()} torch thread(s) (OMP_NUM_THREADS="
+                f"{os.environ.get('OMP_NUM_THREADS', 'unset')}); {os.cpu_count()} CPU cores ({platform.node()}) shared "
+                f"with other jobs, load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; this "
+                f"invocation {total:.0f} s.")
+    if args.report_only:  # nothing ran: say where the runs' own load and thread counts are
+        settings = settings.split("; mined:")[0] + (f"; mined: k={args.k} per training sample, with the `none` "
+                                                   "checkpoint of the same seed. Table rebuilt from "
+                                                   "bench/results/hard_negatives.jsonl: every run's load average, "
+                                                   "threads (1 torch thread, OMP_NUM_THREADS=1) and time are in its line.")
+    print(table)
+    print(settings)
+    md = (f"# Hard negatives on the synthetic set\n\nlast run as `python bench/hard_negatives.py {' '.join(sys.argv[1:])}`".rstrip()
+          + f"\n\n{table}\n\n{settings}\n\n"
+          "Zero-shot: top-1 over the 64 colour-shape classes on val, split into the 56 combinations seen in training "
+          "and the 8 held out of it. swap_attribute / swap_relation: the fraction of val images (two-object ones) "
+          "whose own caption scores strictly above its colour-swapped / relation-reversed version (chance 0.5). "
+          "`swaps` trains on the TRAIN split's own swaps of the same two kinds (as NegCLIP does with COCO), so the "
+          "swap test measures generalisation to new images and held-out combinations, not an unseen kind of "
+          "negative. `mined`: the k captions of other training samples the `none` model scores highest for each "
+          "image. i2t/t2i R@1 among all val pairs (the synthetic captions repeat, so many pairs share a caption). "
+          "s/step: median step time; the negative captions run through the text tower, so it grows with them; "
+          "`vs none` compares each run with the `none` run of its own seed (the shared machine's load changes "
+          "between runs, so absolute s/step differ across seeds). Rows average the seeds listed (± = standard "
+          "deviation over them). "
+          "With one seed, differences of a few points can be noise.\n")
+    with open(os.path.join(ROOT, "bench", "results", "hard_negatives.md"), "w") as f:
+        f.write(md)
+
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", default=os.path.join(ROOT, "bench", ".data", "hard_negatives"), help="data, runs, logs")
+    p.add_argument("--num_train", type=int, default=10000)
+    p.add_argument("--num_val", type=int, default=1024, help="a multiple of 64 keeps the classes balanced")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--steps", type=int, default=300, help="training steps, the same for every mode")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--k", type=int, default=2, help="mined negatives per training sample")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads in this process (0: torch's default)")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--report_only", action="store_true", help="rewrite the table from the jsonl, run nothing")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_all, load0 = time.time(), os.getloadavg()[0]
+    jsonl = os.path.join(ROOT, "bench", "results", "hard_negatives.jsonl")
+    if args.report_only:
+        return report(args, jsonl, [], t_all, load0)
+    base = os.path.join(args.work, "data")
+    out, logs = os.path.join(args.work, "out"), os.path.join(args.work, "logs")
+    index_path = os.path.join(base, "index.json")
+    made = json.load(open(index_path)) if os.path.isfile(index_path) else None
+    if made is None or (made["train"]["num_samples"], made["val"]["num_samples"]) != (args.num_train, args.num_val):
+        shutil.rmtree(base, ignore_errors=True)
+        prep_dataset.main(["synthetic", "--out", base, "--num_train", str(args.num_train), "--num_val",
+                           str(args.num_val), "--img_size", "32", "--workers", "2", "--quiet"])
+    epochs = lambda steps: (steps - 0.5) / (args.num_train // args.batch)  # train.py runs ceil(epochs * batches)
+
+    rows, t_mine = {m: [] for m in args.modes}, []
+    os.makedirs(os.path.dirname(jsonl), exist_ok=True)
+    for seed in args.seeds:
+        common = ["--preset", args.preset, "--batch", str(args.batch), "--seed", str(seed), "--epochs",
+                  str(epochs(args.steps)), "--max_lr", str(args.lr), "--workers", str(args.workers), "--eval_every",
+                  "0", "--ckpt_every", "100000", "--out", out, "--log_dir", logs, "--quiet"]
+        mined_data = os.path.join(args.work, f"data_mined_{seed}")
+        for mode in args.modes:
+            name = f"{mode}-s{seed}"
+            shutil.rmtree(os.path.join(logs, name), ignore_errors=True)
+            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+            if mode in ("mined", "both") and not os.path.isfile(os.path.join(mined_data, "index.json")):
+                ckpt = os.path.join(out, f"none-s{seed}", "ckpt", "latest.pt")
+                if not os.path.isfile(ckpt):
+                    raise SystemExit(f"mining needs the `none` run of seed {seed} first ({ckpt}); add none to --modes")
+                t0 = time.time()
+                shutil.rmtree(mined_data, ignore_errors=True)
+                shutil.copytree(base, mined_data)
+                prep_dataset.main(["add-negatives", "--data", mined_data, "--model", ckpt, "--k", str(args.k)]
+                                  + (["--quiet"] if args.quiet else []))
+                t_mine.append(time.time() - t0)
+            print(f"seed {seed}: --hard_negatives {mode}, {args.steps} steps", flush=True)
+            data = mined_data if mode in ("mined", "both") else base
+            run(["--data", data, "--run_name", name, "--hard_negatives", mode, *common], args.quiet)
+            r = results(logs, name, args.batch)
+            rows[mode].append(r)
+            print("  " + ", ".join(f"{k} {v:.3f}" for k, v in r.items() if v is not None), flush=True)
+            with open(jsonl, "a") as f:
+                f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": platform.node(),
+                                    "mode": mode, "seed": seed, "steps": args.steps, "batch": args.batch,
+                                    "preset": args.preset, "k": args.k, "num_train": args.num_train,
+                                    "threads": torch.get_num_threads(), "load": os.getloadavg()[0], **r}) + "\n")
+            report(args, jsonl, t_mine, t_all, load0)  # after every run: a cut-off benchmark keeps its finished rows
+        shutil.rmtree(mined_data, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
