@@ -2,7 +2,9 @@
 The whole GPU check in one command, made to end within 8 minutes on one H100/H200:
 
   (a) our training step (train.py's forward_backward + clip + AdamW), seed preset, bf16 + torch.compile, at batch
-      256 and 1024: samples/s, MFU, peak memory; again with --grad_ckpt at 1024 when train.py has that flag
+      256 and 1024: samples/s, MFU, peak memory; again with --grad_ckpt at 1024; and, when --budget leaves time
+      (--budget 800), issue 16's rows: --patch_dropout 0.5 at 256, the vit-b-16 preset at 1024 with and without
+      --grad_ckpt
   (b) OpenCLIP's step on the same config beside ours (both eager bf16, batch 256), when open_clip imports
   (c) the loader's feed rate at 224 px with every core (train.py's auto worker count), and webdataset's with the
       same workers when it imports, against what the step in (a) consumes
@@ -40,15 +42,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # before bench/ (this script's folder, on the path too): bench/tokenizer.py is a benchmark
 
 # per part: (seconds it may take at most, what it needs); the budget left decides the rest
-PARTS = [("step256", 150), ("train", 150), ("loader", 45), ("step1024", 120), ("openclip", 60), ("step1024_ckpt", 120)]
+PARTS = [("step256", 150), ("train", 150), ("loader", 45), ("step1024", 120), ("openclip", 60), ("step1024_ckpt", 120),
+         # issue 16's GPU rows: run when --budget leaves time for them (--budget 800 runs them all)
+         ("step256_pd", 120), ("vitb1024", 150), ("vitb1024_ckpt", 150)]
 
 
 def sizes(smoke):
     """Everything that differs between the GPU check and the CPU smoke run."""
     if smoke:
-        return dict(preset="micro", img=32, vocab=300, batches=(16, 32), steps=3, num_train=320, num_val=64,
+        return dict(preset="micro", big="tiny", img=32, vocab=300, batches=(16, 32), steps=3, num_train=320, num_val=64,
                     train_batch=32, eval_every=10, ckpt_every=10, epochs=3, loader_batches=10)
-    return dict(preset="seed", img=224, vocab=49408, batches=(256, 1024), steps=10, num_train=12800, num_val=2560,
+    return dict(preset="seed", big="vit-b-16", img=224, vocab=49408, batches=(256, 1024), steps=10, num_train=12800, num_val=2560,
                 train_batch=256, eval_every=50, ckpt_every=50, epochs=3, loader_batches=60)
 
 
@@ -60,13 +64,15 @@ def result(**kw):
 # (a) our step, as train.py runs it
 
 
-def part_step(args, batch, grad_ckpt=False):
+def part_step(args, batch, grad_ckpt=False, patch_dropout=0.0, preset=None):
     import torch
     import clip
     import train
     from types import SimpleNamespace
     z, cuda = sizes(args.smoke), torch.cuda.is_available()
-    flags = ["--preset", z["preset"], "--batch", str(batch)] + (["--grad_ckpt"] if grad_ckpt else [])
+    preset = preset or z["preset"]
+    flags = ["--preset", preset, "--batch", str(batch), "--patch_dropout", str(patch_dropout)] + \
+        (["--grad_ckpt"] if grad_ckpt else [])
     targs = train.get_parser().parse_args(flags)
     config, _, _ = train.build_config(targs, {"img_size": z["img"]}, SimpleNamespace(vocab_size=z["vocab"]), 0)
     device = "cuda" if cuda else "cpu"
@@ -82,8 +88,13 @@ def part_step(args, batch, grad_ckpt=False):
     tokens = torch.randint(1, V - 1, (batch, T), device=device)  # (B, T), eot (the largest id) mid-caption
     tokens[:, T // 2] = V - 1
 
-    def step():
-        loss, _ = train.forward_backward(compiled, (images, tokens), 1, autocast, loss_fn)
+    n = [0]
+
+    def step():  # with --patch_dropout, this step's kept patches as train.py draws them
+        keep = train.patch_keep(config, 0, n[0], 0, batch, device)
+        n[0] += 1
+        inputs = train.model_inputs({"image": images, "text": tokens}, False, keep)
+        loss, _ = train.forward_backward(compiled, inputs, 1, autocast, loss_fn)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -103,12 +114,13 @@ def part_step(args, batch, grad_ckpt=False):
         loss = step()
     sync()
     sps = z["steps"] * batch / (time.time() - t0)
-    out = dict(part="step", batch=batch, grad_ckpt=grad_ckpt, samples_per_s=round(sps, 1), loss=round(loss.item(), 4),
+    out = dict(part="step", preset=preset, batch=batch, grad_ckpt=grad_ckpt, patch_dropout=patch_dropout, samples_per_s=round(sps, 1), loss=round(loss.item(), 4),
                compile_s=round(compile_s, 1), mfu=clip.estimate_mfu(config, sps) if cuda else None,
                peak_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if cuda else None,
                params=model.num_params())
     result(**out)
-    if cuda and batch == z["batches"][0] and not grad_ckpt:  # what the GPU spends the step on (for a low MFU)
+    if cuda and batch == z["batches"][0] and not grad_ckpt and not patch_dropout and preset == z["preset"]:
+        # what the GPU spends the step on (for a low MFU)
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             step()
@@ -292,7 +304,8 @@ def table(results, consume):
         if "failed" in r or "skipped" in r:
             rows.append((name, r.get("failed") or r.get("skipped")))
         elif r["part"] == "step":
-            rows.append((f"(a) step, batch {r['batch']}" + (", --grad_ckpt" if r["grad_ckpt"] else ""),
+            rows.append((f"(a) {r['preset']} step, batch {r['batch']}" + (", --grad_ckpt" if r["grad_ckpt"] else "")
+                         + (f", --patch_dropout {r['patch_dropout']}" if r["patch_dropout"] else ""),
                          f"{r['samples_per_s']:.0f} samples/s, MFU {pct(r['mfu'])}, peak {r['peak_gib'] or '-'} GiB, "
                          f"compile {r['compile_s']} s"))
         elif r["part"] == "openclip":
@@ -324,12 +337,15 @@ def main():
         runs = {"step256": lambda: part_step(args, sizes(args.smoke)["batches"][0]),
                 "step1024": lambda: part_step(args, sizes(args.smoke)["batches"][1]),
                 "step1024_ckpt": lambda: part_step(args, sizes(args.smoke)["batches"][1], grad_ckpt=True),
+                "step256_pd": lambda: part_step(args, sizes(args.smoke)["batches"][0], patch_dropout=0.5),
+                "vitb1024": lambda: part_step(args, sizes(args.smoke)["batches"][1], preset=sizes(args.smoke)["big"]),
+                "vitb1024_ckpt": lambda: part_step(args, sizes(args.smoke)["batches"][1], grad_ckpt=True,
+                                                   preset=sizes(args.smoke)["big"]),
                 "openclip": lambda: part_openclip(args), "loader": lambda: part_loader(args),
                 "train": lambda: part_train(args)}
         return runs[args.part]()
 
     import torch
-    import train
     t_start, z = time.time(), sizes(args.smoke)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"gpu_check{' --smoke' if args.smoke else ''} on {device}, torch {torch.__version__}, {os.cpu_count()} cores")
@@ -346,12 +362,8 @@ def main():
         with open(os.path.join(args.data, "index.json"), "w") as f:
             json.dump(index, f)
         print(f"data: {z['num_train']} + {z['num_val']} synthetic samples at {z['img']} px in {time.time() - t_start:.0f} s")
-    has_ckpt = "--grad_ckpt" in train.get_parser()._option_string_actions
     results = {}
     for name, cap in PARTS:
-        if name == "step1024_ckpt" and not has_ckpt:
-            results[name] = {"part": name, "skipped": "train.py has no --grad_ckpt yet"}
-            continue
         left = args.budget - (time.time() - t_start)
         if left < 20:
             results[name] = {"part": name, "skipped": f"no time left in the {args.budget:.0f} s budget"}
@@ -359,7 +371,8 @@ def main():
         results[name] = run_part(args, name, min(cap, left - 10))
     tmp.cleanup()
 
-    order = ["step256", "step1024", "step1024_ckpt", "openclip", "loader", "train"]
+    order = ["step256", "step1024", "step1024_ckpt", "step256_pd", "vitb1024", "vitb1024_ckpt", "openclip", "loader",
+             "train"]
     results = {k: results[k] for k in order}
     a = results["step256"]
     consume = a.get("samples_per_s") if "failed" not in a and "skipped" not in a else None
