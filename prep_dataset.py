@@ -109,11 +109,15 @@ def skip_summary(skipped):
     return ", ".join(f"{n} {r}" for r, n in sorted(skipped.items())) or "none"
 
 
-def finish(out, splits, extra, captions, vocab_size, skipped, quiet):
-    """Train the tokenizer on the training captions, write tokenizer.json and index.json, report skips."""
+def finish(out, splits, extra, captions, vocab_size, skipped, quiet, fit=None):
+    """Train the tokenizer on the training captions, write tokenizer.json and index.json, report skips.
+    index.json's caption_tokens is the longest of `fit` (default: the captions) in tokens with start and end: train.py
+    shortens the text context to it when the preset's is longer."""
     tok = Tokenizer().train(captions, vocab_size, quiet=quiet)
     tok.save(os.path.join(out, "tokenizer.json"))
-    index = {**splits, **extra, "vocab_size": tok.vocab_size, "skipped": dict(sorted(skipped.items()))}
+    longest = max((len(tok.encode(t)) for t in (captions if fit is None else fit)), default=0) + 2
+    index = {**splits, **extra, "vocab_size": tok.vocab_size, "caption_tokens": longest,
+             "skipped": dict(sorted(skipped.items()))}
     save_json(os.path.join(out, "index.json"), index)
     counts = ", ".join(f"{s} {splits[s]['num_samples']} in {len(splits[s]['shards'])} shards" for s in splits)
     print(f"wrote {out}: {counts}, vocab {tok.vocab_size}")
@@ -366,14 +370,15 @@ def synthetic_sample(seed, split, index, img_size, heldout):
 def synthetic_shard(job):
     """Worker: draw samples [start, end) of a split and write them as one shard; returns the training text."""
     path, split, start, end, seed, img_size, heldout = job
-    samples, texts, no_negatives = [], [], 0
+    samples, texts, short, no_negatives = [], [], [], 0
     for i in range(start, end):
         img, caption, meta = synthetic_sample(seed, split, i, img_size, heldout)
         samples.append((f"{i:09d}", sample_files(img, caption, meta)))
         texts += [caption, meta["long"]]
+        short += [caption] + meta["negatives"]  # what the text tower reads without --long
         no_negatives += not meta["negatives"]
     write_tar(path, samples)
-    return split, end - start, texts, no_negatives
+    return split, end - start, texts, short, no_negatives
 
 
 def prep_synthetic(args):
@@ -385,11 +390,12 @@ def prep_synthetic(args):
         splits[split] = {"shards": names, "shard_sizes": sizes, "num_samples": n}
         jobs += [(os.path.join(args.out, name), split, k * args.shard_size, k * args.shard_size + size,
                   args.seed, args.img_size, heldout) for k, (name, size) in enumerate(zip(names, sizes))]
-    captions, no_negatives = [], 0
+    captions, fit, no_negatives = [], [], 0
     bar = tqdm(total=args.num_train + args.num_val, desc="synthetic", unit="img", disable=args.quiet)
     with multiprocessing.Pool(args.workers) if args.workers > 1 else nullpool() as pool:
-        for split, n, texts, without in pool.imap(synthetic_shard, jobs):  # in order, so captions come out in order
+        for split, n, texts, short, without in pool.imap(synthetic_shard, jobs):  # in order: captions come out in order
             captions += texts if split == "train" else []
+            fit += short
             no_negatives += without
             bar.update(n)
     bar.close()
@@ -397,7 +403,7 @@ def prep_synthetic(args):
     extra = {"img_size": args.img_size, "source": "synthetic", "classes": CLASSES, "layout_in_captions": True,
              "heldout": [f"{list(COLOURS)[c]} {SHAPES[s]}" for c, s in sorted(heldout)], "seed": args.seed,
              "negatives": {"rule": "swaps", "without": no_negatives}}  # one-object images have no swaps
-    return finish(args.out, splits, extra, captions, args.vocab_size, Counter(), args.quiet)
+    return finish(args.out, splits, extra, captions, args.vocab_size, Counter(), args.quiet, fit)
 
 
 class nullpool:

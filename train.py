@@ -57,7 +57,7 @@ def get_parser():
     a("--preset", default="tiny", help=f"model size: {', '.join(clip.PRESETS)}")
     a("--batch", type=int, default=128, help="micro-batch per process")
     a("--accum", type=int, default=1, help="micro-batches per optimizer step")
-    a("--epochs", type=float, default=3.0, help="passes over the training split (fractions allowed)")
+    a("--epochs", type=float, default=4.5, help="passes over the training split (fractions allowed)")
     a("--max_lr", type=float, default=2e-3)
     a("--min_lr_frac", type=float, default=0.1, help="cosine decays to this fraction of max_lr")
     a("--warmup_frac", type=float, default=0.02, help="fraction of steps with linear warmup")
@@ -91,7 +91,8 @@ def get_parser():
     a("--init", default=None, help="start from these weights (ours or an original CLIP state dict)")
     a("--ignore_keys", nargs="*", default=[], help="regexes of --init keys not to load")
     # model variants
-    a("--context_length", type=int, default=None, help="text context (default: the preset's)")
+    a("--context_length", type=int, default=None,
+      help="text context (default: the preset's, or the data's longest caption rounded up to 8 when shorter)")
     a("--pool", choices=clip.POOLS, default="eot", help="text pooling")
     a("--pool_layers", type=int, default=1, help="average the pooled token over the last N layers")
     a("--head", choices=clip.HEADS, default="linear", help="projection, or a fixed polytope head (simplex.py)")
@@ -642,7 +643,8 @@ def main(argv=None):
                     print_every=args.log_every, quiet=args.quiet, enabled=master)
     step_batch = args.batch * args.accum
     if master and not args.quiet:
-        print(f"{config.vision.img_size}px images, {raw_model.num_params() / 1e6:.2f}M parameters "
+        print(f"{config.vision.img_size}px images, {config.text.context_length}-token context, "
+              f"{raw_model.num_params() / 1e6:.2f}M parameters "
               f"({raw_model.num_params(trainable_only=True) / 1e6:.2f}M trainable), "
               f"{total_steps} steps of {step_batch * world} samples on {world} x {device}: {said}")
 
@@ -798,8 +800,11 @@ def build_config(args, index, tokenizer, teacher_dim):
             raise ValueError(f"--head {args.head}/{args.head_mode}: the --init model has {cfg['head']}/{cfg['head_mode']}")
         config = clip.CLIPConfig.from_dict(cfg)
     else:
+        ctx, longest = args.context_length, index.get("caption_tokens")
+        if ctx is None and longest and not args.long:  # padding costs text-tower time and changes nothing else
+            ctx = min(clip.get_config(args.preset).text.context_length, -(-longest // 8) * 8)
         config = clip.get_config(args.preset, vocab_size=tokenizer.vocab_size, img_size=index["img_size"],
-                                 context_length=args.context_length, pool=args.pool, pool_layers=args.pool_layers,
+                                 context_length=ctx, pool=args.pool, pool_layers=args.pool_layers,
                                  head=args.head, head_mode=args.head_mode, quick_gelu=args.quick_gelu)
     config.adapters, config.adapter_towers, config.teacher_dim = args.adapters, tuple(args.adapter_towers), teacher_dim
     config.loss, config.vision.patch_dropout = args.loss, args.patch_dropout  # also over an --init model's own

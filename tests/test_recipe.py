@@ -130,3 +130,22 @@ def test_eval_never_augments(synth, monkeypatch):
     model = clip.CLIP(clip.get_config("micro", vocab_size=tok.vocab_size, img_size=32))
     r = eval_zeroshot.evaluate_checkpoint(model, tok, synth, split="val", quiet=True)
     assert 0 <= r["zeroshot_top1"] <= 1
+
+
+def test_context_fits_the_longest_caption(synth, folder):
+    """index.json's caption_tokens is the longest caption or swap negative (+ start/end); the text context shrinks to
+    it (rounded up to 8) unless the flag, --long or a shorter preset says otherwise."""
+    tok = dataloader.load_tokenizer(os.path.join(synth, "tokenizer.json"))
+    texts = []
+    for split in ("train", "val"):
+        for shard in read(synth)[split]["shards"]:
+            for files in dataloader.read_tar(os.path.join(synth, shard))[0].values():
+                texts += [files["txt"].decode()] + json.loads(files["json"])["negatives"]
+    assert read(synth)["caption_tokens"] == 2 + max(len(tok.encode(t)) for t in texts) <= 16
+    folder_tok = dataloader.load_tokenizer(os.path.join(folder, "tokenizer.json"))
+    assert read(folder)["caption_tokens"] == 2 + max(len(folder_tok.encode(f"a close-up photo of a {c}.")) for c in ("cat", "dog"))
+    ctx = lambda *flags: train.build_config(train.get_parser().parse_args(["--preset", "micro", *flags]), read(synth),
+                                            tok, 0)[0].text.context_length
+    assert ctx() == 16 and ctx("--context_length", "24") == 24 and ctx("--long") == 32
+    old = {k: v for k, v in read(synth).items() if k != "caption_tokens"}  # an index.json from before the field
+    assert train.build_config(train.get_parser().parse_args(["--preset", "micro"]), old, tok, 0)[0].text.context_length == 32
