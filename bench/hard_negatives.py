@@ -131,10 +131,10 @@ def report(args, jsonl, t_mine, t_all, load0):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default=os.path.join(ROOT, "bench", ".data", "hard_negatives"), help="data, runs, logs")
-    p.add_argument("--num_train", type=int, default=10000)
-    p.add_argument("--num_val", type=int, default=1024, help="a multiple of 64 keeps the classes balanced")
+    p.add_argument("--num_train", type=int, default=20000, help="the built-in set's size")
+    p.add_argument("--num_val", type=int, default=2048, help="a multiple of 64 keeps the classes balanced")
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--steps", type=int, default=300, help="training steps, the same for every mode")
+    p.add_argument("--steps", type=int, default=702, help="training steps, the same for every mode (702: the README main command's)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--k", type=int, default=2, help="mined negatives per training sample")
