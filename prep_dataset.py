@@ -11,7 +11,9 @@ Image-caption sources -> webdataset shards + index.json + tokenizer.json (the la
     python prep_dataset.py add-negatives --data data/t2i --model out/run/ckpt/best.pt --k 8  # mined negatives
 
 Every sample is stored as <key>.jpg (RGB, shorter side resized + centre-cropped to S x S, JPEG q95), <key>.txt
-(the caption, UTF-8) and <key>.json (metadata), keys being 9-digit indices within a split. The shard format
+(the caption, UTF-8) and <key>.json (metadata), keys being 9-digit indices within a split. index.json says what
+the data is (splits, img_size, source, classes), whether its captions describe layout (layout_in_captions: then
+train.py does not crop) and its longest caption in tokens (caption_tokens: train.py's text context). The shard format
 (writing tars, reading members, the one image decode, class folders) is dataloader.py's; this file only turns
 sources into samples.
 
@@ -353,17 +355,20 @@ def synthetic_sample(seed, split, index, img_size, heldout):
         r = D * (0.18 if z == "large" else 0.13) * rng.uniform(0.9, 1.1)
         draw_object(draw, SHAPES[s], colours[c], px * D + jitter(), py * D + jitter(), r, rng.uniform(-0.2, 0.2))
     template = PAIR_TEMPLATES[rng.integers(len(PAIR_TEMPLATES))]
-    say = lambda ca, cb, rl: articles(template.format(c1=colours[ca], s1=SHAPES[s1], c2=colours[cb],
-                                                      s2=SHAPES[s2], z1=z1, z2=z2, rel=RELATIONS[rl]))
-    caption = say(c1, c2, rel)
+    first, second = (c1, s1, z1), (c2, s2, z2)
+    say = lambda a, b, rl: articles(template.format(c1=colours[a[0]], s1=SHAPES[a[1]], z1=a[2], c2=colours[b[0]],
+                                                    s2=SHAPES[b[1]], z2=b[2], rel=RELATIONS[rl]))
+    caption = say(first, second, rel)
     p1, p2 = (POSITIONS[p][1] for p in PAIR_POS[rel])
     long = (f"{caption}. there are two objects. the {colours[c1]} {SHAPES[s1]} is {z1} and sits {p1}. "
             f"the {colours[c2]} {SHAPES[s2]} is {z2} and sits {p2}. "
             f"the background is a {texture} pale {tint} gradient.")
-    swaps = {"attribute": say(c2, c1, rel), "relation": say(c1, c2, REVERSE[rel])}
-    # the training negatives are these swaps (never a held-out combination), not the generic rules' output
-    meta = {"label": int(main), "long": long, "short": caption, "swaps": swaps, "negatives": list(swaps.values()),
-            "source": "synthetic"}
+    swaps = {"attribute": say((c2, s1, z1), (c1, s2, z2), rel), "relation": say(first, second, REVERSE[rel])}
+    # The training negatives (never a held-out combination) are these swaps plus the two objects swapped around the
+    # relation. "B left of A" means what the reversed relation means, but with a reversed relation alone the model
+    # never learnt relations (bench/hard_negatives.py: swap_relation 0.51 after 702 steps; 0.71 after 468 with it).
+    meta = {"label": int(main), "long": long, "short": caption, "swaps": swaps,
+            "negatives": [*swaps.values(), say(second, first, rel)], "source": "synthetic"}
     return im.reduce(2), caption, meta
 
 

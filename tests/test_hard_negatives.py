@@ -149,16 +149,25 @@ def test_ddp_two_processes_match_one(synth, tmp_path):
 # ----------------------------------------------------------------------------- shards: prep, loader, add-swaps
 
 
+def objects_swapped(caption):
+    """'a large red cube above a small blue ball' -> 'a small blue ball above a large red cube' (any prefix kept)."""
+    rel = next(r for r in prep_dataset.RELATIONS.values() if f" {r} " in caption)
+    left, right = caption.split(f" {rel} ")
+    cut = max(left.rfind(" a "), left.rfind(" an "))  # the first object starts at its article
+    return prep_dataset.articles(f"{left[:cut + 1]}{right} {rel} {left[cut + 1:]}")
+
+
 def test_synthetic_negatives_are_its_swaps_and_the_loader_reads_them(synth):
     tok = Tokenizer.load(os.path.join(synth, "tokenizer.json"))
     groups, _ = read_tar(os.path.join(synth, "train-000000.tar"))
     metas = [json.loads(groups[k]["json"]) for k in sorted(groups)]
-    assert all(m["negatives"] == list(m["swaps"].values()) for m in metas if "swaps" in m)
+    pairs = [m for m in metas if "swaps" in m]
+    assert pairs and all(m["negatives"] == [*m["swaps"].values(), objects_swapped(m["short"])] for m in pairs)
     assert all(m["negatives"] == [] for m in metas if "swaps" not in m)
-    loader = ShardLoader(synth, "train", 8, tok, 32, shuffle=False, negatives=("negatives",), num_negatives=2)
+    loader = ShardLoader(synth, "train", 8, tok, 32, shuffle=False, negatives=("negatives",), num_negatives=3)
     batch = next(iter(loader))
     loader.close()
-    assert batch["text_neg"].shape == (8, 2, 32)
+    assert batch["text_neg"].shape == (8, 3, 32)
     for m, row in zip(metas[:8], batch["text_neg"]):
         want = tok.tokenize(m["negatives"], 32) if m["negatives"] else torch.zeros(0, 32, dtype=torch.int64)
         assert torch.equal(row[:len(want)], want) and not row[len(want):].any()
