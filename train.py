@@ -813,6 +813,9 @@ def build_config(args, index, tokenizer, teacher_dim):
               f"(no stretching); longer captions are truncated")
     if args.long and args.init and config.text.freeze_positions == 0:
         n = config.text.context_length
+        if n <= 20:  # Long-CLIP keeps the first 20 positions and stretches the rest
+            raise ValueError(f"--long --init needs a model with a text context over 20 tokens; this one has {n} "
+                             f"(train it with --context_length 32 or more)")
         config.text.context_length, config.text.freeze_positions = 20 + 4 * (n - 20), 20
     return clip.CLIPConfig.from_dict(config.to_dict()), tokenizer, init_sd  # re-validated
 

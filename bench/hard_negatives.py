@@ -3,8 +3,9 @@ Benchmark hard negatives on the synthetic set: does training with swapped captio
 (DPR-style) as extra negatives lift the swap tests off chance, and what does it cost in zero-shot accuracy,
 retrieval and time per step? Equal steps, data order and seed for every mode.
 
-  1. make a synthetic set with prep_dataset.py (git-ignored bench/.data/); its json "negatives" are the train
-     split's own swaps (colours swapped, relation reversed; one-object images have none). The swap test on val
+  1. make the built-in synthetic set with prep_dataset.py (git-ignored bench/.data/); its json "negatives" are the
+     train split's own swaps (colours swapped, relation reversed) plus the two objects swapped around the relation
+     (one-object images have none). The swap test on val
      uses the val split's swaps: the same kind of caption, on other images and on held-out colour-shape
      combinations. Training on the train split's swaps is what NegCLIP does with its own data.
   2. per seed: train `none`; mine K negatives per training sample with that checkpoint
@@ -15,7 +16,7 @@ retrieval and time per step? Equal steps, data order and seed for every mode.
 Prints the table (mean over seeds, and the spread when there are several), writes bench/results/hard_negatives.md
 and appends one JSON line per run to bench/results/hard_negatives.jsonl.
 
-    python bench/hard_negatives.py                          # 1 seed, 300 steps: ~30 min on 2 shared CPU cores
+    python bench/hard_negatives.py                          # 1 seed, 702 steps (the README main command's)
     python bench/hard_negatives.py --seeds 0 1 2 --modes none swaps
 """
 
@@ -39,7 +40,7 @@ import prep_dataset  # noqa: E402
 import train  # noqa: E402
 
 MODES = ("none", "swaps", "mined", "both")
-METRICS = ("zeroshot_top1_seen", "zeroshot_top1_heldout", "swap_attribute", "swap_relation", "i2t_R@1", "t2i_R@1")
+METRICS = ("zeroshot_top1", "zeroshot_top1_seen", "zeroshot_top1_heldout", "swap_attribute", "swap_relation", "i2t_R@1", "t2i_R@1")
 
 
 def run(argv, quiet):
@@ -84,8 +85,8 @@ def report(args, jsonl, t_mine, t_all, load0):
             return "-"
         s = fmt.format(scale * statistics.mean(vals))
         return s + (f" ± {fmt.format(scale * statistics.stdev(vals))}" if len(vals) > 1 else "")
-    lines = ["| --hard_negatives | seeds | zero-shot seen % | zero-shot held-out % | swap_attribute % | swap_relation % | "
-             "i2t R@1 % | t2i R@1 % | val loss | s/step | s/step vs none |", "|---|---|" + "---:|" * 9]
+    lines = ["| --hard_negatives | seeds | zero-shot % | zero-shot seen % | zero-shot held-out % | swap_attribute % | "
+             "swap_relation % | i2t R@1 % | t2i R@1 % | val loss | s/step | s/step vs none |", "|---|---|" + "---:|" * 10]
     anchor = {r["seed"]: r["s_per_step"] for r in rows["none"]}  # the machine's load changes between runs:
     for mode in (m for m in MODES if rows[m]):  # each run is compared with the `none` run of its own seed
         ratios = [r["s_per_step"] / anchor[r["seed"]] for r in rows[mode] if r["seed"] in anchor]
@@ -114,9 +115,9 @@ def report(args, jsonl, t_mine, t_all, load0):
           "Zero-shot: top-1 over the 64 colour-shape classes on val, split into the 56 combinations seen in training "
           "and the 8 held out of it. swap_attribute / swap_relation: the fraction of val images (two-object ones) "
           "whose own caption scores strictly above its colour-swapped / relation-reversed version (chance 0.5). "
-          "`swaps` trains on the TRAIN split's own swaps of the same two kinds (as NegCLIP does with COCO), so the "
-          "swap test measures generalisation to new images and held-out combinations, not an unseen kind of "
-          "negative. `mined`: the k captions of other training samples the `none` model scores highest for each "
+          "`swaps` trains on the TRAIN split's own swaps of the same two kinds (as NegCLIP does with COCO) plus the "
+          "two objects swapped around the relation, so the swap test measures generalisation to new images and "
+          "held-out combinations, not an unseen kind of negative. `mined`: the k captions of other training samples the `none` model scores highest for each "
           "image. i2t/t2i R@1 among all val pairs (the synthetic captions repeat, so many pairs share a caption). "
           "s/step: median step time; the negative captions run through the text tower, so it grows with them; "
           "`vs none` compares each run with the `none` run of its own seed (the shared machine's load changes "

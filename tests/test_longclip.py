@@ -112,12 +112,19 @@ def read_metrics(tmp, run):
         return [json.loads(line) for line in f]
 
 
-def test_train_long_init_end_to_end(synth, tmp_path, monkeypatch):
+def test_train_long_init_end_to_end(synth, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train.Logger, "plot", lambda self: None)  # PNGs are logger.py's to test; here they cost ~10 s
     common = ["--data", synth, "--preset", "micro", "--batch", "32", "--max_lr", "3e-3", "--workers", "0",
               "--eval_every", "0", "--ckpt_every", "100", "--out", str(tmp_path / "out"),
               "--log_dir", str(tmp_path / "logs"), "--quiet"]
-    assert train.main(common + ["--run_name", "base", "--epochs", "0.125"]) == 0
+    # the synthetic captions fit in 16 tokens, which train.py would pick; Long-CLIP needs more than its 20 kept
+    assert train.main(common + ["--run_name", "short", "--epochs", "0.125"]) == 0
+    short_path = str(tmp_path / "out" / "short" / "ckpt" / "latest.pt")
+    assert cm.load_model(short_path)[0].config.text.context_length == 16
+    with pytest.raises(SystemExit) as e:
+        train.main(common + ["--run_name", "refused", "--long", "--init", short_path])
+    assert e.value.code == 2 and "context over 20 tokens; this one has 16" in capsys.readouterr().err
+    assert train.main(common + ["--run_name", "base", "--epochs", "0.125", "--context_length", "32"]) == 0
     base_path = str(tmp_path / "out" / "base" / "ckpt" / "latest.pt")
     base_model, _ = cm.load_model(base_path)
     assert base_model.config.text.context_length == 32
