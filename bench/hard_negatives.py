@@ -123,7 +123,9 @@ def report(args, jsonl, t_mine, t_all, load0):
           "`vs none` compares each run with the `none` run of its own seed (the shared machine's load changes "
           "between runs, so absolute s/step differ across seeds). Rows average the seeds listed (± = standard "
           "deviation over them). "
-          "With one seed, differences of a few points can be noise.\n")
+          "With one seed, differences of a few points can be noise. The jsonl keeps every run; the table takes the "
+          "latest per (mode, seed) with these settings (an earlier `swaps` run of seed 0, on the set with two "
+          "negatives per caption instead of three, is in the jsonl and superseded here).\n")
     with open(os.path.join(ROOT, "bench", "results", "hard_negatives.md"), "w") as f:
         f.write(md)
 

@@ -190,7 +190,7 @@ def table(data_set, steps, rs):
         cols += [pct([r["zeroshot_top1_seen"] for r in g]), pct([r["zeroshot_top1_heldout"] for r in g])] if syn \
             else [pct([r["top1_in_source"] for r in g])]
         aug = g[0]["augmentation"].replace("augmentation: ", "") or describe(g[0]["flags"])
-        aug += f" (the same settings as {g[0]['same_as']}: not re-run)" if "same_as" in g[0] else ""
+        aug = f"the same resolved settings as {g[0]['same_as']}: not re-run" if "same_as" in g[0] else aug
         lines.append(f"| {row} | {len(g)} | " + " | ".join(cols) +
                      f" | {pct([r['i2t_R@1'] for r in g])} | {statistics.mean(r['s_per_step'] for r in g):.3f} | {aug} |")
     old, new = ([100 * r["top1"] for r in rs if r["row"] == row] for row in ("old defaults", "new defaults"))

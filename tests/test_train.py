@@ -278,6 +278,7 @@ rank = int(sys.argv[1])
 dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=rank, world_size=2)
 print(train.unshared_ranks(os.path.join({str(tmp_path)!r}, "node" + str(rank)), rank, 2))
 print(train.unshared_ranks({str(tmp_path / 'shared')!r}, rank, 2))
+dist.destroy_process_group()  # exiting with the group alive can abort in gloo's teardown ("terminate called ...")
 """
     procs = [subprocess.Popen([sys.executable, "-c", script, str(r)], stdout=subprocess.PIPE, text=True) for r in (0, 1)]
     outs = [p.communicate(timeout=120)[0].split("\n") for p in procs]
