@@ -50,7 +50,7 @@ rule changes get [] and are counted in index.json "negatives"). add-swaps adds t
 add-negatives stores json "mined": the K captions of other training samples a trained checkpoint scores highest
 for each image. Both write <shard>.<swaps|mined>.tar beside each shard and switch index.json at the end; an
 interrupted run continues where it stopped (.add_<swaps|mined>.json). add-teacher starts from "shards_base", so
-run it before them.
+run it before them (after them it stops with an error rather than drop their json).
 
 Left out on purpose: image deduplication, caption filtering by language or CLIP score, aspect-ratio bucketing
 (CLIP trains on square crops), resuming a dropped download mid-file (a retry re-reads the file from its start),
@@ -984,6 +984,10 @@ def add_teacher(parser, args):
         int(index["img_size"])
     except (ValueError, KeyError, TypeError) as e:
         parser.error(f"{index_path} is not a usable index ({type(e).__name__}: {e})")
+    added = [f"add-{'swaps' if k == 'swaps' else 'negatives'}" for k in ("swaps", "mined") if k in index]
+    if added:  # their json lives in the current shards only; add-teacher rebuilds from the originals
+        parser.error(f"{args.data}: add-teacher starts from the shards prep made and would drop what {' and '.join(added)} "
+                     f"wrote; run it on a fresh prep, then {' and '.join(added)} again")
     dim, S = model.config.output_dim, int(index["img_size"])
     data_tok = os.path.join(args.data, "tokenizer.json")
     differs = not os.path.isfile(data_tok) or Tokenizer.load(data_tok).to_dict() != tok.to_dict()

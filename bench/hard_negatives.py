@@ -61,14 +61,14 @@ def results(log_dir, run_name, batch):
     return {**{k: val.get(k) for k in METRICS}, "val_loss": val["loss"], "s_per_step": statistics.median(steps)}
 
 
-def jsonl_rows(path, args):
-    """Every run in the jsonl with this benchmark's settings, the latest per (mode, seed) -> {mode: [record]}: so
-    seeds added by a later invocation (--seeds 1 2) join the table."""
-    same = ("steps", "batch", "preset", "k", "num_train")
+def jsonl_rows(path, args, steps):
+    """Every run in the jsonl with this benchmark's settings and `steps`, the latest per (mode, seed) -> {mode: [record]}:
+    so seeds added by a later invocation (--seeds 1 2) join the table."""
+    same = ("batch", "preset", "k", "num_train")
     latest = {}
     with open(path) as f:
         for r in map(json.loads, f):
-            if all(r.get(k) == getattr(args, k) for k in same):
+            if r["steps"] == steps and all(r.get(k) == getattr(args, k) for k in same):
                 latest[(r["mode"], r["seed"])] = r
     rows = {m: [] for m in MODES}
     for (mode, _), r in sorted(latest.items()):
@@ -76,16 +76,16 @@ def jsonl_rows(path, args):
     return rows, sorted({seed for _, seed in latest})
 
 
-def report(args, jsonl, t_mine, t_all, load0):
-    """Write the table of the runs so far (mean over seeds, ± the spread) to bench/results/hard_negatives.md."""
-    rows, seeds = jsonl_rows(jsonl, args)
+def table(rows, seeds, steps):
+    """Mean (± standard deviation) over seeds per mode, then each seed's swap scores: the target is per seed."""
     def cell(mode, key, scale=100, fmt="{:.1f}"):
         vals = [r[key] for r in rows[mode] if r.get(key) is not None]
         if not vals:
             return "-"
         s = fmt.format(scale * statistics.mean(vals))
         return s + (f" ± {fmt.format(scale * statistics.stdev(vals))}" if len(vals) > 1 else "")
-    lines = ["| --hard_negatives | seeds | zero-shot % | zero-shot seen % | zero-shot held-out % | swap_attribute % | "
+    lines = [f"## {steps} steps, seeds {' '.join(map(str, seeds))}", "",
+             "| --hard_negatives | seeds | zero-shot % | zero-shot seen % | zero-shot held-out % | swap_attribute % | "
              "swap_relation % | i2t R@1 % | t2i R@1 % | val loss | s/step | s/step vs none |", "|---|---|" + "---:|" * 10]
     anchor = {r["seed"]: r["s_per_step"] for r in rows["none"]}  # the machine's load changes between runs:
     for mode in (m for m in MODES if rows[m]):  # each run is compared with the `none` run of its own seed
@@ -93,25 +93,39 @@ def report(args, jsonl, t_mine, t_all, load0):
         ratio = statistics.mean(ratios) if ratios else None
         lines.append(f"| {mode} | {' '.join(str(r['seed']) for r in rows[mode])} | " + " | ".join(cell(mode, k) for k in METRICS) + f" | {cell(mode, 'val_loss', 1, '{:.3f}')}"
                      f" | {cell(mode, 's_per_step', 1, '{:.3f}')} | {'-' if ratio is None else f'{ratio:.2f}x'} |")
-    table = "\n".join(lines)
+    per_seed = "; ".join(f"{mode} " + ", ".join(f"s{r['seed']} {100 * r['swap_attribute']:.0f}/{100 * r['swap_relation']:.0f}"
+                                                for r in rows[mode]) for mode in MODES if rows[mode])
+    return lines + ["", f"swap_attribute / swap_relation % per seed: {per_seed}.", ""]
+
+
+def report(args, jsonl, t_mine, t_all, load0):
+    """Write a table per step count of the runs so far, longest first, to bench/results/hard_negatives.md."""
+    with open(jsonl) as f:
+        step_counts = sorted({json.loads(line)["steps"] for line in f}, reverse=True)
+    tables = []
+    for steps in step_counts:
+        rows, s = jsonl_rows(jsonl, args, steps)
+        if s:
+            tables += table(rows, s, steps)
+    table_md = "\n".join(tables).strip()
     total = time.time() - t_all
     settings = (f"data: synthetic, {args.num_train} train / {args.num_val} val at 32 px (bench/.data, made by "
-                f"prep_dataset.py synthetic); `{args.preset}` preset, {args.steps} steps of batch {args.batch}, max_lr "
-                f"{args.lr}, seeds {' '.join(map(str, seeds))}; mined: k={args.k} per training sample, with the "
-                f"`none` checkpoint of the same seed ({statistics.mean(t_mine) if t_mine else 0:.0f} s per add-negatives); "
+                f"prep_dataset.py synthetic); `{args.preset}` preset, batch {args.batch}, max_lr "
+                f"{args.lr}; mined: k={args.k} per training sample, with the "
+                f"`none` checkpoint of the same seed and steps ({statistics.mean(t_mine) if t_mine else 0:.0f} s per add-negatives); "
                 f"{args.workers} loader worker(s), {torch.get_num_threads()} torch thread(s) (OMP_NUM_THREADS="
                 f"{os.environ.get('OMP_NUM_THREADS', 'unset')}); {os.cpu_count()} CPU cores ({platform.node()}) shared "
                 f"with other jobs, load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; this "
                 f"invocation {total:.0f} s.")
     if args.report_only:  # nothing ran: say where the runs' own load and thread counts are
         settings = settings.split("; mined:")[0] + (f"; mined: k={args.k} per training sample, with the `none` "
-                                                   "checkpoint of the same seed. Table rebuilt from "
+                                                   "checkpoint of the same seed and steps. Tables rebuilt from "
                                                    "bench/results/hard_negatives.jsonl: every run's load average, "
                                                    "threads (1 torch thread, OMP_NUM_THREADS=1) and time are in its line.")
-    print(table)
+    print(table_md)
     print(settings)
     md = (f"# Hard negatives on the synthetic set\n\nlast run as `python bench/hard_negatives.py {' '.join(sys.argv[1:])}`".rstrip()
-          + f"\n\n{table}\n\n{settings}\n\n"
+          + f"\n\n{settings}\n\n{table_md}\n\n"
           "Zero-shot: top-1 over the 64 colour-shape classes on val, split into the 56 combinations seen in training "
           "and the 8 held out of it. swap_attribute / swap_relation: the fraction of val images (two-object ones) "
           "whose own caption scores strictly above its colour-swapped / relation-reversed version (chance 0.5). "

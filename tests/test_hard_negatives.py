@@ -278,7 +278,7 @@ def test_exported_embeddings_reproduce_retrieval(synth, ckpt, tmp_path):
     assert a["ids"][0] == "val-000000.tar/000000000"
 
 
-def test_add_negatives_mines_the_nearest_other_captions(synth, ckpt, tmp_path):
+def test_add_negatives_mines_the_nearest_other_captions(synth, ckpt, tmp_path, capsys):
     data = str(tmp_path / "d")
     shutil.copytree(synth, data)
     index = prep_dataset.main(["add-negatives", "--data", data, "--model", ckpt, "--k", "3", "--quiet"])
@@ -302,6 +302,9 @@ def test_add_negatives_mines_the_nearest_other_captions(synth, ckpt, tmp_path):
         assert [float(a["image"][i] @ text_of[c]) for c in mined] == pytest.approx(
             [float(a["image"][i] @ text_of[c]) for c in others[:3]], abs=1e-6)
     assert train.main(argv(data, tmp_path, "mined", "--hard_negatives", "both")) == 0
+    with pytest.raises(SystemExit) as e:  # add-teacher rebuilds from the original shards: it would drop "mined"
+        prep_dataset.main(["add-teacher", "--data", data, "--teacher", ckpt, "--device", "cpu", "--quiet"])
+    assert e.value.code == 2 and "would drop what add-negatives wrote" in capsys.readouterr().err
 
 
 def test_bad_input(synth, tmp_path, capsys):
