@@ -795,6 +795,9 @@ def build_config(args, index, tokenizer, teacher_dim):
             tokenizer = Tokenizer.from_dict(tok)
         if cfg["vision"]["img_size"] != index["img_size"]:
             raise ValueError(f"--init model takes {cfg['vision']['img_size']} px images but the data has {index['img_size']} px")
+        if args.context_length not in (None, cfg["text"]["context_length"]):  # its position table fixes it
+            raise ValueError(f"--context_length {args.context_length}: the --init model's text context is "
+                             f"{cfg['text']['context_length']} tokens (--long stretches it; leave --context_length out)")
         cfg["text"].update(pool=args.pool, pool_layers=args.pool_layers)
         if args.head != "linear" and (cfg["head"], cfg["head_mode"]) != (args.head, args.head_mode):
             raise ValueError(f"--head {args.head}/{args.head_mode}: the --init model has {cfg['head']}/{cfg['head_mode']}")

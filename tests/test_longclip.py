@@ -124,6 +124,9 @@ def test_train_long_init_end_to_end(synth, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(common + ["--run_name", "refused", "--long", "--init", short_path])
     assert e.value.code == 2 and "context over 20 tokens; this one has 16" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # the --init model's position table fixes its context
+        train.main(common + ["--run_name", "refused", "--init", short_path, "--context_length", "32"])
+    assert e.value.code == 2 and "the --init model's text context is 16 tokens" in capsys.readouterr().err
     assert train.main(common + ["--run_name", "base", "--epochs", "0.125", "--context_length", "32"]) == 0
     base_path = str(tmp_path / "out" / "base" / "ckpt" / "latest.pt")
     base_model, _ = cm.load_model(base_path)
