@@ -984,7 +984,7 @@ def add_teacher(parser, args):
         int(index["img_size"])
     except (ValueError, KeyError, TypeError) as e:
         parser.error(f"{index_path} is not a usable index ({type(e).__name__}: {e})")
-    added = [f"add-{'swaps' if k == 'swaps' else 'negatives'}" for k in ("swaps", "mined") if k in index]
+    added = [cmd for key, cmd in (("swaps", "add-swaps"), ("mined", "add-negatives")) if key in index]
     if added:  # their json lives in the current shards only; add-teacher rebuilds from the originals
         parser.error(f"{args.data}: add-teacher starts from the shards prep made and would drop what {' and '.join(added)} "
                      f"wrote; run it on a fresh prep, then {' and '.join(added)} again")
