@@ -365,6 +365,121 @@ def auto_workers(local_world_size=1, cap=16):
     return max(1, min(cap, cores // max(1, local_world_size) - 1))
 
 
+# ---------------------------------------------------------------- hub datasets (through `datasets`)
+# prep_dataset.py's `hf` source and eval_zeroshot.py's `hf:` data read the hub's image sets through these three
+# functions: open (streamed), find the columns, take an image's bytes. Images stay encoded until decode_image.
+
+def open_hub_dataset(name, split, config=None):
+    """A hub dataset id, or a local folder in the hub's layout (parquet/arrow files under data/, as
+    `huggingface-cli download` leaves them) or written by save_to_disk -> (IterableDataset, source dict {id,
+    revision, config, split}). Streamed: records are read as they are consumed, so an ImageNet-sized split needs
+    no full download and never sits in RAM. HF_ENDPOINT and HF_TOKEN are honoured by `datasets` itself. Any
+    problem (unknown id, no such split or config, the hub unreachable) is one ValueError line."""
+    import datasets  # ~2 s to import: only the hub sources pay for it
+    from huggingface_hub.errors import HfHubHTTPError
+    local = os.path.isdir(name)
+    try:
+        if local and any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_info.json", "dataset_dict.json")):
+            ds = datasets.load_from_disk(name)  # memory-mapped arrow files, not read into RAM
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise ValueError(f"split {split!r} not in {name} (it has {', '.join(sorted(ds))})")
+                ds = ds[split]
+            ds = ds.to_iterable_dataset()
+        else:
+            ds = datasets.load_dataset(name, config, split=split, streaming=True)
+    except (OSError, ValueError, HfHubHTTPError, datasets.exceptions.DatasetsError) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"hub dataset {name!r} (config {config}, split {split}): {why}") from None
+    revision = local_revision(name) if local else hub_revision(name)
+    return ds, {"id": os.path.abspath(name) if local else name, "revision": revision, "config": config, "split": split}
+
+
+def hub_revision(name):
+    """The commit the hub resolves `name` to (what a re-run must match), or None when the hub does not say."""
+    try:
+        from huggingface_hub import HfApi
+        return HfApi().dataset_info(name).sha
+    except Exception:  # offline, a mirror without the API, a gated repo: the id alone has to do
+        return None
+
+
+def local_revision(folder):
+    """A local copy's stand-in for a commit: sha256 over its files' relative names and sizes."""
+    import hashlib
+    files = sorted([os.path.relpath(os.path.join(d, f), folder), os.path.getsize(os.path.join(d, f))]
+                   for d, _, fs in os.walk(folder) for f in fs if not f.startswith("."))
+    return "local-" + hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+
+
+def hub_columns(ds, image=None, caption=None, label=None, need=("image",)):
+    """The columns to read: {"image", "caption", "label": column name or None, "classes": ClassLabel names or
+    None, "captions_list": whether the caption column holds lists}. A column given by name must exist and be of
+    its kind (image: an Image feature; caption: a string, or a list of strings; label: a ClassLabel or an
+    integer); one not given is inferred when exactly one column is of its kind. A kind in `need` that cannot be
+    found, or is ambiguous, is one ValueError line naming the candidates."""
+    import datasets
+    features = ds.features if ds.features is not None else ds._resolve_features().features  # peeks one record
+    kinds = {"image": lambda f: isinstance(f, datasets.Image),
+             "caption": lambda f: is_text_feature(f) or (isinstance(f, (datasets.List, datasets.LargeList))
+                                                         and is_text_feature(f.feature)),
+             "label": lambda f: isinstance(f, datasets.ClassLabel) or
+                                (isinstance(f, datasets.Value) and f.dtype.startswith(("int", "uint")))}
+    given, out = {"image": image, "caption": caption, "label": label}, {}
+    for kind, is_kind in kinds.items():
+        col = given[kind]
+        if col is not None:
+            if col not in features:
+                raise ValueError(f"--{kind}_column {col!r} is not a column (columns: {', '.join(features)})")
+            if not is_kind(features[col]):
+                raise ValueError(f"--{kind}_column {col!r} holds {features[col]}, not {KIND_NAMES[kind]}")
+        else:
+            found = [c for c, f in features.items() if is_kind(f)]
+            if kind == "label" and len(found) > 1:  # prefer the ClassLabel when plain integers sit beside it
+                found = [c for c in found if isinstance(features[c], datasets.ClassLabel)] or found
+            if len(found) == 1:
+                col = found[0]
+            elif kind in need:
+                which = f"several ({', '.join(found)})" if found else "none"
+                raise ValueError(f"which column holds the {kind}? {which} of the columns {', '.join(features)} "
+                                 f"hold {KIND_NAMES[kind]}; name it with --{kind}_column")
+        out[kind] = col
+    f = features[out["label"]] if out["label"] else None
+    out["classes"] = list(f.names) if isinstance(f, datasets.ClassLabel) else None
+    out["captions_list"] = bool(out["caption"]) and not is_text_feature(features[out["caption"]])
+    return out
+
+
+KIND_NAMES = {"image": "images (an Image feature)", "caption": "text (a string or a list of strings)",
+              "label": "class labels (a ClassLabel or integers)"}
+
+
+def is_text_feature(f):
+    import datasets
+    return isinstance(f, datasets.Value) and f.dtype in ("string", "large_string")
+
+
+def hub_image_bytes(value):
+    """A record's undecoded image ({"bytes", "path"} with decode=False) -> the encoded bytes, or None when it has
+    none (a path that is not a local file)."""
+    if not isinstance(value, dict):
+        return None
+    if value.get("bytes"):
+        return value["bytes"]
+    path = value.get("path")
+    if path and os.path.isfile(path):
+        with open(path, "rb") as f:
+            return f.read()
+    return None
+
+
+def undecoded(ds, image_column):
+    """The dataset with its image column left as bytes: `datasets` would decode every image with every PIL
+    plugin; decode_image opens them with ours."""
+    import datasets
+    return ds.cast_column(image_column, datasets.Image(decode=False))
+
+
 # ---------------------------------------------------------------- building batches (runs in the workers)
 
 class BadSample(Exception):

@@ -1,7 +1,13 @@
+import os
+
 import pytest
 import torch
 
 import prep_dataset
+
+# no test reaches the network: `datasets` and huggingface_hub read this when they are imported
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 # one intra-op thread: on a shared 2-core CI box, two threads per process oversubscribe and run several times slower
 torch.set_num_threads(1)
