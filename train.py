@@ -523,14 +523,14 @@ def run_defaults(args, cuda):
         try:
             read_index(GPU_DATA, "train")  # a prepared set: index.json readable, its train shards on disk
             args.data = GPU_DATA
-        except ValueError as e:
+        except (OSError, ValueError) as e:
             why = f"{GPU_DATA} holds no prepared set yet: {e}" if os.path.exists(GPU_DATA) else f"there is no {GPU_DATA}"
-    if args.preset is None:
+    if args.preset is None:  # seed for real data on CUDA, tiny for a synthetic set and on a CPU
         try:
-            synthetic = args.data is None or read_index(args.data).get("source") == "synthetic"
+            real = cuda and args.data is not None and read_index(args.data).get("source") != "synthetic"
         except (OSError, ValueError):  # a broken --data: load_data says what is wrong with it
-            synthetic = False
-        args.preset = "seed" if cuda and not synthetic else "tiny"
+            real = False
+        args.preset = "seed" if real else "tiny"
     said = f"{args.preset} preset on {args.data or DEFAULT_DATA}"
     if unset:
         said += f" ({' and '.join(unset)}: the default{'s' * (len(unset) > 1)} on {'CUDA' if cuda else 'a CPU'})"
