@@ -25,7 +25,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 from matplotlib.figure import Figure
 from tqdm import tqdm
@@ -88,6 +87,23 @@ def _number(v):
 # -----------------------------------------------------------------------------
 # the logger
 
+# the eta's step rate is over the last 20 log windows: 200 steps at the default --log_every 10, so at the default
+# --eval_every 200 the span always holds one eval, its time spread evenly over the steps
+ETA_POINTS = 21
+
+
+def eta_s(points, steps_left):
+    """Seconds left at the measured step rate: points are (elapsed_s, step) pairs, oldest first, each taken at the
+    end of a log window; the rate is over the whole span, so an eval or checkpoint pause inside it counts as the
+    share of time it takes. None until two points (the first window holds the compile and warm-up)."""
+    if len(points) < 2:
+        return None
+    (t0, s0), (t1, s1) = points[0], points[-1]
+    if t1 <= t0 or s1 <= s0:
+        return None
+    return max(0, steps_left) * (t1 - t0) / (s1 - s0)
+
+
 class Logger:
 
     def __init__(self, log_dir, config=None, resume_step=None, total_steps=None, print_every=10,
@@ -108,7 +124,10 @@ class Logger:
             write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
         self.f = open(self.path, "a")
         self.n_train = 0
-        self.times = collections.deque(maxlen=20)  # (time, step) pairs for a moving steps/s
+        # (elapsed_s, step) at the last ETA_POINTS log steps: the step rate the eta uses. Not the wall clock at each
+        # log() call: train.py logs a whole window of steps at once, so that clock would credit a window's time to
+        # the steps of two windows and halve the eta
+        self.times = collections.deque(maxlen=ETA_POINTS)
 
     def log(self, step, split="train", **metrics):
         """Append {"step", "split", **metrics}; print a train line every print_every calls, val/eval always."""
@@ -118,7 +137,8 @@ class Logger:
         self.f.write(json.dumps(record) + "\n")
         self.f.flush()  # a crash loses at most the line being written
         if split == "train":
-            self.times.append((time.time(), int(step)))
+            if _is_number(record.get("elapsed_s")):  # train.py: on the last step of each log window
+                self.times.append((record["elapsed_s"], record["step"]))
             self.n_train += 1
             if self.n_train % self.print_every != 0:
                 return
@@ -130,7 +150,7 @@ class Logger:
         step = f"step {r['step']}" + (f"/{self.total_steps}" if self.total_steps else "")
         parts = [step] if r["split"] == "train" else [f"{r['split']} {step}"]
         fmt = {"loss": ("loss", "{:.4f}"), "lr": ("lr", "{:.1e}"), "grad_norm": ("gnorm", "{:.2f}"),
-               "logit_scale": ("scale", "{:.1f}")}
+               "logit_scale": ("scale", "{:.1f}"), "data_ms": ("data_ms", "{:.1f}")}  # a wait under 0.1 ms is noise
         for k, v in r.items():
             if k in ("step", "split", "samples_per_s", "mfu", "elapsed_s"):
                 continue
@@ -140,12 +160,10 @@ class Logger:
             parts.append(f"{r['samples_per_s']:.0f} samples/s")
         if "mfu" in r:
             parts.append(f"mfu {100 * r['mfu']:.1f}%")  # mfu is logged as a fraction of peak
-        if r["split"] == "train" and self.total_steps and len(self.times) > 1:
-            (t0, s0), (t1, s1) = self.times[0], self.times[-1]
-            if t1 > t0 and s1 > s0:
-                eta = int((self.total_steps - r["step"]) * (t1 - t0) / (s1 - s0))
-                h, m, s = eta // 3600, eta % 3600 // 60, eta % 60
-                parts.append("eta " + (f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"))
+        left = eta_s(self.times, self.total_steps - r["step"]) if r["split"] == "train" and self.total_steps else None
+        if left is not None:
+            h, m, s = int(left) // 3600, int(left) % 3600 // 60, int(left) % 60
+            parts.append("eta " + (f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"))
         return " | ".join(parts)
 
     def plot(self):

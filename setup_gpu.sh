@@ -29,6 +29,8 @@ Set up this repository on a fresh Ubuntu GPU box:
      it recommends for this GPU's memory; prints samples/s and MFU, and the peak memory
   7. with --prep t2i N: python prep_dataset.py text-to-image-2m --out data/t2i --limit N
      (skipped when data/t2i already holds a run of >= N)
+  8. print the next command: the design card's python train.py --batch 1024 --max_lr 3e-4, whose defaults on
+     CUDA are the seed preset on data/t2i (--batch B --accum 1024/B when the self-test's batch is smaller)
 
 options:
   --dry_run        print each command it would run; runs nothing that installs or downloads
@@ -281,15 +283,18 @@ EOF
 step "GPU self-test"
 if ((SELFTEST)); then
     echo "+ $PY - $BATCH  # stdin: the self-test above (bf16 matmul check, compiled bf16 seed-preset steps)"
-    if ((!DRY)); then "$PY" - "$BATCH" <<<"$SELFTEST_PY" || die "GPU self-test failed (see above)"; fi
+    if ((!DRY)); then  # its output also goes to a file: the batch it recommends shapes the next command below
+        PYTHONUNBUFFERED=1 "$PY" - "$BATCH" <<<"$SELFTEST_PY" | tee "$VENV/.selftest.txt" ||
+            die "GPU self-test failed (see above)"
+    fi
 else
     skip "--no_selftest"
 fi
 
 # ---------------------------------------------------------------- 7. data
+DONE=data/t2i/.setup_gpu_limit  # written after a finished prep: the --limit it ran with
 if [[ -n $PREP_N ]]; then
     step "text-to-image-2M: $PREP_N samples -> data/t2i"
-    DONE=data/t2i/.setup_gpu_limit  # written after a finished prep: the --limit it ran with
     if [[ -f data/t2i/index.json && -f $DONE && $(<"$DONE") -ge $PREP_N ]]; then
         skip "data/t2i already holds a prep run of $(<"$DONE") samples"
     else  # prep_dataset.py resumes an interrupted or smaller run, keeping its finished shards
@@ -298,8 +303,30 @@ if [[ -n $PREP_N ]]; then
     fi
 fi
 
+# ---------------------------------------------------------------- the next command: the design card's run
+# On CUDA, train.py's defaults are the seed preset on data/t2i once it holds a prepared set, bf16 and torch.compile.
+# A self-test batch under 1024 becomes --batch B --accum 1024/B: the same batch-1024 gradient (GradCache), less memory.
 step "done$( ((DRY)) && echo ' (dry run: nothing was installed)')"
-DATA=DATA_DIR
-[[ -n $PREP_N ]] && DATA=data/t2i
-echo "next: $PY train.py --data $DATA --preset seed --batch B --max_lr 3e-4"
-echo "      (B: the batch the self-test recommends; on CUDA, bf16 and torch.compile are the defaults)"
+TRAIN="--batch 1024"
+rec=""
+if ((SELFTEST && !DRY)); then
+    rec=$(sed -n 's/^recommended: --batch \([1-9][0-9]*\) per GPU.*/\1/p' "$VENV/.selftest.txt")
+fi
+if [[ -n $rec ]] && ((rec < 1024 && 1024 % rec == 0)); then
+    TRAIN="--batch $rec --accum $((1024 / rec))"
+    echo "(the self-test's batch is $rec on this GPU: --accum $((1024 / rec)) keeps the card's batch of 1024)"
+fi
+TRAIN=". $VENV/bin/activate && python train.py $TRAIN --max_lr 3e-4"
+if [[ -f data/t2i/index.json ]]; then
+    n=""
+    [[ -f $DONE ]] && n=" ($(<"$DONE") samples)"
+    echo "next: $TRAIN"
+    echo "      (the seed preset on data/t2i$n: train.py's defaults on CUDA once data/t2i is prepared)"
+elif [[ -n $PREP_N ]]; then  # a dry run: the prep above has not run
+    echo "next: $TRAIN"
+    echo "      (the seed preset on data/t2i once the prep above has made it: train.py's defaults on CUDA)"
+else
+    echo "next: bash setup_gpu.sh --prep t2i 200000   # 200000 text-to-image-2M samples -> data/t2i (it skips what is done)"
+    echo "then: $TRAIN"
+    echo "      (the seed preset on data/t2i; without data/t2i, train.py on CUDA runs the small built-in demo)"
+fi

@@ -2,7 +2,8 @@
 Train CLIP. One code path for a laptop CPU, one GPU, and many GPUs under torchrun.
 
     python train.py                                   # built-in synthetic set, tiny preset, a few minutes on a CPU
-    python train.py --data data/t2i --preset seed --batch 1024 --max_lr 3e-4   # on CUDA: bf16 + compile by default
+    python train.py --batch 1024 --max_lr 3e-4        # on CUDA after `bash setup_gpu.sh --prep t2i N`: the seed
+                                                      # preset on data/t2i, bf16 + compile (all defaults on CUDA)
     torchrun --standalone --nproc_per_node=8 train.py --data data/t2i --preset seed --batch 128
 
 --batch is per process and per micro-batch: the effective batch is batch x accum x processes, and every sample
@@ -39,7 +40,8 @@ from dataloader import (CROP_AREA, CROP_RATIO, ShardLoader, auto_workers, load_t
 from logger import Logger
 from tokenizer import Tokenizer
 
-DEFAULT_DATA = os.path.join("data", "synthetic")
+DEFAULT_DATA = os.path.join("data", "synthetic")  # the built-in demo set, made on first use
+GPU_DATA = os.path.join("data", "t2i")  # where `bash setup_gpu.sh --prep t2i N` puts text-to-image-2M
 # torchrun's collectives give up after this long; rank 0 works alone for much less (an eval, a checkpoint's copy
 # to the CPU, making the synthetic set), while the other ranks wait at their next collective
 PG_TIMEOUT = datetime.timedelta(minutes=30)
@@ -53,8 +55,10 @@ NEGATIVE_KEYS = {"none": (), "swaps": ("negatives",), "mined": ("mined",), "both
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     a = p.add_argument
-    a("--data", default=None, help=f"shard dir from prep_dataset.py (default: the built-in {DEFAULT_DATA}, made on first use)")
-    a("--preset", default="tiny", help=f"model size: {', '.join(clip.PRESETS)}")
+    a("--data", default=None, help=f"shard dir from prep_dataset.py (default: {GPU_DATA} on CUDA once it holds a prepared "
+                                   f"set, else the built-in {DEFAULT_DATA}, made on first use)")
+    a("--preset", default=None, help=f"model size: {', '.join(clip.PRESETS)} (default: seed on CUDA, tiny for a synthetic "
+                                     f"set and on a CPU)")
     a("--batch", type=int, default=128, help="micro-batch per process")
     a("--accum", type=int, default=1, help="micro-batches per optimizer step")
     a("--epochs", type=float, default=4.5, help="passes over the training split (fractions allowed)")
@@ -126,7 +130,7 @@ def get_parser():
 
 def validate(parser, args):
     """User mistakes -> one clear line and exit 2 (argparse's parser.error)."""
-    if args.preset not in clip.PRESETS:
+    if args.preset is not None and args.preset not in clip.PRESETS:  # None: run_defaults chooses
         parser.error(f"unknown --preset {args.preset!r}; choose from {', '.join(clip.PRESETS)}")
     for name, v in vars(args).items():
         if isinstance(v, float) and not math.isfinite(v):  # argparse takes "nan" and "inf" as floats
@@ -506,6 +510,37 @@ def weights_finite(model):
 # main
 
 
+def run_defaults(args, cuda):
+    """Fill --data and --preset when not given, from the machine: on CUDA the real run, the seed preset on GPU_DATA
+    once it holds a prepared set (so the design card's `python train.py --batch 1024 --max_lr 3e-4` is it), else the
+    demo, the tiny preset on the built-in synthetic set (args.data stays None for it). A flag given always wins; an
+    unset --preset follows the data: seed for real data on CUDA, tiny for a synthetic set and on a CPU. A resumed
+    run resolves the same way on the same machine, so it finds its own run folder (run names are preset-data).
+    Returns (the start line's words for it, a hint line when CUDA falls back to the demo, else None)."""
+    unset = [flag for flag, v in (("--preset", args.preset), ("--data", args.data)) if v is None]
+    why = None
+    if args.data is None and cuda:
+        try:
+            read_index(GPU_DATA, "train")  # a prepared set: index.json readable, its train shards on disk
+            args.data = GPU_DATA
+        except (OSError, ValueError) as e:
+            why = f"{GPU_DATA} holds no prepared set yet: {e}" if os.path.exists(GPU_DATA) else f"there is no {GPU_DATA}"
+    if args.preset is None:  # seed for real data on CUDA, tiny for a synthetic set and on a CPU
+        try:
+            real = cuda and args.data is not None and read_index(args.data).get("source") != "synthetic"
+        except (OSError, ValueError):  # a broken --data: load_data says what is wrong with it
+            real = False
+        args.preset = "seed" if real else "tiny"
+    said = f"{args.preset} preset on {args.data or DEFAULT_DATA}"
+    if unset:
+        said += f" ({' and '.join(unset)}: the default{'s' * (len(unset) > 1)} on {'CUDA' if cuda else 'a CPU'})"
+    hint = None if why is None else (
+        f"note: {why}, so this CUDA run is the demo ({args.preset} preset, built-in synthetic set). The real run: "
+        f"bash setup_gpu.sh --prep t2i 200000 (or python prep_dataset.py text-to-image-2m --out {GPU_DATA} --limit "
+        f"200000), then this command again; --preset and --data choose explicitly")
+    return said, hint
+
+
 def ensure_synthetic(path, quiet, master):
     """The built-in dataset: made on first use (about a minute on 2 cores)."""
     if master and not os.path.isfile(os.path.join(path, "index.json")):
@@ -591,6 +626,9 @@ def main(argv=None):
             parser.error(msg)
         sys.exit(2)
 
+    chosen, hint = run_defaults(args, cuda)  # --preset/--data left unset: the seed run on CUDA once data/t2i is prepared
+    if master and hint:
+        print(hint)
     said = device_defaults(args, device)
     torch.manual_seed(args.seed)  # the same init on every rank (DDP also broadcasts it)
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls/convs for whatever runs in fp32 on Ampere+
@@ -643,7 +681,7 @@ def main(argv=None):
                     print_every=args.log_every, quiet=args.quiet, enabled=master)
     step_batch = args.batch * args.accum
     if master and not args.quiet:
-        print(f"{config.vision.img_size}px images, {config.text.context_length}-token context, "
+        print(f"{chosen}: {config.vision.img_size}px images, {config.text.context_length}-token context, "
               f"{raw_model.num_params() / 1e6:.2f}M parameters "
               f"({raw_model.num_params(trainable_only=True) / 1e6:.2f}M trainable), "
               f"{total_steps} steps of {step_batch * world} samples on {world} x {device}: {said}")

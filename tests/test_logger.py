@@ -62,16 +62,66 @@ def test_resume_keeps_each_step_once(tmp_path):
 
 def test_console_line(tmp_path, capsys):
     lg = Logger(tmp_path, total_steps=100, print_every=2)
-    lg.log(1, loss=3.0)
+    lg.log(1, loss=3.0, elapsed_s=10.0)
     assert capsys.readouterr().out == ""  # only every 2nd train call prints
-    lg.log(2, loss=3.21544, lr=2.9e-4, grad_norm=1.234, logit_scale=14.28, samples_per_s=1234.4, mfu=0.412)
+    lg.log(2, loss=3.21544, lr=2.9e-4, grad_norm=1.234, logit_scale=14.28, data_ms=0.06499, samples_per_s=1234.4,
+           mfu=0.412, elapsed_s=10.5)
     out = capsys.readouterr().out.strip()
-    assert out.startswith("step 2/100 | loss 3.2154 | lr 2.9e-04 | gnorm 1.23 | scale 14.3 | "
-                          "1234 samples/s | mfu 41.2% | eta ")
+    # eta: 98 steps left at 0.5 s per step (10.0 s at step 1 -> 10.5 s at step 2) = 49 s
+    assert out == ("step 2/100 | loss 3.2154 | lr 2.9e-04 | gnorm 1.23 | scale 14.3 | data_ms 0.1 | "
+                   "1234 samples/s | mfu 41.2% | eta 0m49s")
     lg.log(2, split="val", loss=2.5, zeroshot_top1=0.125)
     assert capsys.readouterr().out.strip() == "val step 2/100 | loss 2.5000 | zeroshot_top1 0.125"
     Logger(tmp_path / "q", quiet=True).log(5, split="val", loss=1.0)
     assert capsys.readouterr().out == ""
+
+
+def test_eta_formula_by_hand():
+    assert logger.eta_s([(5.0, 10)], 100) is None  # one point: the first window (compile, warm-up) is not a rate
+    assert logger.eta_s([(5.0, 10), (9.0, 20), (13.0, 30)], 100) == 40.0  # 8 s per 20 steps -> 100 steps in 40 s
+    assert logger.eta_s([(5.0, 10), (5.0, 10)], 100) is None
+
+
+def test_eta_agrees_with_tqdm_on_a_recorded_step_time_sequence(tmp_path):
+    """train.py's pattern on a fixed sequence of step times shaped like the main command's run (702 steps of
+    0.3 s +- 10%, a 20 s first step for the warm-up, an eval of 7 steps' time after steps 200, 400, 600): tqdm is
+    updated after every step; every 10 steps the window's rows are logged at once, elapsed_s on its last row. After
+    the first window, each console eta is within 10% of tqdm's and of the time the run really had left. The old eta
+    (the wall clock at each log() call, over the last 20 rows, i.e. two windows) credited one window's time to 19
+    steps: about half (the issue saw "eta 0m49s" at step 370 of 702 at 3.3 it/s)."""
+    import io
+    import random
+    import re
+    from tqdm import tqdm
+    rng, total, now = random.Random(0), 702, [0.0]
+    dts = [20.0] + [0.3 * rng.uniform(0.9, 1.1) for _ in range(total - 1)]  # seconds per step
+    pause = {200: 2.1, 400: 2.1, 600: 2.1}  # an eval after the log at these steps
+    end = sum(dts) + sum(pause.values())
+    lg = Logger(tmp_path, total_steps=total, print_every=10, quiet=True)
+    bar = tqdm(total=total, file=io.StringIO())
+    bar._time = lambda: now[0]  # tqdm's clock, faked
+    bar.start_t = bar.last_print_t = 0.0
+    logged, calls, checks = 0, [], []
+    for step in range(1, total + 1):
+        now[0] += dts[step - 1]
+        bar.update(1)
+        if step % 10 and step != total:
+            continue
+        for s in range(logged + 1, step + 1):  # the window's rows, logged together when it is read
+            lg.log(s, loss=1.0, **({"elapsed_s": now[0]} if s == step else {}))
+            calls.append((now[0], s))
+        logged = step
+        m = re.search(r"eta (\d+)m(\d+)s$", lg.format({"step": step, "split": "train"}))
+        if 10 < step < total:
+            eta, left = 60 * int(m[1]) + int(m[2]), end - now[0]
+            checks.append((eta, (total - step) / bar.format_dict["rate"], left))
+        if step == 370:
+            (t0, s0), (t1, s1) = calls[-20], calls[-1]
+            assert 0.45 < (total - step) * (t1 - t0) / (s1 - s0) / (eta + 1) < 0.6  # the old formula
+        now[0] += pause.get(step, 0.0)
+    assert len(checks) == 69  # within 10%, plus the 1 s the console line shows
+    assert all(abs(eta - tq) <= 0.1 * tq + 1 and abs(eta - left) <= 0.1 * left + 1 for eta, tq, left in checks), checks
+    bar.close()
 
 
 def test_plots_are_pngs(tmp_path):

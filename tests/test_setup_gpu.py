@@ -72,7 +72,19 @@ def test_dry_run_without_gpu_prints_the_plan_and_installs_nothing(repo):
                     "+ .venv/bin/python prep_dataset.py text-to-image-2m --out data/t2i --limit 500"]
     assert plan[4].startswith("+ .venv/bin/python - auto  # stdin: the self-test")  # the batch it recommends
     assert "dry run: nothing was installed" in r.stdout
+    assert r.stdout.splitlines()[-2:] == [  # the design card's command, which trains on the data prepared above
+        "next: . .venv/bin/activate && python train.py --batch 1024 --max_lr 3e-4",
+        "      (the seed preset on data/t2i once the prep above has made it: train.py's defaults on CUDA)"]
     assert sorted(os.listdir(repo)) == ["requirements.txt", "setup_gpu.sh"]  # no .venv, no stamp, no data
+
+
+def test_without_data_the_next_command_is_the_prep_then_the_card(repo):
+    r = run(repo, "--dry_run")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-3:-1] == [
+        "next: bash setup_gpu.sh --prep t2i 200000   # 200000 text-to-image-2M samples -> data/t2i (it skips what is done)",
+        "then: . .venv/bin/activate && python train.py --batch 1024 --max_lr 3e-4"]
+    assert "without data/t2i, train.py on CUDA runs the small built-in demo" in r.stdout.splitlines()[-1]
 
 
 def test_without_gpu_a_real_run_stops_at_once(repo):
@@ -103,7 +115,8 @@ def test_rerun_skips_what_is_done(repo, tmp_path):
 echo "$*" >> {tmp_path}/calls
 case "$1" in
   -c) [[ $2 == *print* ]] && echo 2.13.0; exit 0 ;;
-  -) script=$(cat); [[ $script == *estimate_mfu* ]] && echo "self-test ran at batch $2"; exit 0 ;;
+  -) script=$(cat); [[ $script == *estimate_mfu* ]] && echo "self-test ran at batch $2" &&
+     echo "recommended: --batch $2 per GPU (with --accum N for a larger effective batch)"; exit 0 ;;
 esac
 exit 3
 """)
@@ -113,14 +126,19 @@ exit 3
     (repo / "data" / "t2i" / "index.json").write_text("{}")
     (repo / "data" / "t2i" / ".setup_gpu_limit").write_text("1000\n")
 
-    r = run(repo, "--prep", "t2i", "500", "--batch", "8", path=fake_gpu(tmp_path, "12.4"))
+    r = run(repo, "--prep", "t2i", "500", "--batch", "256", path=fake_gpu(tmp_path, "12.4"))
     assert r.returncode == 0, r.stdout + r.stderr
     for words in ("skip: .venv exists", "skip: torch 2.13.0 already sees the GPU",
                   "skip: requirements.txt unchanged", "skip: data/t2i already holds a prep run of 1000 samples",
-                  "self-test ran at batch 8"):
+                  "self-test ran at batch 256"):
         assert words in r.stdout
     assert [line for line in r.stdout.splitlines() if line.startswith("+ ")] == \
-        ["+ .venv/bin/python - 8  # stdin: the self-test above (bf16 matmul check, compiled bf16 seed-preset steps)"]
+        ["+ .venv/bin/python - 256  # stdin: the self-test above (bf16 matmul check, compiled bf16 seed-preset steps)"]
+    # the next command: the card's, its batch of 1024 made of the self-test's 256 x 4 (GradCache: the same gradient)
+    assert r.stdout.splitlines()[-3:] == [
+        "(the self-test's batch is 256 on this GPU: --accum 4 keeps the card's batch of 1024)",
+        "next: . .venv/bin/activate && python train.py --batch 256 --accum 4 --max_lr 3e-4",
+        "      (the seed preset on data/t2i (1000 samples): train.py's defaults on CUDA once data/t2i is prepared)"]
     assert "pip" not in (tmp_path / "calls").read_text() and "prep_dataset" not in (tmp_path / "calls").read_text()
 
     # more data than was prepared, and a changed requirements.txt: those two steps run again

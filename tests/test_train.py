@@ -2,6 +2,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -169,6 +170,98 @@ def test_resume_with_other_model_flags_names_the_fields(synth, tmp_path, capsys)
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "text.pool: 'eot' -> 'mean'" in err and "quick_gelu: False -> True" in err
+
+
+# -----------------------------------------------------------------------------
+# --preset / --data defaults that follow the machine (CUDA decided by the caller, so a CPU test can claim it)
+
+
+def real_set(synth, path):
+    """The synthetic shards under `path` as if text-to-image-2M had made them (index.json's source says so)."""
+    os.makedirs(path)
+    for name in os.listdir(synth):
+        if name != "index.json":
+            os.symlink(os.path.join(synth, name), os.path.join(path, name))
+    with open(os.path.join(synth, "index.json")) as f:
+        index = json.load(f)
+    with open(os.path.join(path, "index.json"), "w") as f:
+        json.dump({**index, "source": "text-to-image-2m"}, f)
+    return str(path)
+
+
+def defaults(flags, cuda):
+    args = train.get_parser().parse_args(flags)
+    said, hint = train.run_defaults(args, cuda)
+    return args.preset, args.data, said, hint
+
+
+def test_defaults_follow_the_machine(synth, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    t2i = os.path.join("data", "t2i")
+    # CUDA, no data/t2i: the demo, and one line on how to get the real run
+    preset, data, said, hint = defaults([], cuda=True)
+    assert (preset, data, said) == ("tiny", None, "tiny preset on data/synthetic (--preset and --data: the defaults on CUDA)")
+    assert hint.startswith("note: there is no data/t2i, so this CUDA run is the demo (tiny preset, built-in synthetic set)")
+    for words in ("bash setup_gpu.sh --prep t2i 200000", "python prep_dataset.py text-to-image-2m --out data/t2i",
+                  "--preset and --data choose explicitly"):
+        assert words in hint
+    os.makedirs(t2i)  # a prep that has not finished: no index.json yet
+    assert "data/t2i holds no prepared set yet: data/t2i/index.json not found" in defaults([], cuda=True)[3]
+    os.rmdir(t2i)
+    real_set(synth, t2i)
+    # CUDA and a prepared data/t2i: the design card's command is the seed run on it (run name seed-t2i)
+    assert defaults([], cuda=True) == ("seed", t2i, "seed preset on data/t2i (--preset and --data: the defaults on CUDA)",
+                                       None)
+    # a CPU: as before, whatever data/t2i holds
+    assert defaults([], cuda=False) == ("tiny", None, "tiny preset on data/synthetic (--preset and --data: the defaults "
+                                                      "on a CPU)", None)
+
+
+def test_explicit_preset_and_data_always_win(synth, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    t2i, other = os.path.join("data", "t2i"), real_set(synth, tmp_path / "other")
+    for prepared in (False, True):
+        if prepared:
+            real_set(synth, t2i)
+        for cuda in (False, True):
+            gpu_data = t2i if cuda and prepared else None
+            assert defaults(["--preset", "micro"], cuda)[:2] == ("micro", gpu_data)
+            assert defaults(["--data", synth], cuda)[:2] == ("tiny", synth)  # a synthetic set: the demo's size
+            assert defaults(["--data", other], cuda)[:2] == ("seed" if cuda else "tiny", other)  # real data
+            assert defaults(["--data", other, "--preset", "micro"], cuda) == ("micro", other, f"micro preset on {other}",
+                                                                             None)
+    assert defaults(["--data", other], True)[2] == f"seed preset on {other} (--preset: the default on CUDA)"
+
+
+def test_a_run_on_the_cuda_defaults_resumes_as_itself(synth, tmp_path, monkeypatch, capsys):
+    """The design card's command with CUDA claimed (the seed preset made micro-sized for a CPU test): it trains seed
+    on data/t2i as run seed-t2i, and the same command with --resume latest finds and continues that run. Where the
+    defaults resolve otherwise (a CPU: tiny on the built-in set), a resume refuses in one line."""
+    monkeypatch.chdir(tmp_path)
+    real_set(synth, os.path.join("data", "t2i"))
+    os.symlink(synth, os.path.join("data", "synthetic"))  # the built-in set, already made
+    monkeypatch.setitem(clip.PRESETS, "seed", clip.PRESETS["micro"])
+    card = ["--batch", "32", "--max_lr", "3e-4", "--epochs", "1", "--workers", "0", "--eval_every", "0"]
+    real = train.run_defaults
+    monkeypatch.setattr(train, "run_defaults", lambda args, cuda: real(args, True))
+    assert train.main(card + ["--stop_at", "5", "--ckpt_every", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "seed preset on data/t2i (--preset and --data: the defaults on CUDA): 32px images" in out
+    assert cm.load(os.path.join("out", "seed-t2i", "ckpt", "latest.pt"))["args"]["data"] == os.path.join("data", "t2i")
+    assert train.main(card + ["--resume", "latest", "--quiet"]) == 0
+    assert "resumed from step 5 of 16" in capsys.readouterr().out
+    monkeypatch.setattr(train, "run_defaults", real)  # this machine as it is: a CPU
+    for resume, words in (("latest", "--resume latest: no checkpoint in out/tiny-synthetic/ckpt"),
+                          (os.path.join("out", "seed-t2i", "ckpt", "latest.pt"), "the checkpoint's model differs")):
+        with pytest.raises(SystemExit) as e:
+            train.main(card + ["--resume", resume, "--quiet"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and words in err[-1] and "Traceback" not in "".join(err)
+    # CUDA without data/t2i: the demo, and the hint once, before anything is made
+    shutil.rmtree(os.path.join("data", "t2i"))
+    monkeypatch.setattr(train, "run_defaults", lambda args, cuda: real(args, True))
+    assert train.main(card + ["--stop_at", "1", "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith("note: there is no data/t2i, so this CUDA run is the demo")
 
 
 # -----------------------------------------------------------------------------
