@@ -3,6 +3,7 @@ Image-caption sources -> webdataset shards + index.json + tokenizer.json (the la
 
     python prep_dataset.py synthetic --out data/synthetic                  # 20k/2k procedurally drawn 64 px images
     python prep_dataset.py text-to-image-2m --out data/t2i --limit 100000  # jackyhate/text-to-image-2M, streamed
+    python prep_dataset.py hf --name user/dataset --out data/mine          # any image-caption set `datasets` streams
     python prep_dataset.py folder --src photos/ --out data/photos          # a.jpg + a.txt, or class sub-folders
     python prep_dataset.py jsonl --src pairs.jsonl --out data/pairs        # {"image": path, "caption": text}
     python prep_dataset.py tar --src shards/ --out data/mine               # existing webdataset tars
@@ -21,7 +22,9 @@ Re-runs are safe. Shards are written to a temp name then os.replace'd, so a shar
 the real sources keep a .prep_state.json (settings, a fingerprint of the source, and what each shard holds) so a
 re-run into the same --out skips complete shards and continues where an interrupted one stopped. The fingerprint
 is the source's listing (relative paths, sizes, mtimes; for jsonl also the .jsonl itself) or its data files
-(local tars: names, sizes, mtimes; URLs: the list); the listing itself is kept in .prep_source.json. When the
+(local tars: names, sizes, mtimes; URLs: the list; text-to-image-2M from the hub: names, sizes, sha256 as the
+hub lists them), and for hf the dataset's id, resolved revision, config, split and columns among the settings;
+the listing itself is kept in .prep_source.json. When the
 source or the settings changed, the re-run stops and says so: shards of two listings are never mixed. --overwrite
 deletes the old shards and state and starts over.
 
@@ -31,12 +34,27 @@ reversed) for compositional evaluation, and 8 colour-shape combinations held out
 generalisation to unseen combinations can be measured on val.
 
 Bad data (undecodable or empty images, empty or non-UTF-8 captions, bad json, truncated tars, unsafe member names,
-a dropped connection after 3 tries) is skipped, counted per reason in index.json["skipped"] and warned about, never
+a URL failing HTTP_TRIES times in a row) is skipped, counted per reason in index.json["skipped"] and warned about, never
 silent; a run that ends with no sample at all is an error. Tar members are only read into memory, never extracted.
 
 text-to-image-2m reads the tars itself (local files memory-mapped, URLs streamed through tarfile's "r|" mode) and
 takes records round-robin over the data files (position p from file p % S, files that run out drop out), so a
---limit draws from every file; the caption is json["caption"], else json["prompt"], decided per sample.
+--limit draws from every file; the caption is json["caption"], else json["prompt"], decided per sample. From the
+hub it follows the hub's conventions over plain HTTP (urllib): HF_ENDPOINT (a mirror) and HF_TOKEN (sent only to
+the endpoint, never across its redirect to storage, never printed or stored); the tar list from the repo's file
+listing, pinned to its commit (the fixed list of 47 only when the hub answers the listing with an error, with a
+warning); a dropped connection goes on at the byte where it broke (HTTP Range); retries back off 1, 2, 4, ... s or
+as long as Retry-After says. Not huggingface_hub: hf_hub_download copies each 8.4 GB tar whole into its cache before
+the first byte can be read (a --limit of a few percent would still fetch everything), and HfFileSystem's stream
+re-opens a broken connection only once per file.
+
+hf reads any image-caption dataset `datasets` can stream (a hub id, or a local folder of parquet/arrow files or
+written by save_to_disk) through dataloader.py's hub functions, in the dataset's own order; images stay encoded
+bytes until the workers decode them. The columns are inferred when only one fits (an Image feature; a string or
+list-of-strings caption) or named with --image_column / --caption_column; of a list, the first non-empty caption is
+the training caption and the others go to json "extra_captions" (multi-caption retrieval); a ClassLabel becomes
+json "label" and index.json "classes". A hub id is checked against HF_ENDPOINT's API first, so an unknown id or an
+endpoint that does not answer is one line rather than `datasets`' half-minute of retries.
 
 add-teacher runs a trained checkpoint over every sample (its own tokenizer on the raw caption, images resized to
 its resolution) and writes <shard>.teacher.tar beside each shard: the same members plus <key>.teacher_image.npy
@@ -53,8 +71,9 @@ interrupted run continues where it stopped (.add_<swaps|mined>.json). add-teache
 run it before them (after them it stops with an error rather than drop their json).
 
 Left out on purpose: image deduplication, caption filtering by language or CLIP score, aspect-ratio bucketing
-(CLIP trains on square crops), resuming a dropped download mid-file (a retry re-reads the file from its start),
-and reading remote sources other than tar URLs.
+(CLIP trains on square crops), shuffling a hub dataset at prep time (it keeps its own order; the loader mixes a
+few shards at a time, so a class-sorted set wants shuffling before), and remote sources other than tar URLs and
+the hub.
 """
 
 import argparse
