@@ -627,34 +627,34 @@ class HubFile:
     Content-Length) is opened again at the byte where it broke, with an HTTP Range request; a server that ignores
     the range sends the whole file and the bytes already read are passed over. Retries wait wait, 2 wait, 4 wait,
     ... s, or what a 429/503 says in Retry-After (at most 10 min); after `tries` failures in a row without a byte of
-    progress, HTTPGaveUp. A file whose ETag changes between two requests is given up too: the bytes would not join."""
+    progress, HTTPGaveUp. A file whose size changes between two requests is given up too: the bytes would not join
+    (hub URLs are pinned to a commit, so their files cannot change; an ETag would be a stricter test, but a CDN's
+    edges need not agree on it)."""
 
     def __init__(self, url, opener=None, tries=None, wait=None):
         self.url, self.opener = url, opener or (lambda req: urllib.request.urlopen(req, timeout=HTTP_TIMEOUT))
         self.tries, self.wait = tries or HTTP_TRIES, HTTP_WAIT if wait is None else wait
-        self.f, self.pos, self.end, self.etag, self.failures = None, 0, None, None, 0
+        self.f, self.pos, self.end, self.failures = None, 0, None, 0  # end: the file's size, when the server says
 
     def open(self):
         f = self.f = self.opener(hub_request(self.url, self.pos))
         headers = getattr(f, "headers", None) or {}
-        etag = (headers.get("ETag") or "").removeprefix("W/") or None
-        if self.etag and etag and etag != self.etag:
-            raise HTTPGaveUp(f"the file changed on the server while being read (ETag {self.etag} -> {etag})")
-        self.etag = self.etag or etag
-        start = 0
+        length = int(headers["Content-Length"]) if headers.get("Content-Length") else None
         if getattr(f, "status", 200) == 206:
-            m = re.match(r"bytes (\d+)-", headers.get("Content-Range") or "")
+            m = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", headers.get("Content-Range") or "")
             if not m or int(m.group(1)) != self.pos:
                 raise HTTPGaveUp(f"asked for bytes {self.pos}-, the server sent {headers.get('Content-Range')}")
-            start = self.pos
-        else:  # the whole file again: pass over what was read before
-            while start < self.pos:
-                chunk = f.read(min(self.pos - start, 1 << 20))
-                if not chunk:
-                    raise ConnectionError(f"connection closed at byte {start} while passing over {self.pos}")
-                start += len(chunk)
-        length = headers.get("Content-Length")
-        self.end = (start if getattr(f, "status", 200) == 206 else 0) + int(length) if length else None
+            start, end = self.pos, int(m.group(2)) if m.group(2) != "*" else length and self.pos + length
+        else:
+            start, end = 0, length
+        if self.end is not None and end is not None and end != self.end:
+            raise HTTPGaveUp(f"the file changed on the server while being read ({self.end} -> {end} bytes)")
+        self.end = end if self.end is None else self.end
+        while start < self.pos:  # the whole file again: pass over what was read before
+            chunk = f.read(min(self.pos - start, 1 << 20))
+            if not chunk:
+                raise ConnectionError(f"connection closed at byte {start} while passing over {self.pos}")
+            start += len(chunk)
 
     def read(self, size=-1):
         if size is None or size < 0:  # in pieces, so a drop keeps what came before it
@@ -785,6 +785,8 @@ def t2i_hub_files(parser):
     except HTTPGaveUp as e:
         if e.code is None:
             parser.error(f"HF_ENDPOINT {endpoint} cannot be reached ({e})")
+        if e.code in (401, 403):  # the downloads would be refused too
+            parser.error(f"{endpoint} refused to list {T2I_REPO} ({e})" + ("; check HF_TOKEN" if hub_token() else ""))
         revision, names, how = None, None, f"{endpoint} did not list the repo ({e})"
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # an answer that is not the hub's JSON
         revision, names, how = None, None, f"{endpoint} did not list the repo ({type(e).__name__}: {e})"
@@ -862,8 +864,9 @@ def hub_dataset_check(name):
     """Ask HF_ENDPOINT's API about a hub dataset before `datasets` does (its own retries take ~25 s to give up on an
     endpoint that does not answer): None when it is there, else the reason in one line."""
     endpoint = hub_endpoint()
+    f = HubFile(f"{endpoint}/api/datasets/{name}")
     try:
-        HubFile(f"{endpoint}/api/datasets/{name}").read()
+        f.read(1)  # the answer's status is all it takes (the full answer lists every file of the repo)
         return None
     except HTTPGaveUp as e:
         if e.code is None:
@@ -872,6 +875,8 @@ def hub_dataset_check(name):
             need = "" if hub_token() else ", or private or gated (then set HF_TOKEN)"
             return f"--name {name}: no such local folder, and no such hub dataset on {endpoint} ({e}{need})"
         return f"--name {name}: {endpoint} answered {e}"
+    finally:
+        f.close()
 
 
 def hf_records(ds, cols, what):

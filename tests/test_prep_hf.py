@@ -371,8 +371,8 @@ def test_t2i_through_a_hub_mirror_with_token_429_and_a_cut(tmp_path, monkeypatch
 
 def test_t2i_listing_fallback_and_unreachable(tmp_path, monkeypatch, capsys):
     """A mirror without the API (404 on the listing): the fixed list of 47, said in a warning; the 45 names it does
-    not serve are final 404s (no retry), counted as network_error. No token set: no Authorization header. An
-    endpoint nothing listens on, or HF_HUB_OFFLINE, is one line (exit 2)."""
+    not serve are final 404s (no retry), counted as network_error. No token set: no Authorization header. A token
+    the hub refuses, an endpoint nothing listens on, or HF_HUB_OFFLINE, is one line (exit 2)."""
     files = t2i_tars(n_files=2, per_file=3)
     server = hub_server(files, listing=False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
@@ -393,5 +393,9 @@ def test_t2i_listing_fallback_and_unreachable(tmp_path, monkeypatch, capsys):
     assert sum(p.startswith(f"/datasets/{P.T2I_REPO}/resolve/main/data_512_2M/data_000046") for _, p, _, _ in
                server.log) == 1  # a 404 is not asked again
 
+    with hub_server(files, token=TOKEN) as url:  # a token the hub does not take: the listing's 401 stops the run
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+        fails(capsys, t2i(tmp_path / "x"), "refused to list", "HTTP 401", "check HF_TOKEN")
     monkeypatch.setenv("HF_ENDPOINT", closed_port())
     fails(capsys, t2i(tmp_path / "x"), "HF_ENDPOINT http://127.0.0.1:", "cannot be reached")
