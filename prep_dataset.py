@@ -857,7 +857,7 @@ def jsonl_records(src, skipped, seed):
 # ----------------------------------------------------------------------------- hub datasets (through `datasets`)
 
 class SourceError(Exception):
-    """A stream that broke mid-run: one line for the user; the whole shards written so far stay for the re-run."""
+    """A stream that broke mid-run: one line for the user; the shards .prep_state.json records stay for the re-run."""
 
 
 def hub_dataset_check(name):
@@ -891,8 +891,8 @@ def hf_records(ds, cols, what):
             return
         except Exception as e:  # the hub dropped the stream past `datasets`' retries, a file that does not parse, ...
             why = (str(e).strip().splitlines() or [""])[0]
-            raise SourceError(f"{what}: record {i} could not be read ({type(e).__name__}: {why}); the same command "
-                              f"continues after the last whole shard") from None
+            raise SourceError(f"{what}: record {i} could not be read ({type(e).__name__}: {why}); run the same "
+                              f"command to continue (the shards on record are kept)") from None
         text, more = row[caption], []
         if cols["captions_list"]:
             texts = [t.strip() for t in text or [] if isinstance(t, str) and t.strip()]

@@ -174,6 +174,26 @@ def test_hf_restart_after_kill_gives_the_same_shards(tmp_path):
     assert index["skipped"] == {"decode_error": 1} and sorted(found, key=int) == [str(i) for i in range(600) if i != 17]
 
 
+def test_hf_stream_that_breaks_is_one_line_and_the_rerun_completes(local, tmp_path, capsys, monkeypatch):
+    """The stream raising mid-run (the hub dropping it past `datasets`' retries): one line, exit 2, no index.json;
+    the same command afterwards gives the shards of a run that never broke."""
+    P.main(hf(local["parquet"], tmp_path / "whole"))
+    undecoded = P.undecoded
+
+    def breaks(ds, column):
+        for i, row in enumerate(undecoded(ds, column)):
+            if i == 13:
+                raise OSError("connection reset by peer\n(more lines)")
+            yield row
+    monkeypatch.setattr(P, "undecoded", breaks)
+    fails(capsys, hf(local["parquet"], tmp_path / "o"), "record 13 could not be read (OSError: connection reset by "
+          "peer)", "run the same command to continue")
+    assert not (tmp_path / "o" / "index.json").exists()
+    monkeypatch.setattr(P, "undecoded", undecoded)
+    P.main(hf(local["parquet"], tmp_path / "o"))
+    assert shard_bytes(tmp_path / "o") == shard_bytes(tmp_path / "whole")
+
+
 def test_hf_refuses_a_changed_source(tmp_path, capsys):
     name = save(image_dataset(8), tmp_path / "ds", "parquet")
     P.main(hf(name, tmp_path / "o"))
