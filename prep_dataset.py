@@ -3,6 +3,7 @@ Image-caption sources -> webdataset shards + index.json + tokenizer.json (the la
 
     python prep_dataset.py synthetic --out data/synthetic                  # 20k/2k procedurally drawn 64 px images
     python prep_dataset.py text-to-image-2m --out data/t2i --limit 100000  # jackyhate/text-to-image-2M, streamed
+    python prep_dataset.py hf --name user/dataset --out data/mine          # any image-caption set `datasets` streams
     python prep_dataset.py folder --src photos/ --out data/photos          # a.jpg + a.txt, or class sub-folders
     python prep_dataset.py jsonl --src pairs.jsonl --out data/pairs        # {"image": path, "caption": text}
     python prep_dataset.py tar --src shards/ --out data/mine               # existing webdataset tars
@@ -21,7 +22,9 @@ Re-runs are safe. Shards are written to a temp name then os.replace'd, so a shar
 the real sources keep a .prep_state.json (settings, a fingerprint of the source, and what each shard holds) so a
 re-run into the same --out skips complete shards and continues where an interrupted one stopped. The fingerprint
 is the source's listing (relative paths, sizes, mtimes; for jsonl also the .jsonl itself) or its data files
-(local tars: names, sizes, mtimes; URLs: the list); the listing itself is kept in .prep_source.json. When the
+(local tars: names, sizes, mtimes; URLs: the list; text-to-image-2M from the hub: names, sizes, sha256 as the
+hub lists them), and for hf the dataset's id, resolved revision, config, split and columns among the settings;
+the listing itself is kept in .prep_source.json. When the
 source or the settings changed, the re-run stops and says so: shards of two listings are never mixed. --overwrite
 deletes the old shards and state and starts over.
 
@@ -31,12 +34,27 @@ reversed) for compositional evaluation, and 8 colour-shape combinations held out
 generalisation to unseen combinations can be measured on val.
 
 Bad data (undecodable or empty images, empty or non-UTF-8 captions, bad json, truncated tars, unsafe member names,
-a dropped connection after 3 tries) is skipped, counted per reason in index.json["skipped"] and warned about, never
+a URL failing HTTP_TRIES times in a row) is skipped, counted per reason in index.json["skipped"] and warned about, never
 silent; a run that ends with no sample at all is an error. Tar members are only read into memory, never extracted.
 
 text-to-image-2m reads the tars itself (local files memory-mapped, URLs streamed through tarfile's "r|" mode) and
 takes records round-robin over the data files (position p from file p % S, files that run out drop out), so a
---limit draws from every file; the caption is json["caption"], else json["prompt"], decided per sample.
+--limit draws from every file; the caption is json["caption"], else json["prompt"], decided per sample. From the
+hub it follows the hub's conventions over plain HTTP (urllib): HF_ENDPOINT (a mirror) and HF_TOKEN (sent only to
+the endpoint, never across its redirect to storage, never printed or stored); the tar list from the repo's file
+listing, pinned to its commit (the fixed list of 47 only when the hub answers the listing with an error, with a
+warning); a dropped connection goes on at the byte where it broke (HTTP Range); retries back off 1, 2, 4, ... s or
+as long as Retry-After says. Not huggingface_hub: hf_hub_download copies each 8.4 GB tar whole into its cache before
+the first byte can be read (a --limit of a few percent would still fetch everything), and HfFileSystem's stream
+re-opens a broken connection only once per file.
+
+hf reads any image-caption dataset `datasets` can stream (a hub id, or a local folder of parquet/arrow files or
+written by save_to_disk) through dataloader.py's hub functions, in the dataset's own order; images stay encoded
+bytes until the workers decode them. The columns are inferred when only one fits (an Image feature; a string or
+list-of-strings caption) or named with --image_column / --caption_column; of a list, the first non-empty caption is
+the training caption and the others go to json "extra_captions" (multi-caption retrieval); a ClassLabel becomes
+json "label" and index.json "classes". A hub id is checked against HF_ENDPOINT's API first, so an unknown id or an
+endpoint that does not answer is one line rather than `datasets`' half-minute of retries.
 
 add-teacher runs a trained checkpoint over every sample (its own tokenizer on the raw caption, images resized to
 its resolution) and writes <shard>.teacher.tar beside each shard: the same members plus <key>.teacher_image.npy
@@ -53,11 +71,13 @@ interrupted run continues where it stopped (.add_<swaps|mined>.json). add-teache
 run it before them (after them it stops with an error rather than drop their json).
 
 Left out on purpose: image deduplication, caption filtering by language or CLIP score, aspect-ratio bucketing
-(CLIP trains on square crops), resuming a dropped download mid-file (a retry re-reads the file from its start),
-and reading remote sources other than tar URLs.
+(CLIP trains on square crops), shuffling a hub dataset at prep time (it keeps its own order; the loader mixes a
+few shards at a time, so a class-sorted set wants shuffling before), and remote sources other than tar URLs and
+the hub.
 """
 
 import argparse
+import email.utils
 import glob
 import hashlib
 import http.client
@@ -70,6 +90,7 @@ import os
 import re
 import tarfile
 import time
+import urllib.error
 import urllib.request
 import warnings
 from collections import Counter
@@ -80,11 +101,14 @@ from tqdm import tqdm
 
 from dataloader import (articles, class_folders, decode_image, image_array, image_ext, is_image_file, map_file,
                         read_tar, safe_name, save_json, scan_tar, split_key, tar_members, write_tar)
+from dataloader import hub_columns, hub_image_bytes, open_hub_dataset, undecoded
 from tokenizer import Tokenizer
 
-# jackyhate/text-to-image-2M, the 512 px part (webdataset tars of jpg + json {"prompt": ...}).
-T2I_URLS = [f"https://huggingface.co/datasets/jackyhate/text-to-image-2M/resolve/main/data_512_2M/data_{i:06d}.tar"
-            for i in range(47)]
+# jackyhate/text-to-image-2M, the 512 px part (webdataset tars of jpg + json {"prompt": ...}). The tars are read from
+# the repo's file listing; these 47 names are the fallback when the hub does not answer the listing request.
+T2I_REPO, T2I_DIR = "jackyhate/text-to-image-2M", "data_512_2M"
+T2I_FILES = [f"{T2I_DIR}/data_{i:06d}.tar" for i in range(47)]
+HTTP_TRIES, HTTP_WAIT, HTTP_TIMEOUT = 6, 1.0, 60  # failures in a row without progress, first backoff (s), socket (s)
 
 
 # ----------------------------------------------------------------------------- writing shards
@@ -502,6 +526,7 @@ def record_shard(path, split, items, img_size, source, full):
         no_negatives += not meta["negatives"]
         if rec.get("label") is not None:
             meta["label"] = rec["label"]
+        meta.update(rec.get("meta", {}))  # a source's own fields (hf: extra_captions)
         samples.append((f"{j:09d}", sample_files(img, caption, meta)))
         captions.append(caption)
     write_tar(path, samples)
@@ -539,70 +564,161 @@ def file_samples(path, skipped):
         skipped["truncated_tar"] += 1
 
 
-class Whole:
-    """A response that raises ConnectionError when it ends before its Content-Length: urllib returns a short
-    read there, which tarfile would take for a truncated tar instead of a dropped connection."""
+NETWORK_ERRORS = (OSError, http.client.HTTPException)  # URLError, timeouts, resets, ConnectionError, IncompleteRead
+RETRY_STATUS = {408, 429, 500, 502, 503, 504}  # HTTP answers worth asking again; any other 4xx is final
 
-    def __init__(self, f):
-        self.f, self.n = f, 0
-        self.want = int((getattr(f, "headers", None) or {}).get("Content-Length") or -1)
+
+class HTTPGaveUp(Exception):
+    """A URL that failed HTTP_TRIES times in a row without progress, or with an answer a retry cannot change. `code`
+    is the last HTTP status, None when no server answered (refused, unknown host, timeouts)."""
+
+    def __init__(self, msg, code=None):
+        super().__init__(msg)
+        self.code = code
+
+
+def hub_endpoint():
+    """HF_ENDPOINT (a mirror), as huggingface_hub reads it; read per call, so a test can point it at a local server."""
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_token():
+    """HF_TOKEN, else the file `hf auth login` saved (HF_TOKEN_PATH, HF_HOME/token). Sent as a header, never printed
+    or written anywhere."""
+    if os.environ.get("HF_TOKEN", "").strip():
+        return os.environ["HF_TOKEN"].strip()
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    try:
+        with open(os.environ.get("HF_TOKEN_PATH") or os.path.join(home, "token"), encoding="utf-8") as f:
+            return f.read().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def hub_offline():
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_request(url, start=0):
+    """GET `url` from byte `start`. The token goes only to HF_ENDPOINT's own URLs, and as an unredirected header: the
+    hub answers a file with a redirect to a signed storage URL, which must not receive it."""
+    req = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
+    token = hub_token()
+    if token and url.startswith(hub_endpoint() + "/"):
+        req.add_unredirected_header("Authorization", f"Bearer {token}")
+    return req
+
+
+def retry_after(e):
+    """The seconds an HTTP answer's Retry-After asks for (a number or an HTTP date), else 0."""
+    value = (getattr(e, "headers", None) or {}).get("Retry-After")
+    try:
+        return max(0.0, float(value))
+    except (TypeError, ValueError):
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return 0.0
+
+
+class HubFile:
+    """A URL read front to back as a file object. A dropped connection (reset, timeout, closed before its
+    Content-Length) is opened again at the byte where it broke, with an HTTP Range request; a server that ignores
+    the range sends the whole file and the bytes already read are passed over. Retries wait wait, 2 wait, 4 wait,
+    ... s, or what a 429/503 says in Retry-After (at most 10 min); after `tries` failures in a row without a byte of
+    progress, HTTPGaveUp. A file whose size changes between two requests is given up too: the bytes would not join
+    (hub URLs are pinned to a commit, so their files cannot change; an ETag would be a stricter test, but a CDN's
+    edges need not agree on it)."""
+
+    def __init__(self, url, opener=None, tries=None, wait=None):
+        self.url, self.opener = url, opener or (lambda req: urllib.request.urlopen(req, timeout=HTTP_TIMEOUT))
+        self.tries, self.wait = tries or HTTP_TRIES, HTTP_WAIT if wait is None else wait
+        self.f, self.pos, self.end, self.failures = None, 0, None, 0  # end: the file's size, when the server says
+
+    def open(self):
+        f = self.f = self.opener(hub_request(self.url, self.pos))
+        headers = getattr(f, "headers", None) or {}
+        length = int(headers["Content-Length"]) if headers.get("Content-Length") else None
+        if getattr(f, "status", 200) == 206:
+            m = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", headers.get("Content-Range") or "")
+            if not m or int(m.group(1)) != self.pos:
+                raise HTTPGaveUp(f"asked for bytes {self.pos}-, the server sent {headers.get('Content-Range')}")
+            start, end = self.pos, int(m.group(2)) if m.group(2) != "*" else length and self.pos + length
+        else:
+            start, end = 0, length
+        if self.end is not None and end is not None and end != self.end:
+            raise HTTPGaveUp(f"the file changed on the server while being read ({self.end} -> {end} bytes)")
+        self.end = end if self.end is None else self.end
+        while start < self.pos:  # the whole file again: pass over what was read before
+            chunk = f.read(min(self.pos - start, 1 << 20))
+            if not chunk:
+                raise ConnectionError(f"connection closed at byte {start} while passing over {self.pos}")
+            start += len(chunk)
 
     def read(self, size=-1):
-        data = self.f.read(size)
-        self.n += len(data)
-        if not data and size != 0 and self.n < self.want:
-            raise ConnectionError(f"connection closed after {self.n} of {self.want} bytes")
-        return data
+        if size is None or size < 0:  # in pieces, so a drop keeps what came before it
+            return b"".join(iter(lambda: self.read(1 << 20), b""))
+        while True:
+            try:
+                if self.f is None:
+                    self.open()
+                data = self.f.read(size)
+                if not data and size and self.end is not None and self.pos < self.end:
+                    raise ConnectionError(f"connection closed at byte {self.pos} of {self.end}")
+                self.pos += len(data)
+                self.failures = 0 if data else self.failures
+                return data
+            except urllib.error.HTTPError as e:
+                self.close()
+                e.close()
+                if e.code not in RETRY_STATUS:
+                    raise HTTPGaveUp(f"HTTP {e.code} {e.reason}", e.code) from None
+                self.retry(e, e.code)
+            except NETWORK_ERRORS as e:
+                self.close()
+                self.retry(e, None)
+
+    def retry(self, e, code):
+        self.failures += 1
+        if self.failures >= self.tries:
+            raise HTTPGaveUp(f"{e}; gave up after {self.tries} tries", code) from None
+        time.sleep(min(600.0, max(self.wait * 2 ** (self.failures - 1), retry_after(e))))
+
+    def close(self):
+        if self.f is not None:
+            self.f.close()
+            self.f = None
 
 
-NETWORK_ERRORS = (OSError, http.client.HTTPException)  # URLError, timeouts, resets, ConnectionError, IncompleteRead
-
-
-def url_samples(url, skipped, opener=None, tries=3, wait=1.0):
-    """(key, {ext: bytes}) of a tar streamed from a URL (tarfile "r|": members read into memory in order, never
-    extracted). A network error re-opens the URL, up to `tries` times in a row without progress, waiting wait,
-    2 wait, 4 wait, ... seconds, and passes over what was already handed out; then the rest of the file is
-    skipped and counted once as "network_error". A cut or corrupt tar on a whole connection is "truncated_tar"."""
-    opener = opener or (lambda u: urllib.request.urlopen(u, timeout=60))
-    yielded = seen = failures = 0  # samples handed out and members looked at, over all tries
-    while True:
-        before = yielded
-        try:
-            with opener(url) as f:
-                tar = tarfile.open(fileobj=Whole(f), mode="r|")
-                n = i = 0
-                key, group = None, {}
-                while (m := tar.next()) is not None:
-                    tar.members = []  # tarfile keeps every header it read; a hub tar has ~80k members
-                    new, i = i >= seen, i + 1  # a retry passes over members it has counted before
-                    seen = max(seen, i)
-                    if not m.isfile() or not safe_name(m.name):
-                        if new and not m.isdir():
-                            skipped["unsafe_member"] += 1
-                        continue
-                    k, ext = split_key(m.name)
-                    if k != key and group:
-                        n += 1
-                        if n > yielded:
-                            yielded = n
-                            yield key, group
-                        group = {}
-                    key, group[ext] = k, tar.extractfile(m).read()
-                if group and n + 1 > yielded:
-                    yielded = n + 1
-                    yield key, group
-            return
-        except NETWORK_ERRORS as e:
-            failures = 1 if yielded > before else failures + 1
-            if failures >= tries:
-                warnings.warn(f"{url}: {e}; gave up after {tries} tries, the rest of this file is skipped")
-                skipped["network_error"] += 1
-                return
-            time.sleep(wait * 2 ** (failures - 1))
-        except (tarfile.TarError, EOFError) as e:
-            warnings.warn(f"{url}: truncated or corrupt tar ({e}); its whole samples were read, the rest skipped")
-            skipped["truncated_tar"] += 1
-            return
+def url_samples(url, skipped, opener=None, tries=None, wait=None):
+    """(key, {ext: bytes}) of a tar streamed from a URL (tarfile "r|" over a HubFile: members read into memory in
+    order, never extracted; a dropped connection goes on at the byte where it broke). A URL HubFile gives up on
+    skips the rest of its file, counted once as "network_error"; a cut or corrupt tar is "truncated_tar"."""
+    f = HubFile(url, opener, tries, wait)
+    try:
+        tar = tarfile.open(fileobj=f, mode="r|")
+        key, group = None, {}
+        while (m := tar.next()) is not None:
+            tar.members = []  # tarfile keeps every header it read; a hub tar has ~80k members
+            if not m.isfile() or not safe_name(m.name):
+                skipped["unsafe_member"] += not m.isdir()
+                continue
+            k, ext = split_key(m.name)
+            if k != key and group:
+                yield key, group
+                group = {}
+            key, group[ext] = k, tar.extractfile(m).read()
+        if group:
+            yield key, group
+    except HTTPGaveUp as e:
+        warnings.warn(f"{url}: {e}; the rest of this file is skipped")
+        skipped["network_error"] += 1
+    except (tarfile.TarError, EOFError) as e:
+        warnings.warn(f"{url}: truncated or corrupt tar ({e}); its whole samples were read, the rest skipped")
+        skipped["truncated_tar"] += 1
+    finally:
+        f.close()
 
 
 def is_url(f):
@@ -621,7 +737,7 @@ def tar_records(groups, name, skipped):
             yield {"id": f"{name}/{key}", "image": g[image], "caption": g.get("txt"), "json": g.get("json")}
 
 
-def file_records(f, skipped, opener=None, wait=1.0):
+def file_records(f, skipped, opener=None, wait=None):
     """The records of one data file, a local tar or a URL; nothing is opened until the first record is asked for."""
     groups = url_samples(f, skipped, opener, wait=wait) if is_url(f) else file_samples(f, skipped)
     yield from tar_records(groups, os.path.basename(f.rstrip("/")), skipped)
@@ -641,10 +757,47 @@ def round_robin(streams, taken):
             yield rec
 
 
-def t2i_records(files, skipped, taken, opener=None, wait=1.0):
+def t2i_records(files, skipped, taken, opener=None, wait=None):
     """jackyhate/text-to-image-2M (or any webdataset tars of jpg + json), round-robin over the data files so a
     --limit samples all of them; images stay encoded bytes here (decoded in the workers)."""
     return round_robin([file_records(f, skipped, opener, wait) for f in files], taken)
+
+
+def t2i_hub_files(parser):
+    """text-to-image-2M's 512 px tars on HF_ENDPOINT -> (URLs, their listing for .prep_state.json, index.json "hub").
+    The names come from the repo's file listing (so a shard added later is read too) and the URLs are pinned to the
+    listed commit; the listing is [name, size, sha256] per file, so a re-run through another mirror or after a
+    commit that left the tars alone continues, and a changed tar set refuses. When the hub answers the listing with
+    an error (a mirror without the API, rate limits past the retries), the fixed list of 47, with a warning. An
+    endpoint nothing answers on, or HF_HUB_OFFLINE, is one line (exit 2)."""
+    endpoint = hub_endpoint()
+    if hub_offline():
+        parser.error("HF_HUB_OFFLINE is set: text-to-image-2m reads the hub (unset it, or give local --data_files)")
+    try:
+        info = json.loads(HubFile(f"{endpoint}/api/datasets/{T2I_REPO}/revision/main?blobs=true").read())
+        files = {s["rfilename"]: s for s in info["siblings"]}
+        names = sorted(n for n in files if re.fullmatch(rf"{T2I_DIR}/data_\d{{6}}\.tar", n))
+        if not names or not isinstance(info["sha"], str):
+            raise ValueError(f"no {T2I_DIR}/data_*.tar in the listing")
+        revision, how = info["sha"], f"listed by {endpoint} at revision {info['sha'][:12]}"
+        found = [[n, files[n].get("size"), (files[n].get("lfs") or {}).get("sha256") or files[n].get("blobId")]
+                 for n in names]
+    except HTTPGaveUp as e:
+        if e.code is None:
+            parser.error(f"HF_ENDPOINT {endpoint} cannot be reached ({e})")
+        if e.code in (401, 403):  # the downloads would be refused too
+            parser.error(f"{endpoint} refused to list {T2I_REPO} ({e})" + ("; check HF_TOKEN" if hub_token() else ""))
+        revision, names, how = None, None, f"{endpoint} did not list the repo ({e})"
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # an answer that is not the hub's JSON
+        revision, names, how = None, None, f"{endpoint} did not list the repo ({type(e).__name__}: {e})"
+    if names is None:
+        names, found = T2I_FILES, [[n, None, None] for n in T2I_FILES]
+        warnings.warn(f"{how}; using the fixed list of {len(names)} files (the offline fallback: a file added to the "
+                      f"repo since is missed)")
+    else:
+        print(f"{T2I_REPO}: {len(names)} data files {how}")
+    urls = [f"{endpoint}/datasets/{T2I_REPO}/resolve/{revision or 'main'}/{n}" for n in names]
+    return urls, found, {"id": T2I_REPO, "revision": revision, "listing": "fixed" if revision is None else "hub"}
 
 
 # ----------------------------------------------------------------------------- local folders and jsonl
@@ -699,6 +852,85 @@ def jsonl_records(src, skipped, seed):
             records.append({"id": str(n), "image": os.path.join(base, row["image"]), "caption": row.get("caption")})
     order = np.random.default_rng(seed).permutation(len(records))
     return [records[k] for k in order], None
+
+
+# ----------------------------------------------------------------------------- hub datasets (through `datasets`)
+
+class SourceError(Exception):
+    """A stream that broke mid-run: one line for the user; the shards .prep_state.json records stay for the re-run."""
+
+
+def hub_dataset_check(name):
+    """Ask HF_ENDPOINT's API about a hub dataset before `datasets` does (its own retries take ~25 s to give up on an
+    endpoint that does not answer): None when it is there, else the reason in one line."""
+    endpoint = hub_endpoint()
+    f = HubFile(f"{endpoint}/api/datasets/{name}")
+    try:
+        f.read(1)  # the answer's status is all it takes (the full answer lists every file of the repo)
+        return None
+    except HTTPGaveUp as e:
+        if e.code is None:
+            return f"HF_ENDPOINT {endpoint} cannot be reached ({e})"
+        if e.code in (401, 403, 404):  # the hub answers 401 for a private id too, so as not to say it exists
+            need = "" if hub_token() else ", or private or gated (then set HF_TOKEN)"
+            return f"--name {name}: no such local folder, and no such hub dataset on {endpoint} ({e}{need})"
+        return f"--name {name}: {endpoint} answered {e}"
+    finally:
+        f.close()
+
+
+def hf_records(ds, cols, what):
+    """A `datasets` stream -> records: the image's encoded bytes (decoded in the workers, as for every source), the
+    caption (of a list, the first non-empty one; the others go to json "extra_captions" for multi-caption
+    retrieval) and, when the dataset has a ClassLabel, the label. A stream that breaks is a SourceError."""
+    rows, image, caption, label = iter(undecoded(ds, cols["image"])), cols["image"], cols["caption"], cols["label"]
+    for i in itertools.count():
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:  # the hub dropped the stream past `datasets`' retries, a file that does not parse, ...
+            why = (str(e).strip().splitlines() or [""])[0]
+            raise SourceError(f"{what}: record {i} could not be read ({type(e).__name__}: {why}); run the same "
+                              f"command to continue (the shards on record are kept)") from None
+        text, more = row[caption], []
+        if cols["captions_list"]:
+            texts = [t.strip() for t in text or [] if isinstance(t, str) and t.strip()]
+            text, more = (texts[0], texts[1:]) if texts else (None, [])
+        rec = {"id": str(i), "image": hub_image_bytes(row[image]), "caption": text}
+        if cols["classes"] and isinstance(row[label], int) and 0 <= row[label] < len(cols["classes"]):
+            rec["label"] = row[label]  # -1 is `datasets`' "no label"
+        if more:
+            rec["meta"] = {"extra_captions": more}
+        yield rec
+
+
+def prep_hf(parser, args, skipped):
+    """`hf --name ID_OR_DIR`: open the split streamed, find its columns, and cut it into shards like every source.
+    What identifies the source (id, resolved revision, config, split, columns) joins the settings in
+    .prep_state.json, so a re-run against another revision refuses; a local folder is also listed file by file."""
+    local = os.path.isdir(args.name)
+    if not local:
+        if not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", args.name):
+            parser.error(f"--name {args.name}: no such folder, and not a hub id (user/dataset)")
+        if not hub_offline() and (why := hub_dataset_check(args.name)):
+            parser.error(why)
+    try:
+        ds, hub = open_hub_dataset(args.name, args.split, args.config)
+        cols = hub_columns(ds, args.image_column, args.caption_column, need=("image", "caption"))
+    except ValueError as e:
+        parser.error(str(e))
+    hub.update(image_column=cols["image"], caption_column=cols["caption"])
+    files = []
+    if local:  # the same files local_revision hashes, with mtimes: a file rewritten in place is a change too
+        files = listing(sorted(os.path.join(d, f) for d, _, fs in os.walk(args.name) for f in fs
+                               if not f.startswith(".")), args.name)
+    make_out(parser, args.out, args.overwrite)
+    try:
+        return prep_records(parser, args, "hf", hf_records(ds, cols, args.name), skipped, files, cols["classes"],
+                            extra={"hub": hub}, source_settings={f"hub_{k}": v for k, v in hub.items()})
+    except SourceError as e:
+        parser.error(str(e))
 
 
 # ----------------------------------------------------------------------------- what the source is (for re-runs)
@@ -794,17 +1026,18 @@ def split_of(i, val_frac):
     return "train", i - math.floor(i * val_frac)
 
 
-def prep_records(parser, args, source, records, skipped, files, classes=None, extra=None):
+def prep_records(parser, args, source, records, skipped, files, classes=None, extra=None, source_settings=None):
     """Cut a record stream into train/val shards in parallel, restartably.
 
     Stream position i goes to (split, j) = split_of(i) and shard j // shard_size of that split, so shard
     contents are a pure function of the stream. A shard counts as done when .prep_state.json says it was full
     and its file exists; a re-run with the same settings and source reads the stream again from position 0 (so
     `skipped`, what the reader skips, and the reader's counts in `extra` cover it all) but leaves done shards
-    untouched. `extra` goes into index.json once the stream is read."""
+    untouched. `extra` goes into index.json once the stream is read; `source_settings` (what identifies a source
+    that has no file listing: a hub id, its revision, ...) join the settings a re-run must match."""
     ss, limit = args.shard_size, args.limit
     settings = {"source": source, "img_size": args.img_size, "shard_size": ss, "val_frac": args.val_frac,
-                "seed": args.seed}  # where the source lives is not one: its listing says what it is
+                "seed": args.seed, **(source_settings or {})}  # where it lives is not one: its listing says what it is
     state = read_state(parser, args.out, settings, files)
     save_json(os.path.join(args.out, ".prep_source.json"), files)  # the listing, to say what changed next time
     state_path = os.path.join(args.out, ".prep_state.json")
@@ -1210,7 +1443,18 @@ def main(argv=None):
     p = sub.add_parser("text-to-image-2m", parents=[real], help="jackyhate/text-to-image-2M, streamed")
     p.add_argument("--out", default="data/t2i")
     p.add_argument("--data_files", nargs="+", default=None,
-                   help="tar URLs or local paths/globs (default: the 512 px shards on the hub)")
+                   help="tar URLs or local paths/globs (default: the 512 px tars the hub lists; HF_ENDPOINT, HF_TOKEN)")
+    p = sub.add_parser("hf", parents=[real], help="any image-caption dataset `datasets` streams: a hub id or a folder")
+    p.add_argument("--name", required=True,
+                   help="a hub dataset id (user/name; HF_ENDPOINT, HF_TOKEN) or a local folder in the hub's layout "
+                        "(parquet/arrow files) or written by save_to_disk")
+    p.add_argument("--config", default=None, help="the dataset's configuration (subset), if it has several")
+    p.add_argument("--split", default="train", help="the split to read (--val_frac of it becomes val)")
+    p.add_argument("--image_column", default=None, help="default: the one Image column")
+    p.add_argument("--caption_column", default=None,
+                   help="default: the one string or list-of-strings column (a list: the first caption trains, the "
+                        "others go to json extra_captions)")
+    p.add_argument("--out", required=True)
     for name, what in [("folder", "images with same-stem .txt captions, or class sub-folders"),
                        ("jsonl", 'a .jsonl file of {"image": path, "caption": text}'),
                        ("tar", "a webdataset .tar, or a folder of them")]:
@@ -1261,17 +1505,24 @@ def main(argv=None):
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be >= 1, got {args.limit}")
     skipped = Counter()  # what the readers skip (the driver adds the workers' per-shard skips)
+    if args.source == "hf":
+        return prep_hf(parser, args, skipped)
     if args.source == "text-to-image-2m":
-        # local globs are expanded here (sorted, so the stream order is fixed); URLs are passed through
-        files = [m for f in args.data_files or T2I_URLS for m in ([f] if is_url(f) else sorted(glob.glob(f)) or [f])]
-        missing = [f for f in files if not is_url(f) and not os.path.isfile(f)]
-        if missing:
-            parser.error(f"--data_files: {missing[0]} is not a file")
+        hub = None
+        if args.data_files:  # local globs are expanded here (sorted, so the stream order is fixed); URLs pass through
+            files = [m for f in args.data_files for m in ([f] if is_url(f) else sorted(glob.glob(f)) or [f])]
+            missing = [f for f in files if not is_url(f) and not os.path.isfile(f)]
+            if missing:
+                parser.error(f"--data_files: {missing[0]} is not a file")
+            found = listing(files)
+        else:
+            files, found, hub = t2i_hub_files(parser)
         taken = [0] * len(files)
-        extra = {"data_files": files, "data_files_taken": taken}  # filled in as the stream is read
+        extra = {"data_files": files, "data_files_taken": taken,  # taken: filled in as the stream is read
+                 **({"hub": hub} if hub else {})}
         make_out(parser, args.out, args.overwrite)
-        return prep_records(parser, args, "text-to-image-2m", t2i_records(files, skipped, taken), skipped,
-                            listing(files), extra=extra)
+        return prep_records(parser, args, "text-to-image-2m", t2i_records(files, skipped, taken), skipped, found,
+                            extra=extra)
     if not os.path.exists(args.src):
         parser.error(f"--src {args.src} does not exist")
     if args.source == "tar":
