@@ -13,6 +13,7 @@ import sys
 import tarfile
 import threading
 import time
+import tracemalloc
 import urllib.request
 import warnings
 
@@ -208,11 +209,14 @@ def test_huge_img_size_is_one_line(tmp_path, capsys):
 
 
 def test_tokenizer_training_reads_a_bounded_prefix_of_each_caption():
-    long = "".join(f"w{i % 97} " for i in range(400_000))  # 1.6 MB in one caption
-    t0 = time.time()
-    tok = Tokenizer().train([long, "a red cube"], 400, quiet=True)
-    assert time.time() - t0 < 10
-    assert tok.merges == Tokenizer().train([long[:MAX_TRAIN_CHARS], "a red cube"], 400, quiet=True).merges
+    long = "ab " * 2000 + "x" * 1_000_000  # 1 MB: one word of a million x's after 6000 characters of "ab "
+    tracemalloc.start()
+    tok = Tokenizer().train([long, "a red cube"], 300, quiet=True)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 16 * 2**20  # read whole, this one caption took 147 MiB (30 MB: ~6 GB)
+    assert tok.merges == Tokenizer().train([long[:MAX_TRAIN_CHARS], "a red cube"], 300, quiet=True).merges
+    assert (ord("a"), ord("b")) in tok.merges and (ord("x"), ord("x")) not in tok.merges
 
 
 # ----------------------------------------------------------------------------- prep: ending cleanly
