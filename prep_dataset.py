@@ -30,9 +30,12 @@ relation, captions from templates, a long caption per image plus "swapped" negat
 reversed) for compositional evaluation, and 8 colour-shape combinations held out of the training split so zero-shot
 generalisation to unseen combinations can be measured on val.
 
-Bad data (undecodable or empty images, empty or non-UTF-8 captions, bad json, truncated tars, unsafe member names,
-a dropped connection after 3 tries) is skipped, counted per reason in index.json["skipped"] and warned about, never
-silent; a run that ends with no sample at all is an error. Tar members are only read into memory, never extracted.
+Bad data (undecodable or empty images, images in formats but JPEG/PNG/WebP/GIF/BMP/TIFF, empty or non-UTF-8
+captions, bad json, truncated tars, unsafe member names, a dropped connection after 3 tries; in a folder, links out
+of --src or to folders, unreadable folders and captions, names that are not UTF-8) is skipped, counted per reason in
+index.json["skipped"] and warned about, never silent; a run that ends with no sample at all is an error. Tar
+members are only read into memory, never extracted. A full disk, SIGTERM or Ctrl-C ends a run with one line, its
+temp files removed and its finished shards kept.
 
 text-to-image-2m reads the tars itself (local files memory-mapped, URLs streamed through tarfile's "r|" mode) and
 takes records round-robin over the data files (position p from file p % S, files that run out drop out), so a
