@@ -30,12 +30,13 @@ An item is {"i", "name" (file name or shard key), "label" (class name or ""), "c
 query in the URL (?q=TEXT, ?i=N, &labels=a,b), so a link reopens it and the back button steps through queries.
 
 Every failure is an {"error": "..."} answer with a 4xx/5xx status that the page shows as one line (never a
-traceback): an empty query, an image number out of range, bytes that are not an image (or not JPEG, PNG, WebP,
-GIF, BMP or TIFF: no other decoder is ever tried), a body over --max_upload_mb or slower than --timeout, an image
-that stopped decoding since the start (those that did not decode then are left out), fewer than two labels, a Host header that is not this server, a checkpoint that is corrupt or
-does not fit clip.py. Scores are cosine similarities in [-1, 1] (the logits CLIP uses are these times
-exp(logit_scale)); a classification's "prob" is the softmax of those logits over the typed labels, each label's
-text embedding being the normalised mean over eval_zeroshot.TEMPLATES (CLIP's prompt ensembling).
+traceback): an empty query, an image number out of range, bytes that are not an image (or not JPEG, PNG, WebP, GIF,
+BMP or TIFF: no other decoder is ever tried), a body over --max_upload_mb or slower than --timeout, an image that
+stopped decoding since the start (those that did not decode then are left out), fewer than two labels, a Host header
+that is not this server, a checkpoint that is corrupt or does not fit clip.py. Scores are cosine similarities in
+[-1, 1] (the logits CLIP uses are these times exp(logit_scale)); a classification's "prob" is the softmax of those
+logits over the typed labels, each label's text embedding being the normalised mean over eval_zeroshot.TEMPLATES
+(CLIP's prompt ensembling).
 
 Candidate texts for an image: "a photo of a <class>." for each class of a labelled shard set (or each class
 folder), plus every distinct caption of the images shown (shard .txt members, or a.txt beside a.jpg).
@@ -56,11 +57,11 @@ preset at 32 px, 14 x 14 for ViT-B/16 at 224 px); (4) the colours are relative t
 matches nothing still lights its least-bad patch, so read the map next to the score.
 
 Hardening (it is a local tool, but a browser page from anywhere can talk to localhost): the server binds to
-127.0.0.1 unless told otherwise; a request whose Host header is not an IP address, localhost or an
---allowed_hosts name is refused (a DNS-rebinding page could otherwise read the images); a request must arrive
-whole within --timeout seconds (one deadline, not one per read: a client trickling a byte a second is cut off
-too), its answer is sent within as long again, and connections are served by a fixed pool of --threads threads
-(the rest wait in the listen backlog), so idle, half-open or slow clients cannot pile up threads; POST bodies must state their length and are
+127.0.0.1 unless told otherwise; a request whose Host header is not an IP address, localhost or an --allowed_hosts
+name is refused (a DNS-rebinding page could otherwise read the images); a request must arrive whole within --timeout
+seconds (one deadline, not one per read: a client trickling a byte a second is cut off too), its answer is sent
+within as long again, and connections are served by a fixed pool of --threads threads (the rest wait in the listen
+backlog), so idle, half-open or slow clients cannot pile up threads; POST bodies must state their length and are
 capped (--max_upload_mb); uploads over MAX_PIXELS are refused before decoding; every answer carries
 X-Content-Type-Options: nosniff and a Content-Security-Policy that allows only this page's own inline script and
 style (by hash), images from this server or the user's own upload, and fetches to this server.

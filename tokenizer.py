@@ -75,7 +75,7 @@ class Tokenizer:
 
     def train(self, texts, vocab_size, quiet=False):
         """Learn vocab_size - 258 merges from an iterable of strings (or one string), each cut to its first
-        MAX_TRAIN_CHARS characters; returns self."""
+        MAX_TRAIN_CHARS characters (pass a long corpus as its lines); returns self."""
         if vocab_size < 258:
             raise ValueError(f"vocab_size must be >= 258 (256 bytes + sot + eot), got {vocab_size}")
         if isinstance(texts, str):
