@@ -902,7 +902,8 @@ def make_handler(demo, quiet=False, max_body=8 * 2**20, timeout=10.0, allowed_ho
         def setup(self):
             super().setup()
             self.rfile.close()
-            self.rfile = io.BufferedReader(Deadline(self.connection, timeout))  # the whole request within timeout
+            # HTTP/1.0, one request per connection: this is the request's deadline
+            self.rfile = io.BufferedReader(Deadline(self.connection, timeout))
 
         def send(self, status, body, ctype):
             self.connection.settimeout(timeout)  # the answer's own bound: a sendall gets `timeout` in all

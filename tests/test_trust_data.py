@@ -183,12 +183,13 @@ def test_bom_and_number_captions_are_read_as_text(tmp_path, capsys):
         assert code == 0 and json.load(f)["skipped"] == {"bad_caption": 1, "empty_caption": 1}
     got = {f["txt"].decode() for f in read_tar(str(tmp_path / "j" / "train-000000.tar"))[0].values()}
     assert got == {"42", "a photo", "1.5"}
-    # a tar's json member: a BOM and a number caption ({"caption": 0} is "0", not a missing caption)
+    # a tar's json member: a BOM and a number caption ({"caption": 0} is "0", not a missing caption); a .txt BOM
     with tarfile.open(tmp_path / "in.tar", "w") as tar:
-        for key, meta in [("a", b"\xef\xbb\xbf" + json.dumps({"caption": 0}).encode()),
-                          ("b", json.dumps({"caption": "", "prompt": "a prompt"}).encode()),
-                          ("c", json.dumps({"caption": None}).encode()), ("d", json.dumps({"x": 1}).encode())]:
-            for ext, data in [("png", png(1)), ("json", meta)]:
+        for key, ext, meta in [("a", "json", b"\xef\xbb\xbf" + json.dumps({"caption": 0}).encode()),
+                               ("b", "json", json.dumps({"caption": "", "prompt": "a prompt"}).encode()),
+                               ("c", "json", json.dumps({"caption": None}).encode()),
+                               ("d", "json", json.dumps({"x": 1}).encode()), ("e", "txt", "\ufeffa bom".encode())]:
+            for ext, data in [("png", png(1)), (ext, meta)]:
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
@@ -197,7 +198,7 @@ def test_bom_and_number_captions_are_read_as_text(tmp_path, capsys):
     with open(tmp_path / "t" / "index.json") as f:
         assert code == 0 and json.load(f)["skipped"] == {"empty_caption": 1, "missing_caption": 1}
     assert {f["txt"].decode() for f in read_tar(str(tmp_path / "t" / "train-000000.tar"))[0].values()} == \
-        {"0", "a prompt"}
+        {"0", "a prompt", "a bom"}
 
 
 def test_huge_img_size_is_one_line(tmp_path, capsys):
