@@ -30,7 +30,7 @@ flight. Workers start on the first iteration and live until close() (no re-fork 
 main process receives the batches (and pins them for CUDA), so the training loop only takes finished batches.
 
 Bad records never stop a run and are never trained on wrongly: a sample whose image is missing or does not
-decode, whose caption is missing or not UTF-8, whose json or .npy field is broken, is skipped and replaced by
+decode, whose caption is missing, empty or not UTF-8, whose json or .npy field is broken, is skipped and replaced by
 the first good sample of the same shard from a start drawn with (seed, epoch, position) - the same replacement
 in every run, with any number of workers, and after a resume - so batches keep their size on every rank. The
 distinct bad samples met are counted per reason and reported once per epoch (pop_epoch_report). Unsafe member
@@ -69,7 +69,10 @@ from tokenizer import Tokenizer
 # folders, index.json and tokenizer.json.
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # image members of a shard
-FOLDER_EXTS = IMAGE_EXTS + ("bmp", "gif", "tif", "tiff")  # local files may be anything PIL opens
+FOLDER_EXTS = IMAGE_EXTS + ("bmp", "gif", "tif", "tiff")  # local files: any of IMAGE_FORMATS
+# The only PIL decoders any image bytes reach (shards, folders, uploads): the formats image-text datasets use.
+# Without the list PIL tries every plugin it has, EPS among them, which hands the bytes to Ghostscript.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 def map_file(path):
@@ -255,8 +258,9 @@ def to_rgb(img):
 def decode_image(data, size=None, box=None):
     """Encoded image bytes -> RGB PIL image: EXIF rotation applied, alpha composited on white, 16-bit and CMYK
     converted, then (optional) cropped to box (x0, y0, x1, y1), and with `size` the shorter side resized to it
-    and centre-cropped to size x size (CLIP's preprocessing). Raises on bytes PIL cannot decode."""
-    img = Image.open(io.BytesIO(data))
+    and centre-cropped to size x size (CLIP's preprocessing). Raises on bytes PIL cannot decode, and on any
+    format but IMAGE_FORMATS (PIL.UnidentifiedImageError, an OSError)."""
+    img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     if size is not None and box is None:
         img.draft("RGB", (size, size))  # JPEG only: decode at a reduced DCT scale >= the target (much faster)
     img.load()  # decodes now, so a truncated or corrupt file fails here
@@ -282,15 +286,65 @@ def articles(text):
     return re.sub(r"\ba(?= [aeiou])", "an", text)
 
 
-def class_folders(root):
+def folder_entries(folder, inside, skipped):
+    """One folder's usable entries, sorted, as (path, is_folder): its sub-folders (a link to a folder never: inside
+    `inside` it repeats a folder walked anyway, out of it it leaves the source, and either can loop) and its files
+    (a link only to a file inside `inside`, a real path). Whatever is passed over is counted in `skipped` by
+    reason: link_folder, link_outside, broken_link, not_a_file (FIFOs, sockets, devices), bad_filename (not UTF-8:
+    no caption, id or index.json could carry it) and unreadable_folder (this folder itself)."""
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError:
+        skipped["unreadable_folder"] += 1
+        return []
+    out = []
+    for e in entries:
+        try:
+            e.name.encode("utf-8")
+        except UnicodeEncodeError:  # the surrogates os.fsdecode makes of bytes that are not UTF-8
+            skipped["bad_filename"] += 1
+            continue
+        if e.is_symlink():
+            target = os.path.realpath(e.path)
+            reason = ("broken_link" if not os.path.exists(target) else  # dangling, or a loop of links
+                      "link_outside" if os.path.commonpath([inside, target]) != inside else
+                      "link_folder" if os.path.isdir(target) else None)
+        else:
+            reason = None if e.is_dir(follow_symlinks=False) or e.is_file(follow_symlinks=False) else "not_a_file"
+        if reason:
+            skipped[reason] += 1
+        else:
+            out.append((e.path, e.is_dir(follow_symlinks=False)))
+    return out
+
+
+def walk_files(root, skipped=None, inside=None):
+    """Every file below root, sorted, never leaving `inside` (default root) and never looping: folder_entries'
+    rules, folder by folder; what it passes over is counted in `skipped` (a Counter)."""
+    skipped = Counter() if skipped is None else skipped
+    inside, files, todo = os.path.realpath(inside or root), [], [root]
+    while todo:
+        for path, is_folder in folder_entries(todo.pop(), inside, skipped):
+            (todo if is_folder else files).append(path)
+    return sorted(files)
+
+
+def class_folders(root, skipped=None):
     """root/<class>/**/<image> (the ImageNet layout) -> (class names, [(path, label)], empty folder names), or
     None when root is not laid out that way: it has images at the top, .txt captions anywhere below, or no
-    sub-folder with an image. A sub-folder with no image is not a class. Names: folder names, "_" -> " "."""
-    if not os.path.isdir(root) or any(is_image_file(os.path.join(root, f)) for f in os.listdir(root)):
+    sub-folder with an image. A sub-folder with no image is not a class. Names: folder names, "_" -> " ".
+    Walked by walk_files' rules (links stay inside root); what they pass over is added to `skipped` when root is
+    laid out this way."""
+    if not os.path.isdir(root):
+        return None
+    seen, inside = Counter(), os.path.realpath(root)
+    top = folder_entries(root, inside, seen)
+    if any(not is_folder and is_image_file(p) for p, is_folder in top):
         return None
     classes, items, empty = [], [], []
-    for d in sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))):
-        files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(root, d)) for f in fs)
+    for d in [os.path.basename(p) for p, is_folder in top if is_folder]:
+        files = walk_files(os.path.join(root, d), seen, inside)
         if any(f.endswith(".txt") for f in files):
             return None  # captioned images in sub-folders, not classes
         images = [f for f in files if is_image_file(f)]
@@ -299,6 +353,8 @@ def class_folders(root):
             continue
         items += [(f, len(classes)) for f in images]
         classes.append(d.replace("_", " "))
+    if classes and skipped is not None:
+        skipped.update(seen)
     return (classes, items, empty) if classes else None
 
 
@@ -549,7 +605,7 @@ class BatchMaker:
         if missing:
             raise BadSample(f"missing_{missing[0].split('.')[0]}")  # missing_txt, missing_json, missing_<field>
         try:
-            txt = get("txt").decode("utf-8")
+            txt = get("txt").decode("utf-8-sig")  # a text editor's byte-order mark is not part of the caption
         except UnicodeDecodeError:
             raise BadSample("bad_utf8") from None
         meta = {}
@@ -575,6 +631,8 @@ class BatchMaker:
             caption, short = meta.get("long"), meta.get("short")
             if not isinstance(caption, str) or not isinstance(short, str):
                 raise BadSample("missing_long_caption")
+        if not caption.strip() or (self.long_captions and not short.strip()):
+            raise BadSample("empty_caption")  # nothing to tell this image from the others in the batch
         label = meta.get("label", -1) if self.labels else -1
         if not isinstance(label, int) or isinstance(label, bool):
             raise BadSample("bad_label")

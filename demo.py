@@ -30,11 +30,13 @@ An item is {"i", "name" (file name or shard key), "label" (class name or ""), "c
 query in the URL (?q=TEXT, ?i=N, &labels=a,b), so a link reopens it and the back button steps through queries.
 
 Every failure is an {"error": "..."} answer with a 4xx/5xx status that the page shows as one line (never a
-traceback): an empty query, an image number out of range, bytes that are not an image, a body over
---max_upload_mb, fewer than two labels, a Host header that is not this server, a checkpoint that is corrupt or
-does not fit clip.py. Scores are cosine similarities in [-1, 1] (the logits CLIP uses are these times
-exp(logit_scale)); a classification's "prob" is the softmax of those logits over the typed labels, each label's
-text embedding being the normalised mean over eval_zeroshot.TEMPLATES (CLIP's prompt ensembling).
+traceback): an empty query, an image number out of range, bytes that are not an image (or not JPEG, PNG, WebP, GIF,
+BMP or TIFF: no other decoder is ever tried), a body over --max_upload_mb or slower than --timeout, an image that
+stopped decoding since the start (those that did not decode then are left out), fewer than two labels, a Host header
+that is not this server, a checkpoint that is corrupt or does not fit clip.py. Scores are cosine similarities in
+[-1, 1] (the logits CLIP uses are these times exp(logit_scale)); a classification's "prob" is the softmax of those
+logits over the typed labels, each label's text embedding being the normalised mean over eval_zeroshot.TEMPLATES
+(CLIP's prompt ensembling).
 
 Candidate texts for an image: "a photo of a <class>." for each class of a labelled shard set (or each class
 folder), plus every distinct caption of the images shown (shard .txt members, or a.txt beside a.jpg).
@@ -55,10 +57,11 @@ preset at 32 px, 14 x 14 for ViT-B/16 at 224 px); (4) the colours are relative t
 matches nothing still lights its least-bad patch, so read the map next to the score.
 
 Hardening (it is a local tool, but a browser page from anywhere can talk to localhost): the server binds to
-127.0.0.1 unless told otherwise; a request whose Host header is not an IP address, localhost or an
---allowed_hosts name is refused (a DNS-rebinding page could otherwise read the images); each connection has a
-socket timeout (--timeout) and connections are served by a fixed pool of --threads threads (the rest wait in the
-listen backlog), so idle or half-open clients cannot pile up threads; POST bodies must state their length and are
+127.0.0.1 unless told otherwise; a request whose Host header is not an IP address, localhost or an --allowed_hosts
+name is refused (a DNS-rebinding page could otherwise read the images); a request must arrive whole within --timeout
+seconds (one deadline, not one per read: a client trickling a byte a second is cut off too), its answer is sent
+within as long again, and connections are served by a fixed pool of --threads threads (the rest wait in the listen
+backlog), so idle, half-open or slow clients cannot pile up threads; POST bodies must state their length and are
 capped (--max_upload_mb); uploads over MAX_PIXELS are refused before decoding; every answer carries
 X-Content-Type-Options: nosniff and a Content-Security-Policy that allows only this page's own inline script and
 style (by hash), images from this server or the user's own upload, and fetches to this server.
@@ -79,10 +82,11 @@ import os
 import sys
 import tempfile
 import threading
+import time
 import traceback
 import urllib.parse
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -95,13 +99,13 @@ from tqdm import tqdm
 
 import checkpoint_manager as cm
 from clip import normalize_images
-from dataloader import (FOLDER_EXTS, articles, class_folders, complete, decode_image, image_array, image_ext,
-                        is_image_file, map_file, read_index, scan_tar)
+from dataloader import (FOLDER_EXTS, IMAGE_FORMATS, articles, class_folders, complete, decode_image, image_array,
+                        image_ext, is_image_file, map_file, read_index, scan_tar, walk_files)
 from eval_zeroshot import TEMPLATES, encode_images, encode_texts, zeroshot_classifier
 from tokenizer import Tokenizer
 
 TEMPLATE = "a photo of a {}."  # class name -> candidate text
-CACHE_VERSION = 2  # bump when what goes into the cache changes (2: images decoded by dataloader.decode_image)
+CACHE_VERSION = 3  # bump when what goes into the cache changes (2: decode_image, 3: the broken images' numbers)
 THUMB = 256  # images from a folder are served as JPEGs of at most this many pixels a side
 PAGE_SIZE = 48  # images per page of the landing grid
 MAX_QUERY = 500  # characters of a caption query
@@ -161,20 +165,35 @@ class Gallery:
                           f"{root} ({split})")
 
     def read_folder(self, root):
-        layout = class_folders(root)  # root/<class>/**/*.jpg, no captions: folder names are the classes
+        # walked as prep_dataset walks a folder (dataloader.walk_files): never out of root, never into a loop
+        skipped, walked = Counter(), set()
+        layout = class_folders(root, skipped)  # root/<class>/**/*.jpg, no captions: folder names are the classes
         if layout is not None:
             self.classes, items, empty = layout
             if empty:
                 warnings.warn(f"{len(empty)} sub-folder(s) of {root} hold no image and are not classes: {empty[:5]}")
             self.files, self.labels = [p for p, _ in items], [label for _, label in items]
         else:
-            self.files = sorted(p for dp, _, fs in os.walk(root) for f in fs if is_image_file(p := os.path.join(dp, f)))
+            walked = set(walk_files(root, skipped))
+            self.files = sorted(p for p in walked if is_image_file(p))
             self.labels = [-1] * len(self.files)
         for p in self.files:
             self.items.append((p, None))
             self.names.append(os.path.relpath(p, root))
             txt = os.path.splitext(p)[0] + ".txt"  # a.jpg + a.txt: prep_dataset's captioned-folder layout
-            self.captions.append(read_text(txt) if layout is None and os.path.isfile(txt) else "")
+            try:
+                self.captions.append(read_text(txt) if txt in walked else "")
+            except OSError:  # no permission, or gone since the walk: the image stays, without a caption
+                self.captions.append("")
+                skipped["unreadable_caption"] += 1
+        if skipped:
+            warnings.warn(f"{root}: passed over {', '.join(f'{n} {r}' for r, n in sorted(skipped.items()))} "
+                          "(links are followed only to files inside it)")
+
+    def keep(self, indices):
+        """Keep only the images at `indices` (build drops the ones that do not decode)."""
+        for name in ("items", "captions", "labels", "names"):
+            setattr(self, name, [getattr(self, name)[i] for i in indices])
 
     def __len__(self):
         return len(self.items)
@@ -240,20 +259,20 @@ def cache_key(ckpt, gallery, texts):
 
 
 def load_cache(path, key, n_images, n_texts):
-    """(image_emb, text_emb) from the .npz at path when its key matches, else None."""
+    """(image_emb, text_emb, broken image numbers) from the .npz at path when its key matches, else None."""
     if not path or not os.path.isfile(path):
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
             if str(z["key"]) != key or len(z["image"]) != n_images or len(z["text"]) != n_texts:
                 return None  # another checkpoint or other data: recompute (and overwrite)
-            return torch.from_numpy(z["image"]), torch.from_numpy(z["text"])
+            return torch.from_numpy(z["image"]), torch.from_numpy(z["text"]), z["broken"].tolist()
     except Exception as e:  # a truncated or foreign file is only a cache miss
         warnings.warn(f"ignoring unreadable cache {path}: {type(e).__name__}: {e}")
         return None
 
 
-def save_cache(path, key, image_emb, text_emb):
+def save_cache(path, key, image_emb, text_emb, broken=()):
     """np.savez to a temp file in the same directory, then os.replace: a crash never leaves half a cache.
     The temp name ends in ".partial", not ".tmp", which CheckpointManager sweeps from a ckpt folder."""
     tmp = None
@@ -262,7 +281,8 @@ def save_cache(path, key, image_emb, text_emb):
         os.makedirs(d, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=d, prefix=".demo-cache.", suffix=".partial")
         with os.fdopen(fd, "wb") as f:  # a file object: np.savez does not append ".npz" to it
-            np.savez(f, key=np.array(key), image=image_emb.numpy(), text=text_emb.numpy())
+            np.savez(f, key=np.array(key), image=image_emb.numpy(), text=text_emb.numpy(),
+                     broken=np.array(broken, dtype=np.int64))
         os.replace(tmp, path)
     except OSError as e:  # a read-only checkpoint folder costs the next start some time, nothing else
         warnings.warn(f"could not write the embedding cache {path}: {e}")
@@ -272,21 +292,20 @@ def save_cache(path, key, image_emb, text_emb):
 
 @torch.inference_mode()
 def embed_gallery(model, tokenizer, gallery, texts, device, batch=256, quiet=False):
-    """Normalised float32 embeddings on the CPU: images (N, E) and candidate texts (M, E)."""
-    size, parts, broken = model.config.vision.img_size, [], 0
+    """Normalised float32 embeddings on the CPU: images (N, E) and candidate texts (M, E), and the numbers of the
+    images that did not decode (their rows are a black image's embedding, for build to drop)."""
+    size, parts, broken = model.config.vision.img_size, [], []
     for s in tqdm(range(0, len(gallery), batch), desc="encode images", unit="batch", disable=quiet):
         pixels = []
         for i in range(s, min(s + batch, len(gallery))):
             try:
                 pixels.append(gallery.pixels(i, size))
-            except Exception:  # PIL raises many types for a broken file; counted and warned below
+            except Exception:  # PIL raises many types for a broken file (or a format not in IMAGE_FORMATS)
                 pixels.append(torch.zeros(3, size, size, dtype=torch.uint8))  # keeps indices aligned
-                broken += 1
+                broken.append(i)
         parts.append(encode_images(model, torch.stack(pixels), device).cpu())  # (b, E)
-    if broken:
-        warnings.warn(f"{broken} image(s) could not be decoded; they are encoded as black images")
     text_emb = encode_texts(model, tokenizer, [t for t, _ in texts], device, batch=batch).cpu()  # (M, E)
-    return torch.cat(parts), text_emb
+    return torch.cat(parts), text_emb, broken
 
 
 @torch.inference_mode()
@@ -343,7 +362,7 @@ class Demo:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked next
-                with Image.open(io.BytesIO(data)) as im:  # reads the header only
+                with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:  # reads the header only
                     w, h = im.size
                 if w * h > MAX_PIXELS:
                     return None, (413, {"error": f"the image is {w}x{h} pixels; the demo decodes at most "
@@ -368,7 +387,19 @@ class Demo:
         i, err = self.image_index(value)
         if err:
             return None, err
-        return (self.image_emb[i], self.gallery.pixels(i, self.img_size) if pixels else None), None
+        x, err = self.shown(i, lambda i: self.gallery.pixels(i, self.img_size)) if pixels else (None, None)
+        return (None, err) if err else ((self.image_emb[i], x), None)
+
+    def shown(self, i, how):
+        """how(i) on gallery image i (its JPEG or its pixels) -> (value, None), or (None, error answer) when its bytes
+        do not decode: build left out the images that did not, so this one was changed or removed since (or the
+        checkpoint is unusable and nothing was decoded at the start)."""
+        try:
+            return how(i), None
+        except Exception as e:  # PIL raises many types for a broken file; a removed one is an OSError
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            return None, (422, {"error": f"image #{i} ({self.gallery.names[i]}) could not be read or decoded "
+                                         f"({type(e).__name__}: {first})"})
 
     @property
     def img_size(self):
@@ -512,7 +543,9 @@ def build(ckpt, images, split="val", topk=8, cache=None, device="cpu", batch=256
     gallery = Gallery(images, split, limit)
     texts = candidate_texts(gallery)
     shards = os.path.isfile(os.path.join(images, "index.json"))
-    what = f"{len(gallery)} images from {os.path.basename(os.path.normpath(images))}" + (f" ({split})" if shards else "")
+    describe = lambda: f"{len(gallery)} images from {os.path.basename(os.path.normpath(images))}" + \
+        (f" ({split})" if shards else "")
+    what = describe()
     try:
         model, state = cm.load_model(ckpt, map_location=device)
         tokenizer = Tokenizer.from_dict(state["tokenizer"]) if "tokenizer" in state else \
@@ -525,15 +558,23 @@ def build(ckpt, images, split="val", topk=8, cache=None, device="cpu", batch=256
     key = cache_key(ckpt, gallery, texts)
     cached = load_cache(cache, key, len(gallery), len(texts))
     if cached is not None:
-        image_emb, text_emb = cached
+        image_emb, text_emb, broken = cached
         if not quiet:
             print(f"loaded embeddings of {what} and {len(texts)} texts from {cache}")
     else:
-        image_emb, text_emb = embed_gallery(model, tokenizer, gallery, texts, device, batch, quiet)
+        image_emb, text_emb, broken = embed_gallery(model, tokenizer, gallery, texts, device, batch, quiet)
         if cache:
-            save_cache(cache, key, image_emb, text_emb)
+            save_cache(cache, key, image_emb, text_emb, broken)
         if not quiet:
             print(f"encoded {what} and {len(texts)} texts" + (f"; cached in {cache}" if cache else ""))
+    if broken:  # left out, so no answer ever points at an image the server cannot show
+        warnings.warn(f"{len(broken)} image(s) could not be decoded and are left out: "
+                      f"{', '.join(gallery.names[i] for i in broken[:5])}")
+        keep = sorted(set(range(len(gallery))) - set(broken))
+        if not keep:
+            raise ValueError(f"none of the {len(gallery)} images in {images} could be decoded")
+        gallery.keep(keep)
+        image_emb, what = image_emb[keep], describe()  # (N', E)
     return Demo(gallery, texts, topk, model, tokenizer, device, image_emb, text_emb, description=what)
 
 
@@ -833,6 +874,25 @@ def host_allowed(host, allowed):
         return name.rstrip(".") in {"localhost", *allowed}
 
 
+class Deadline(io.RawIOBase):
+    """A socket's reads under one deadline for the whole request: each recv may wait only for what is left of it,
+    so a client that sends a byte every second holds a thread for `seconds` at most (a timeout per recv never
+    fires on it)."""
+
+    def __init__(self, sock, seconds):
+        self.sock, self.end = sock, time.monotonic() + seconds
+
+    def readable(self):
+        return True
+
+    def readinto(self, buf):
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request was not received within --timeout")
+        self.sock.settimeout(left)
+        return self.sock.recv_into(buf)
+
+
 def make_handler(demo, quiet=False, max_body=8 * 2**20, timeout=10.0, allowed_hosts=()):
     allowed = {h.lower() for h in allowed_hosts}
 
@@ -840,10 +900,13 @@ def make_handler(demo, quiet=False, max_body=8 * 2**20, timeout=10.0, allowed_ho
         server_version = "clip-demo"
 
         def setup(self):
-            self.timeout = timeout  # StreamRequestHandler sets it on the socket: a silent client is dropped
             super().setup()
+            self.rfile.close()
+            # HTTP/1.0, one request per connection: this is the request's deadline
+            self.rfile = io.BufferedReader(Deadline(self.connection, timeout))
 
         def send(self, status, body, ctype):
+            self.connection.settimeout(timeout)  # the answer's own bound: a sendall gets `timeout` in all
             self.send_response(status)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
@@ -863,8 +926,8 @@ def make_handler(demo, quiet=False, max_body=8 * 2**20, timeout=10.0, allowed_ho
                 self.send_json(code, {"error": f"{code} {message or self.responses.get(code, ('',))[0]}"})
 
         def read_body(self):
-            """The POST body, or an error answer. Content-Length is required and capped; the body is read under the
-            socket timeout."""
+            """The POST body, or an error answer. Content-Length is required and capped; the body is read within the
+            request's deadline."""
             if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
                 return None, (411, {"error": "send the image with a Content-Length (chunked bodies are not read)"})
             try:
@@ -877,7 +940,11 @@ def make_handler(demo, quiet=False, max_body=8 * 2**20, timeout=10.0, allowed_ho
                 self.discard(n)
                 return None, (413, {"error": f"the upload is {n} bytes; the demo takes at most {max_body} bytes "
                                              "(--max_upload_mb)"})
-            data = self.rfile.read(n)
+            try:
+                data = self.rfile.read(n)
+            except TimeoutError:
+                self.close_connection = True
+                return None, (408, {"error": f"the upload did not arrive within {timeout:g} s (--timeout)"})
             if len(data) != n:
                 return None, (400, {"error": f"the body ended after {len(data)} of {n} bytes"})
             return data, None
@@ -915,7 +982,8 @@ def make_handler(demo, quiet=False, max_body=8 * 2**20, timeout=10.0, allowed_ho
                 return 200, PAGE
             if url.path.startswith("/api/image/"):
                 i, err = demo.image_index(url.path[len("/api/image/"):])
-                return err or (200, demo.gallery.jpeg(i))
+                jpeg, err = (None, err) if err else demo.shown(i, demo.gallery.jpeg)
+                return err or (200, jpeg)
             if url.path in gets:
                 return gets[url.path]()
             if url.path in both:
@@ -944,7 +1012,7 @@ def make_handler(demo, quiet=False, max_body=8 * 2**20, timeout=10.0, allowed_ho
 class Server(HTTPServer):
     """HTTPServer answering connections in a fixed pool of `threads` threads. When all are busy the accept loop
     waits (new connections queue in the kernel's listen backlog), so memory and threads stay bounded whatever the
-    clients do; with the handler's socket timeout a silent connection holds a thread for at most that long."""
+    clients do; with the handler's deadline a silent or slow connection holds a thread for at most that long."""
     request_queue_size = 128  # the listen backlog
 
     def __init__(self, address, handler, threads=8):
@@ -995,7 +1063,8 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=None, help="show only the first N images")
     p.add_argument("--batch", type=int, default=256, help="images per forward pass at start")
     p.add_argument("--threads", type=int, default=8, help="connections served at once (a fixed thread pool)")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds a connection may stay silent")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds a client has to send its whole request (and, again, to take the answer)")
     p.add_argument("--max_upload_mb", type=float, default=8.0, help="largest uploaded image, in MiB")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no request log")

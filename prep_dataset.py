@@ -33,9 +33,12 @@ relation, captions from templates, a long caption per image plus "swapped" negat
 reversed) for compositional evaluation, and 8 colour-shape combinations held out of the training split so zero-shot
 generalisation to unseen combinations can be measured on val.
 
-Bad data (undecodable or empty images, empty or non-UTF-8 captions, bad json, truncated tars, unsafe member names,
-a URL failing HTTP_TRIES times in a row) is skipped, counted per reason in index.json["skipped"] and warned about, never
-silent; a run that ends with no sample at all is an error. Tar members are only read into memory, never extracted.
+Bad data (undecodable or empty images, images in formats but JPEG/PNG/WebP/GIF/BMP/TIFF, empty or non-UTF-8
+captions, bad json, truncated tars, unsafe member names, a URL failing HTTP_TRIES times in a row; in a folder, links
+out of --src or to folders, unreadable folders and captions, names that are not UTF-8) is skipped, counted per reason
+in index.json["skipped"] and warned about, never silent; a run that ends with no sample at all is an error. Tar
+members are only read into memory, never extracted. A full disk, SIGTERM or Ctrl-C ends a run with one line, its
+temp files removed and its finished shards kept.
 
 text-to-image-2m reads the tars itself (local files memory-mapped, URLs streamed through tarfile's "r|" mode) and
 takes records round-robin over the data files (position p from file p % S, files that run out drop out), so a
@@ -77,7 +80,9 @@ the hub.
 """
 
 import argparse
+import contextlib
 import email.utils
+import functools
 import glob
 import hashlib
 import http.client
@@ -88,7 +93,10 @@ import math
 import multiprocessing
 import os
 import re
+import signal
+import sys
 import tarfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -100,9 +108,9 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from dataloader import (articles, class_folders, decode_image, image_array, image_ext, is_image_file, map_file,
-                        read_tar, safe_name, save_json, scan_tar, split_key, tar_members, write_tar)
+                        read_tar, safe_name, save_json, scan_tar, split_key, tar_members, walk_files, write_tar)
 from dataloader import hub_columns, hub_image_bytes, open_hub_dataset, undecoded
-from tokenizer import Tokenizer
+from tokenizer import MAX_TRAIN_CHARS, Tokenizer
 
 # jackyhate/text-to-image-2M, the 512 px part (webdataset tars of jpg + json {"prompt": ...}). The tars are read from
 # the repo's file listing; these 47 names are the fallback when the hub does not answer the listing request.
@@ -138,11 +146,17 @@ def skip_summary(skipped):
 def finish(out, splits, extra, captions, vocab_size, skipped, quiet, fit=None):
     """Train the tokenizer on the training captions, write tokenizer.json and index.json, report skips.
     index.json's caption_tokens is the longest of `fit` (default: the captions) in tokens with start and end: train.py
-    shortens the text context to it when the preset's is longer."""
+    shortens the text context to it when the preset's is longer. Both read at most MAX_TRAIN_CHARS characters of a
+    caption (the shards keep it whole); index.json's captions_capped counts the captions that were longer."""
+    fit = captions if fit is None else fit
+    capped = sum(len(t) > MAX_TRAIN_CHARS for t in captions)
+    if capped:
+        warnings.warn(f"{capped} training captions are longer than {MAX_TRAIN_CHARS} characters; the tokenizer "
+                      f"and caption_tokens read only their first {MAX_TRAIN_CHARS}")
     tok = Tokenizer().train(captions, vocab_size, quiet=quiet)
     tok.save(os.path.join(out, "tokenizer.json"))
-    longest = max((len(tok.encode(t)) for t in (captions if fit is None else fit)), default=0) + 2
-    index = {**splits, **extra, "vocab_size": tok.vocab_size, "caption_tokens": longest,
+    longest = max((len(tok.encode(t[:MAX_TRAIN_CHARS])) for t in fit), default=0) + 2
+    index = {**splits, **extra, "vocab_size": tok.vocab_size, "caption_tokens": longest, "captions_capped": capped,
              "skipped": dict(sorted(skipped.items()))}
     save_json(os.path.join(out, "index.json"), index)
     counts = ", ".join(f"{s} {splits[s]['num_samples']} in {len(splits[s]['shards'])} shards" for s in splits)
@@ -151,6 +165,59 @@ def finish(out, splits, extra, captions, vocab_size, skipped, quiet, fit=None):
         warnings.warn(f"skipped {sum(skipped.values())} samples/members: {skip_summary(skipped)}")
     print(f"skipped {sum(skipped.values())}: {skip_summary(skipped)}" if skipped else "skipped: none")
     return index
+
+
+# ----------------------------------------------------------------------------- ending cleanly
+
+TEMP_FILE = re.compile(r"\.(tmp\d*|partial)$")  # write_tar, save_json, Tokenizer.save: <name>.tmp<pid> until os.replace
+
+
+class Stopped(Exception):
+    """SIGTERM (how clusters and `kill` stop a job) raised in the main process, so the step's cleanup runs."""
+
+
+def raise_stopped(signum, frame):
+    raise Stopped(signum)
+
+
+def worker_signals():
+    """Pool workers leave Ctrl-C and SIGTERM to the main process, which stops them (Pool.terminate) and cleans up."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def cleans_up(step):
+    """For a step that writes into one folder (--out, or --data for add-*): however it ends, the temp files that
+    appeared there while it ran (half-written shards of its own or of its workers) are removed, and a full disk
+    (any OSError), SIGTERM or Ctrl-C ends it with one line instead of (chained) tracebacks. Finished shards stay,
+    so the same command continues from them."""
+    @functools.wraps(step)
+    def run(*a, **kw):
+        args = next(x for x in a if isinstance(x, argparse.Namespace))
+        folder = args.data if args.source.startswith("add-") else args.out
+        names = lambda: set(os.listdir(folder)) if os.path.isdir(folder) else set()
+        before, main_thread = names(), threading.current_thread() is threading.main_thread()
+        old = signal.signal(signal.SIGTERM, raise_stopped) if main_thread else None
+        try:
+            return step(*a, **kw)
+        except OSError as e:  # also from a worker: Pool re-raises it here, with the worker's traceback as cause
+            where = f": {e.filename}" if e.filename else ""
+            print(f"prep_dataset.py: error: {e.strerror or e}{where}; run the same command again to continue",
+                  file=sys.stderr)
+            raise SystemExit(2) from None
+        except (KeyboardInterrupt, Stopped) as e:
+            how = "SIGTERM" if isinstance(e, Stopped) else "Ctrl-C"
+            print(f"prep_dataset.py: stopped by {how}; temp files removed, finished shards kept: run the same "
+                  "command again to continue", file=sys.stderr)
+            raise SystemExit(143 if isinstance(e, Stopped) else 130) from None
+        finally:
+            for f in names() - before:
+                if TEMP_FILE.search(f):
+                    with contextlib.suppress(OSError):
+                        os.remove(os.path.join(folder, f))
+            if main_thread:
+                signal.signal(signal.SIGTERM, old)
+    return run
 
 
 # ----------------------------------------------------------------------------- rule-based negative captions
@@ -410,6 +477,7 @@ def synthetic_shard(job):
     return split, end - start, texts, short, no_negatives
 
 
+@cleans_up
 def prep_synthetic(args):
     heldout = heldout_combos(args.seed)
     jobs, splits = [], {}
@@ -421,7 +489,7 @@ def prep_synthetic(args):
                   args.seed, args.img_size, heldout) for k, (name, size) in enumerate(zip(names, sizes))]
     captions, fit, no_negatives = [], [], 0
     bar = tqdm(total=args.num_train + args.num_val, desc="synthetic", unit="img", disable=args.quiet)
-    with multiprocessing.Pool(args.workers) if args.workers > 1 else nullpool() as pool:
+    with multiprocessing.Pool(args.workers, worker_signals) if args.workers > 1 else nullpool() as pool:
         for split, n, texts, short, without in pool.imap(synthetic_shard, jobs):  # in order: captions come out in order
             captions += texts if split == "train" else []
             fit += short
@@ -461,14 +529,18 @@ class Ready:
 # ----------------------------------------------------------------------------- decoding real images
 
 def read_caption(value):
-    """bytes/str/None -> (caption, None) or (None, skip reason). Long captions are kept whole; only the
-    tokenizer truncates, at training time."""
+    """bytes/str/number/None -> (caption, None) or (None, skip reason). A JSON number is text ("42"); a list, dict
+    or bool is no caption. Long captions are kept whole; only the tokenizer truncates, at training time."""
     if isinstance(value, bytes):
         try:
-            value = value.decode("utf-8")
+            value = value.decode("utf-8-sig")  # a text editor's byte-order mark is not part of the caption
         except UnicodeDecodeError:
             return None, "bad_utf8"
-    if not isinstance(value, str) or not value.strip():
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if value is not None and not isinstance(value, str):
+        return None, "bad_caption"
+    if not value or not value.strip():
         return None, "empty_caption"
     return value.strip(), None
 
@@ -477,15 +549,17 @@ def json_caption(data):
     """A sample's json member -> (caption, None) or (None, skip reason): json["caption"], else json["prompt"],
     decided for this sample alone (hub tars mix the two)."""
     try:
-        meta = json.loads(data.decode("utf-8")) if isinstance(data, bytes) else data
+        meta = json.loads(data.decode("utf-8-sig")) if isinstance(data, bytes) else data
     except UnicodeDecodeError:
         return None, "bad_utf8"
     except ValueError:
         return None, "bad_json"
     if not isinstance(meta, dict):
         return None, "bad_json"
-    caption = meta.get("caption") or meta.get("prompt")
-    return (None, "missing_caption") if caption is None else read_caption(caption)
+    caption = next((meta[k] for k in ("caption", "prompt") if meta.get(k) not in (None, "")), None)
+    if caption is None:
+        return None, "empty_caption" if "caption" in meta or "prompt" in meta else "missing_caption"
+    return read_caption(caption)
 
 
 def make_sample(rec, img_size):
@@ -808,8 +882,10 @@ CLASS_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}."
 
 def folder_records(src, skipped, seed):
     """Class folders (dataloader.class_folders: src/<class>/**/<image>) or captioned images (a.jpg + a.txt anywhere
-    below src); returns (records in a seeded order, class names or None)."""
-    found, records, classes = class_folders(src), [], None
+    below src); returns (records in a seeded order, class names or None). Both are walked by dataloader.walk_files:
+    never out of src nor into a loop; links it passes over, unreadable folders and names that are not UTF-8 are
+    counted in `skipped`."""
+    found, records, classes = class_folders(src, skipped), [], None
     if found:
         classes, items, empty = found
         for d in empty:
@@ -819,14 +895,21 @@ def folder_records(src, skipped, seed):
             t = CLASS_TEMPLATES[int(hashlib.md5(f"{seed}:{rel}".encode()).hexdigest(), 16) % len(CLASS_TEMPLATES)]
             records.append({"id": rel, "image": path, "caption": articles(t.format(classes[label])), "label": label})
     else:
-        for p in sorted(glob.glob(os.path.join(glob.escape(src), "**", "*"), recursive=True)):
-            if is_image_file(p):
-                txt = os.path.splitext(p)[0] + ".txt"
-                if not os.path.isfile(txt):
-                    skipped["missing_caption"] += 1
-                    continue
+        files = walk_files(src, skipped)
+        known = set(files)  # a caption is read only from a file the walk vetted
+        for p in files:
+            rel = os.path.relpath(p, src)
+            if not is_image_file(p) or any(part.startswith(".") for part in rel.split(os.sep)):
+                continue  # hidden files and folders (.DS_Store, ._a.jpg) are not samples
+            txt = os.path.splitext(p)[0] + ".txt"
+            if txt not in known:
+                skipped["missing_caption"] += 1
+                continue
+            try:
                 with open(txt, "rb") as f:
-                    records.append({"id": os.path.relpath(p, src), "image": p, "caption": f.read()})
+                    records.append({"id": rel, "image": p, "caption": f.read()})
+            except OSError:  # no permission, or gone since the walk
+                skipped["unreadable_caption"] += 1
     order = np.random.default_rng(seed).permutation(len(records))  # mix classes / folders across shards
     return [records[k] for k in order], classes
 
@@ -839,7 +922,7 @@ def jsonl_records(src, skipped, seed):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line.decode("utf-8"))
+                row = json.loads(line.decode("utf-8-sig"))  # a byte-order mark (Windows editors) starts line 0
             except UnicodeDecodeError:
                 skipped["bad_utf8"] += 1
                 continue
@@ -952,8 +1035,7 @@ def listing(paths, root=None):
 def folder_listing(src):
     """Every image and .txt file below src: a superset of what either folder layout reads, so a caption added
     for an image that had none counts as a change too."""
-    paths = [os.path.join(dp, f) for dp, _, fs in os.walk(src) for f in fs]
-    return listing(sorted(p for p in paths if p.endswith(".txt") or is_image_file(p)), src)
+    return listing([p for p in walk_files(src) if p.endswith(".txt") or is_image_file(p)], src)
 
 
 def listing_change(old, new):
@@ -1026,6 +1108,7 @@ def split_of(i, val_frac):
     return "train", i - math.floor(i * val_frac)
 
 
+@cleans_up
 def prep_records(parser, args, source, records, skipped, files, classes=None, extra=None, source_settings=None):
     """Cut a record stream into train/val shards in parallel, restartably.
 
@@ -1067,7 +1150,7 @@ def prep_records(parser, args, source, records, skipped, files, classes=None, ex
         while len(pending) > 2 * max(1, args.workers):  # bound the raw bytes held in memory
             collect()
 
-    with multiprocessing.Pool(args.workers) if args.workers > 1 else nullpool() as pool:
+    with multiprocessing.Pool(args.workers, worker_signals) if args.workers > 1 else nullpool() as pool:
         end = 0
         for i, rec in enumerate(records):
             end = i + 1
@@ -1189,6 +1272,7 @@ def teacher_embed(model, tok, images, captions, device):
     return outs.image.float().cpu().numpy().astype(np.float16), outs.text.float().cpu().numpy().astype(np.float16)
 
 
+@cleans_up
 def add_teacher(parser, args):
     """Write <shard>.teacher.tar beside every shard: the original members plus <key>.teacher_image.npy and
     <key>.teacher_text.npy (float16 (D,), L2-normalised); then point index.json at the new shards."""
@@ -1288,6 +1372,7 @@ def negative_shard_name(name, suffix):
     return f"{stem}.tar" if stem.endswith(f".{suffix}") else f"{stem}.{suffix}.tar"
 
 
+@cleans_up
 def rewrite_json(parser, args, suffix, splits, update, settings):
     """Write <shard>.<suffix>.tar beside every shard of `splits`: the same members, each sample's json passed
     through update(key_id, meta, caption) -> number of negatives stored (0 is counted). Restartable: the shards
@@ -1298,9 +1383,19 @@ def rewrite_json(parser, args, suffix, splits, update, settings):
         index = json.load(f)
     state = {"settings": settings, "done": {}}
     if os.path.isfile(state_path):
-        with open(state_path, encoding="utf-8") as f:
-            old = json.load(f)
-        state = old if old.get("settings") == settings else state  # other settings: every shard is redone
+        try:
+            with open(state_path, encoding="utf-8") as f:
+                old = json.load(f)
+            done = old["done"].values() if isinstance(old, dict) and isinstance(old.get("done"), dict) else None
+            ok = done is not None and all(isinstance(d, dict) and isinstance(d.get("n"), int) and
+                                          isinstance(d.get("without"), int) and isinstance(d.get("skipped"), dict)
+                                          for d in done)
+        except ValueError:  # empty, cut short or not JSON (UnicodeDecodeError included)
+            ok = False
+        if not ok:  # only a record of what is done: redoing every shard is always right
+            warnings.warn(f"{state_path} is corrupt; ignoring it, every shard is redone")
+        elif old.get("settings") == settings:  # other settings: every shard is redone
+            state = old
     total = sum(index[s]["num_samples"] for s in splits)
     bar = tqdm(total=total or None, desc=f"add-{suffix}", unit="img", disable=args.quiet)
     for split in splits:
@@ -1356,6 +1451,7 @@ def add_swaps(parser, args):
     return rewrite_json(parser, args, "swaps", splits, update, {"rule": "swaps or negative_captions"})
 
 
+@cleans_up
 def add_negatives(parser, args):
     """json "mined" for every training sample (DPR-style hard negatives): the K captions of OTHER samples that a
     trained checkpoint scores highest for its image, never its own caption or an exact duplicate of it. One
@@ -1415,6 +1511,9 @@ def checked_splits(parser, data):
 
 
 # ----------------------------------------------------------------------------- CLI
+
+MAX_IMG_SIZE = 1024  # a larger --img_size only fills memory: one 100k px image is 30 GB of pixels
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -1489,8 +1588,8 @@ def main(argv=None):
         return add_negatives(parser, args)
     if args.shard_size < 1 or args.workers < 0:
         parser.error("--shard_size must be >= 1 and --workers >= 0")
-    if args.img_size < 8:
-        parser.error(f"--img_size must be >= 8, got {args.img_size}")
+    if not 8 <= args.img_size <= MAX_IMG_SIZE:
+        parser.error(f"--img_size must be in 8..{MAX_IMG_SIZE} (CLIP models take 224-448 px), got {args.img_size}")
     if args.vocab_size < 258:
         parser.error(f"--vocab_size must be >= 258 (256 bytes + sot + eot), got {args.vocab_size}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):

@@ -37,6 +37,9 @@ SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d{1,3}| ?(?:_|[^\s\w])+|
 SPLIT = re.compile(SPLIT_PATTERN)
 _WHITESPACE = re.compile(r"\s+")
 _CACHE_MAX = 1_000_000  # words kept in the encode cache; beyond it words are still encoded, just not stored
+# Training reads at most this many characters of each text: far more than any context holds (~800 tokens of
+# English), and what a text costs is bounded (one 30 MB caption, read whole, took 6 GB of RAM).
+MAX_TRAIN_CHARS = 4096
 
 
 def clean(text):
@@ -71,13 +74,14 @@ class Tokenizer:
     # ---------------------------------------------------------------- training
 
     def train(self, texts, vocab_size, quiet=False):
-        """Learn vocab_size - 258 merges from an iterable of strings (or one string); returns self."""
+        """Learn vocab_size - 258 merges from an iterable of strings (or one string), each cut to its first
+        MAX_TRAIN_CHARS characters (pass a long corpus as its lines); returns self."""
         if vocab_size < 258:
             raise ValueError(f"vocab_size must be >= 258 (256 bytes + sot + eot), got {vocab_size}")
         if isinstance(texts, str):
             texts = [texts]
         # Count each distinct word once; training then works on (distinct word, frequency) pairs.
-        counts = Counter(w for t in texts for w in SPLIT.findall(clean(t)))
+        counts = Counter(w for t in texts for w in SPLIT.findall(clean(t[:MAX_TRAIN_CHARS])))
         words = [list(w.encode("utf-8")) for w in counts]
         freqs = list(counts.values())
         # pair -> total count over the corpus, and pair -> indices of the words that contain it

@@ -226,8 +226,9 @@ def test_add_swaps_restarts_and_switches_the_index_last(plain, tmp_path, monkeyp
             raise KeyboardInterrupt
         real(path, samples)
     monkeypatch.setattr(prep_dataset, "write_tar", dies_on_the_second)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as e:  # Ctrl-C: one line, exit 130
         prep_dataset.main(["add-swaps", "--data", data, "--quiet"])
+    assert e.value.code == 130
     with open(os.path.join(data, "index.json")) as f:
         assert json.load(f)["train"]["shards"][0] == "train-000000.tar"  # not switched yet
     monkeypatch.setattr(prep_dataset, "write_tar", real)
