@@ -283,8 +283,9 @@ def load_init(path, quick_gelu, heads=None, quiet=False):
         vw, tw = sd["visual.conv1.weight"].shape[0], sd["positional_embedding"].shape[1]
         odd = [f"{tower} width {w}" for tower, w in (("image", vw), ("text", tw)) if w % 64]
         if odd:
-            raise ValueError(f"--init {path}: an original CLIP state dict has no head counts, and the {' and '.join(odd)} "
-                             f"is not a multiple of CLIP's head width 64: give them with --init_heads IMAGE TEXT")
+            raise ValueError(f"--init {path}: an original CLIP state dict has no head counts, and they cannot be "
+                             f"inferred ({', '.join(odd)}: not a multiple of CLIP's head width 64): give them with "
+                             f"--init_heads IMAGE TEXT")
         heads = (WIDE_VISION_HEADS.get(vw, vw // 64), tw // 64)
         if not quiet:
             print(f"--init {path}: an original CLIP state dict has no head counts; assumed {heads[0]} image heads (width "

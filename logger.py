@@ -109,8 +109,12 @@ class Logger:
         if not self.enabled:
             return
         record = {"step": int(step), "split": split, **{k: _number(v) for k, v in metrics.items()}}
-        self.f.write(json.dumps(record) + "\n")
-        self.f.flush()  # a crash loses at most the line being written
+        try:
+            self.f.write(json.dumps(record) + "\n")
+            self.f.flush()  # a crash loses at most the line being written
+        except OSError as e:  # a full disk's error names no file: say which
+            e.filename = e.filename or self.path
+            raise
         if split == "train":
             self.times.append((time.time(), int(step)))
             self.n_train += 1

@@ -31,6 +31,19 @@ import threading
 import time
 import uuid
 
+
+def exit_now(signum, message):
+    """One line and out, at once: an exception raised from a signal handler can land in an import's or a library's
+    bare `except:` and be swallowed. A lock left behind names a dead pid and is taken over by the next run."""
+    print(message, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+if __name__ == "__main__":  # Ctrl-C before the loop takes it over (Preemption): one line, also during the imports
+    signal.signal(signal.SIGINT, lambda signum, frame: exit_now(signum, "interrupted before training: nothing was saved"))
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -636,8 +649,7 @@ class Preemption:
 
     def handle(self, signum, frame):
         if self.signum is not None:
-            print(f"second {signal.Signals(signum).name}: stopping now, without a checkpoint", file=sys.stderr)
-            raise SystemExit(128 + signum)
+            exit_now(signum, f"second {signal.Signals(signum).name}: stopping now, without a checkpoint")
         self.signum = signum
 
     def agreed(self, ddp, device):
@@ -748,17 +760,13 @@ def make_loaders(args, data, index, tokenizer, config, rank, world, cuda, master
 
 def main(argv=None):
     """run() with what it holds (the run folders' locks, the signal handlers, the loader workers, a checkpoint being
-    written) given back however it ends; a full disk or a folder made read-only mid-run, and Ctrl-C during the
-    setup, are one line each."""
+    written) given back however it ends; a full disk or a folder made read-only mid-run is one line, exit 2."""
     held = []  # closers run() adds as it takes things
     try:
         return run(argv, held)
     except OSError as e:  # (writes are rank 0's: the other ranks of a DDP run wait at their next collective)
         print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # before the loop took SIGINT over: nothing to save
-        print("interrupted before training started; nothing was saved", file=sys.stderr)
-        return 128 + signal.SIGINT
     finally:
         for close in reversed(held):
             with contextlib.suppress(Exception):  # the error being reported is the one that matters
