@@ -803,17 +803,6 @@ def run(argv, held):
         if missing:
             fail(f"ranks {missing} do not see {out_dir}, which rank 0 writes: put --out on a filesystem every node "
                  f"shares (checkpoints are written by rank 0 and read by every rank on --resume)")
-    # this run's folders: writable, locked while it runs, and holding no other run (rank 0 decides for all)
-    why = None
-    if master:
-        locks, why = claim_folders(out_dir, log_dir, args.resume, args.overwrite)
-        held.append(lambda: [release_lock(lock) for lock in locks])
-    if ddp:
-        box = [why]
-        dist.broadcast_object_list(box, src=0)
-        why = box[0]
-    if why:
-        fail(why)
     fingerprint = data_fingerprint(data, index)  # saved in every checkpoint; a --resume on other data is refused
     try:
         teacher, teacher_dim = load_teacher(args, data, index, tokenizer, device)
@@ -826,6 +815,17 @@ def run(argv, held):
             loader.load_state_dict(ckpt["loader"])
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
+    # this run's folders, before anything is written: writable, locked while it runs, holding no other run (rank 0 decides)
+    why = None
+    if master:
+        locks, why = claim_folders(out_dir, log_dir, args.resume, args.overwrite)
+        held.append(lambda: [release_lock(lock) for lock in locks])
+    if ddp:
+        box = [why]
+        dist.broadcast_object_list(box, src=0)
+        why = box[0]
+    if why:
+        fail(why)
     total_steps = max(1, math.ceil(args.epochs * len(loader)))
     optimizer = clip.configure_optimizers(model, args.wd, args.max_lr, betas=(0.9, args.beta2))
     step, best_val = 0, None

@@ -517,7 +517,7 @@ def refuse_writes_under(monkeypatch, folder, err=errno.EACCES):
 def test_a_read_only_folder_is_found_before_training(synth, tmp_path, monkeypatch, capsys, which):
     refuse_writes_under(monkeypatch, tmp_path / which)
     started = []
-    monkeypatch.setattr(train, "make_loaders", lambda *a: started.append(1))
+    monkeypatch.setattr(train, "forward_backward", lambda *a: started.append(1))
     with pytest.raises(SystemExit) as e:
         train.main(argv(synth, tmp_path, "ro"))
     line = one_line_error(capsys)
