@@ -175,8 +175,8 @@ def read_tar(path):
 @contextlib.contextmanager
 def atomic_write(path):
     """with atomic_write(path) as temp: write the file `temp` -> it replaces `path` whole (fsync, os.replace), or is
-    removed however the block ends. Every writer of the project (shards, index.json, checkpoints, logs, plots) goes
-    through here, so each file is the old one or the complete new one, never half, and:
+    removed however the block ends. The writers of shards, index.json, checkpoints, logs and plots go through here,
+    so each file is the old one or the complete new one, never half, and:
     - a symlink is written through: its target is replaced, the link stays;
     - anything else that is not a regular file (a folder, a FIFO, a device) is refused with FileExistsError;
     - the new file gets the umask's mode, as open() gives (not mkstemp's 0600), so a teammate can read a run;

@@ -964,8 +964,9 @@ def run(argv, held):
                 logger.plot()
                 t_plot = time.time()
         timing["eval"] += time.time() - t0
-        # preemption: a SIGTERM / SIGINT on any rank stops every rank here, after this step's checkpoint
-        signum = preempt.agreed(ddp, device)
+        # preemption: a SIGTERM / SIGINT on any rank stops every rank here, after this step's checkpoint (at the last
+        # step the run is simply done)
+        signum = preempt.agreed(ddp, device) if step < stop else None
         # checkpoint: weights checked finite on every rank, the state copied to the CPU and written in the background
         t0 = time.time()
         if ckpt_step or signum:
