@@ -794,6 +794,7 @@ def auto_workers(local_world_size=1, cap=16):
 OPEN_LOADERS = weakref.WeakSet()
 atexit.register(lambda: [loader.close() for loader in list(OPEN_LOADERS)])
 
+
 class ShardLoader:
     """Batches from `data_dir/index.json`'s `split`; one full pass over the split per `for` loop (an epoch).
     Iterating again continues from state (epoch, batch), so a loop interrupted by `break` or a restart resumes
