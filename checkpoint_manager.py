@@ -9,10 +9,10 @@ On disk, under <out_dir>/ckpt/:
     latest.pt          the last save (a hard link to its step file, so it costs no space)
     best.pt            the save with the lowest val loss so far
 
-Every file is written to a temp name in the same directory, fsynced, then os.replace'd into place, so
-a process killed mid-write (OOM, preemption, kill -9) leaves the previous file whole; the stray temp
-file is ignored and removed on the next save. Other names in the folder (step_00000010_backup.pt, notes)
-are left alone: only step_<digits>.pt counts as a step file.
+Every file is written to a temp name in the same directory (<name>.tmp<pid>), fsynced, then os.replace'd into
+place (dataloader.atomic_write), so a process killed mid-write (OOM, preemption, kill -9) leaves the previous
+file whole; its stray temp file is removed by the next save (a live process's never is). Other names in the
+folder (step_00000010_backup.pt, notes) are left alone: only step_<digits>.pt counts as a step file.
 
 save_async() takes the write off the training loop: the state is copied to the CPU (the caller's tensors go
 on changing), then a background thread writes it exactly as save() does. At most one write is in flight; the
@@ -27,64 +27,30 @@ import pickle
 import random
 import re
 import shutil
-import tempfile
 import threading
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from dataloader import atomic_write, pid_alive, temp_writer
+
 # -----------------------------------------------------------------------------
-# atomic writes
-
-def _fsync_dir(d):
-    # make the rename itself durable (POSIX); some filesystems refuse an fd on a directory
-    try:
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-def _tmp_name(path):
-    # temp files start with "." and end with ".tmp": never mistaken for a checkpoint, easy to clean
-    d, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{name}.", suffix=".tmp")
-    return fd, tmp
+# atomic writes (dataloader.atomic_write: temp file, fsync, os.replace; links written through, devices refused)
 
 def save_atomic(obj, path):
     """torch.save obj to path so that path is always either the old file or the complete new one."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = _tmp_name(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them visible
-        os.replace(tmp, path)     # atomic on POSIX and Windows
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
 
 def _point_atomic(src, dst):
     """Make dst the same file as src, atomically: a hard link under a temp name, then os.replace."""
-    fd, tmp = _tmp_name(dst)
-    os.close(fd)
-    os.unlink(tmp)  # os.link wants a free name; mkstemp only reserved a unique one
-    try:
+    with atomic_write(dst) as tmp:
         try:
             os.link(src, tmp)  # no copy: latest.pt and step_N.pt share the bytes
         except OSError:
             shutil.copyfile(src, tmp)  # filesystems without hard links (some network/FUSE mounts)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 # -----------------------------------------------------------------------------
 # the manager
@@ -148,7 +114,7 @@ class CheckpointManager:
             thread.join()
         error, self._error = self._error, None
         if error is not None:
-            raise RuntimeError(f"writing checkpoint failed: {error}") from error
+            raise error  # the write's own exception: a full disk's OSError names the checkpoint, in one line
 
     def _write_catching(self, *args):
         try:
@@ -170,8 +136,10 @@ class CheckpointManager:
 
     def _write(self, state, path, is_best):
         os.makedirs(self.dir, exist_ok=True)
-        for tmp in glob.glob(os.path.join(self.dir, ".*.tmp")):
-            os.unlink(tmp)  # left by a save that was killed mid-write
+        for name in os.listdir(self.dir):  # temp files left by a save killed mid-write (never a live writer's)
+            pid = temp_writer(name)
+            if pid is not None and (pid == os.getpid() or not pid_alive(pid)):
+                os.unlink(os.path.join(self.dir, name))
         save_atomic(state, path)
         _point_atomic(path, os.path.join(self.dir, "latest.pt"))
         if is_best:
@@ -214,6 +182,15 @@ def load(path, map_location="cpu"):
     """Load a checkpoint dict with weights_only=True; a clear error for a missing or bad file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if isinstance(map_location, (str, torch.device)):  # a device this machine lacks is not a corrupt file
+        try:
+            device = torch.device(map_location)
+            torch.empty(0, device=device)  # raises for cuda without CUDA, cuda:7 on a 2-GPU box, "gpu", ...
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"cannot load checkpoint {path} onto device {map_location}: that device is not "
+                             f"available here ({first[:200]})") from None
+        map_location = "cpu" if device.type == "cpu" else device  # torch.load knows "cpu" but not "cpu:0"
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -289,15 +266,32 @@ def diff_configs(a, b, prefix=""):
     return ", ".join(x for x in out if x)
 
 
-def load_init(path, quick_gelu):
+# Head counts are not in a state dict's shapes. CLIP's towers have heads of width 64, except OpenCLIP's ViT-H/g/bigG/e-14
+# image towers (widths 1280, 1408, 1664, 1792: 16 heads of width 80-112); their text towers keep width 64
+WIDE_VISION_HEADS = {1280: 16, 1408: 16, 1664: 16, 1792: 16}
+
+def load_init(path, quick_gelu, heads=None, quiet=False):
     """--init file -> (state dict, config dict, tokenizer dict or None): our checkpoint, or an original CLIP /
-    OpenCLIP ViT state dict (converted by clip.py)."""
+    OpenCLIP ViT state dict (converted by clip.py). heads: (image, text) head counts for the latter (--init_heads);
+    None infers them from the widths and prints what it assumed, or raises when a width cannot say."""
     from clip import CLIP  # lazy, as in load_model
     sd = load(path)
     if "model" in sd and "config" in sd:
         return strip_prefixes(sd["model"]), sd["config"], sd.get("tokenizer")
     sd = strip_prefixes(sd.get("state_dict", sd))
-    model = CLIP.from_openai_state_dict(sd, quick_gelu=quick_gelu)
+    if heads is None and {"visual.conv1.weight", "positional_embedding"} <= sd.keys():  # else clip.py says what is missing
+        vw, tw = sd["visual.conv1.weight"].shape[0], sd["positional_embedding"].shape[1]
+        odd = [f"{tower} width {w}" for tower, w in (("image", vw), ("text", tw)) if w % 64]
+        if odd:
+            raise ValueError(f"--init {path}: an original CLIP state dict has no head counts, and they cannot be "
+                             f"inferred ({', '.join(odd)}: not a multiple of CLIP's head width 64): give them with "
+                             f"--init_heads IMAGE TEXT")
+        heads = (WIDE_VISION_HEADS.get(vw, vw // 64), tw // 64)
+        if not quiet:
+            print(f"--init {path}: an original CLIP state dict has no head counts; assumed {heads[0]} image heads (width "
+                  f"{vw}) and {heads[1]} text heads (width {tw}); if wrong, give them with --init_heads IMAGE TEXT")
+    vision_heads, text_heads = heads or (None, None)
+    model = CLIP.from_openai_state_dict(sd, quick_gelu=quick_gelu, vision_heads=vision_heads, text_heads=text_heads)
     return model.state_dict(), model.config.to_dict(), None
 
 

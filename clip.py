@@ -570,14 +570,20 @@ class CLIP(nn.Module):
         if "visual.conv1.weight" not in sd:
             raise ValueError("not a CLIP ViT state dict: 'visual.conv1.weight' is missing (ResNet towers are not supported)")
         count = lambda prefix: len({k.split(".")[len(prefix.split(".")) - 1] for k in sd if k.startswith(prefix)})
+
+        def heads(given, width, tower):  # width // 64 only where it divides: 0 heads is not what went wrong
+            if not given and width % 64:
+                raise ValueError(f"cannot infer the {tower} tower's head count from its width {width} (CLIP's rule, "
+                                 f"width // 64, needs a multiple of 64): give {tower}_heads")
+            return given or width // 64
         vw, _, patch, _ = sd["visual.conv1.weight"].shape
         grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
         ctx, tw = sd["positional_embedding"].shape
         config = CLIPConfig(
             VisionConfig(img_size=grid * patch, patch_size=patch, width=vw,
-                         layers=count("visual.transformer.resblocks."), heads=vision_heads or vw // 64),
+                         layers=count("visual.transformer.resblocks."), heads=heads(vision_heads, vw, "vision")),
             TextConfig(vocab_size=sd["token_embedding.weight"].shape[0], context_length=ctx, width=tw,
-                       layers=count("transformer.resblocks."), heads=text_heads or tw // 64, pool=pool),
+                       layers=count("transformer.resblocks."), heads=heads(text_heads, tw, "text"), pool=pool),
             embed_dim=sd["text_projection"].shape[1], quick_gelu=quick_gelu)
         model = cls(config)
         ours = {}

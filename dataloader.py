@@ -40,6 +40,9 @@ Left out on purpose: decoding to float / normalising (done on the device, so onl
 torchvision transforms (one optional random-resized-crop in PIL is enough for CLIP), streaming from URLs.
 """
 
+import atexit
+import contextlib
+import errno
 import io
 import json
 import math
@@ -48,10 +51,12 @@ import os
 import queue
 import mmap
 import re
+import signal
 import tarfile
 import threading
 import traceback
 import warnings
+import weakref
 import collections
 from collections import Counter, OrderedDict
 
@@ -90,9 +95,9 @@ def tar_members(buf):
     pos, long_name = 0, None
     while pos + 512 <= len(buf):
         h = buf[pos:pos + 512]  # one header block (bytes)
+        if not header_ok(h):
+            return  # the zero end-of-archive block, or garbage
         try:
-            if int(h[148:156].replace(b"\0", b" ").strip() or b"x", 8) != sum(h[:148]) + 256 + sum(h[156:]):
-                return  # the zero end-of-archive block, or garbage
             size = int.from_bytes(h[125:136], "big") if h[124] & 0x80 else int(h[124:136].strip(b" \0") or 0, 8)
         except ValueError:
             return
@@ -115,6 +120,21 @@ def tar_members(buf):
         elif kind != b"g":  # (g: pax global header, nothing we use)
             yield (long_name or name).decode("utf-8", "replace"), data, size, kind
             long_name = None
+
+
+def header_ok(h):
+    """A 512-byte tar header whose checksum matches (the all-zero end block and garbage do not)."""
+    try:
+        return int(h[148:156].replace(b"\0", b" ").strip() or b"x", 8) == sum(h[:148]) + 256 + sum(h[156:])
+    except ValueError:
+        return False
+
+
+def is_tar(path):
+    """The file starts with a tar member: a listed shard that is an HTML error page, an empty tar or another format
+    is found before training, not by a loader worker mid-run."""
+    with open(path, "rb") as f:
+        return header_ok(f.read(512))
 
 
 def safe_name(name):
@@ -155,25 +175,91 @@ def read_tar(path):
     return {k: {e: bytes(buf[o:o + n]) for e, (o, n) in groups[k].items()} for k in sorted(groups)}, skipped
 
 
+@contextlib.contextmanager
+def atomic_write(path):
+    """with atomic_write(path) as temp: write the file `temp` -> it replaces `path` whole (fsync, os.replace), or is
+    removed however the block ends. The writers of shards, index.json, checkpoints, logs and plots go through here,
+    so each file is the old one or the complete new one, never half, and:
+    - a symlink is written through: its target is replaced, the link stays;
+    - anything else that is not a regular file (a folder, a FIFO, a device) is refused with FileExistsError;
+    - the new file gets the umask's mode, as open() gives (not mkstemp's 0600), so a teammate can read a run;
+    - the temp name `<target>.tmp<pid>` is one per process, so two processes never collide; one process writes
+      a given file from one thread at a time."""
+    target = regular_target(path)
+    temp = f"{target}.tmp{os.getpid()}"
+    try:
+        if os.path.lexists(temp):
+            os.unlink(temp)  # a leftover of a killed process that had our pid: a fresh file, with a fresh mode
+        yield temp
+        fd = os.open(temp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the bytes are on disk before the rename makes them visible
+        finally:
+            os.close(fd)
+        os.replace(temp, target)  # atomic on POSIX and Windows
+    except OSError as e:
+        if e.filename in (None, temp):  # (a full disk's write error names no file)
+            e.filename = path  # the message names the file the user knows, not a temp that is gone
+        raise
+    finally:
+        if os.path.lexists(temp):
+            os.unlink(temp)
+    fsync_dir(os.path.dirname(target))
+
+
+def regular_target(path):
+    """The file a write to `path` should replace: path itself, or a symlink's target (the link stays). One that
+    exists and is not a regular file (a folder, a FIFO, a device) raises FileExistsError: never replaced."""
+    target = os.path.realpath(path) if os.path.islink(path) else os.path.abspath(path)
+    if os.path.lexists(target) and not os.path.isfile(target):
+        raise FileExistsError(errno.EEXIST, "exists and is not a regular file; not replacing it", path)
+    return target
+
+
+def fsync_dir(d):
+    """Make a rename in d durable (POSIX); some filesystems refuse an fd on a directory, which is harmless."""
+    try:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def temp_writer(name):
+    """The pid that is writing a temp file atomic_write named (`<target>.tmp<pid>`), or None for other names."""
+    m = re.fullmatch(r".+\.tmp(\d+)", name)
+    return int(m.group(1)) if m else None
+
+
+def pid_alive(pid):
+    """Whether a process with this pid runs on this machine (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def write_tar(path, samples):
     """samples: [(key, {ext: bytes})] -> a tar at `path`, atomically. Members have mtime 0, uid 0 and no user
     names, so the bytes of a shard depend only on its samples (same args -> same bytes)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with atomic_write(path) as temp, tarfile.open(temp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for key, files in samples:
             for ext, data in files.items():
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size, info.mode = len(data), 0o644
                 tar.addfile(info, io.BytesIO(data))
-    os.replace(tmp, path)
 
 
 def save_json(path, obj):
-    """JSON written to a temp name then os.replace'd: a reader sees the old file or the new one, never half."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    """JSON written atomically (atomic_write): a reader sees the old file or the new one, never half."""
+    with atomic_write(path) as temp, open(temp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1, ensure_ascii=False)
-    os.replace(tmp, path)
 
 
 def image_ext(exts):
@@ -358,10 +444,16 @@ def class_folders(root, skipped=None):
     return (classes, items, empty) if classes else None
 
 
+# a sane bound: past 2x the largest CLIP input (448 px) a typo, not a dataset (the patch grid, so the attention,
+# grows with its square; 100000 px would ask for terabytes)
+MAX_IMG_SIZE = 1024
+
+
 def read_index(data_dir, split=None):
-    """data_dir/index.json, checked: a JSON object with a positive img_size and at least one split
-    {"shards": [names], "num_samples": N, optional "shard_sizes" parallel to shards}, every shard (of `split`,
-    when given) on disk.
+    """data_dir/index.json, checked: a JSON object with an img_size in 1..MAX_IMG_SIZE and at least one split
+    {"shards": [names], optional "num_samples": N and "shard_sizes" parallel to shards}, every shard (of `split`,
+    when given) on disk and starting like a tar. A missing num_samples is filled in: the sum of shard_sizes, else
+    (for `split`) counted from the tar headers.
     Any problem is one ValueError line naming the file and what is wrong (and `split`, when given, must exist)."""
     path = os.path.join(data_dir, "index.json")
     if not os.path.isdir(data_dir):
@@ -376,8 +468,8 @@ def read_index(data_dir, split=None):
     if not isinstance(index, dict) or not index:
         raise ValueError(f"{path} is empty or not a JSON object")
     size = index.get("img_size")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        raise ValueError(f"{path} has no valid img_size (got {size!r})")
+    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_IMG_SIZE:
+        raise ValueError(f"{path} has no valid img_size (got {size!r}; at most {MAX_IMG_SIZE} px)")
     splits = [k for k, v in index.items() if isinstance(v, dict) and "shards" in v]
     if not splits:
         raise ValueError(f"{path} lists no split (expected e.g. \"train\": {{\"shards\": [...]}})")
@@ -395,9 +487,30 @@ def read_index(data_dir, split=None):
         for name in shards if split in (None, s) else ():  # a loader needs only its own split's files
             if not safe_name(name) or not os.path.isfile(os.path.join(data_dir, name)):
                 raise ValueError(f"{path}: shard {name} of split {s} does not exist in {data_dir}")
+            if not is_tar(os.path.join(data_dir, name)):  # 512 bytes read per shard
+                raise ValueError(f"{path}: shard {name} of split {s} is not a tar file (or holds no member)")
+        if n is None and sizes is not None:  # a hand-made index.json may leave the count out: it is worked out
+            info["num_samples"] = sum(sizes)
+        elif n is None and split in (None, s):  # from the tar headers (no image data is read)
+            info["num_samples"] = sum(len(scan_tar(map_file(os.path.join(data_dir, name)))[0]) for name in shards)
     if split is not None and (split not in splits or not index[split]["shards"]):
         raise ValueError(f"split {split!r} not in {path} (it has {[s for s in splits if index[s]['shards']]})")
     return index
+
+
+def data_fingerprint(data_dir, index, split="train"):
+    """What a checkpoint records of the data it was trained on, so that a --resume on other data is refused: the
+    split's shard names, samples per shard (index.json) and bytes per shard, and the source fingerprint prep keeps
+    in .prep_state.json (a sha256 of the source listing; the synthetic set and hand-made shards have none). A stat
+    per shard: no shard is read."""
+    shards = list(index[split]["shards"])
+    try:
+        with open(os.path.join(data_dir, ".prep_state.json"), encoding="utf-8") as f:
+            source = json.load(f)["source"]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        source = None
+    return {"shards": shards, "shard_sizes": index[split].get("shard_sizes"),
+            "bytes": [os.path.getsize(os.path.join(data_dir, n)) for n in shards], "source_sha256": source}
 
 
 def load_tokenizer(path):
@@ -702,6 +815,10 @@ def worker_loop(make, tasks, results, current):
     """Worker process: take (generation, batch index, epoch, positions, pairs), put (generation, batch index,
     batch, notes, bad) back. Tasks of an abandoned iteration (generation != current.value) are dropped."""
     torch.set_num_threads(1)  # the work here is PIL and Python; torch threads would only oversubscribe cores
+    # Ctrl-C and a preemption's SIGTERM reach the whole process group: the main process decides when we stop (it
+    # finishes its step and checkpoints first), so no traceback here and no batch lost mid-step
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     parent = os.getppid()
     while True:
         try:
@@ -729,6 +846,12 @@ def auto_workers(local_world_size=1, cap=16):
 
 
 # ---------------------------------------------------------------- the loader (main process)
+
+# loaders with live workers, closed at exit before multiprocessing's own exit hook (registered earlier, so run
+# later) would terminate() and join them: the workers ignore SIGTERM, so that join would wait for ever
+OPEN_LOADERS = weakref.WeakSet()
+atexit.register(lambda: [loader.close() for loader in list(OPEN_LOADERS)])
+
 
 class ShardLoader:
     """Batches from `data_dir/index.json`'s `split`; one full pass over the split per `for` loop (an epoch).
@@ -890,6 +1013,7 @@ class ShardLoader:
             p = ctx.Process(target=worker_loop, args=(self.make, tasks, results, self.current), daemon=True)
             p.start()
             self.workers.append((p, tasks, results))
+        OPEN_LOADERS.add(self)
 
     def receive(self, b, gen):
         w = b % self.num_workers
@@ -917,12 +1041,13 @@ class ShardLoader:
         for p, tasks, results in self.workers:
             p.join(timeout=5)
             if p.is_alive():
-                p.terminate()
+                p.kill()  # not terminate(): workers ignore SIGTERM
                 p.join()
             for q in (tasks, results):
                 q.cancel_join_thread()  # never block exit on undelivered items
                 q.close()
         self.workers = []
+        OPEN_LOADERS.discard(self)
 
     def __del__(self):
         try:

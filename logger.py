@@ -24,10 +24,11 @@ import collections
 import json
 import os
 import sys
-import tempfile
 
 from matplotlib.figure import Figure
 from tqdm import tqdm
+
+from dataloader import atomic_write, regular_target
 
 # keys plotted on their own figure; anything else in a val/eval record is an eval metric (eval.png)
 STANDARD = {"step", "split", "loss", "lr", "grad_norm", "logit_scale", "samples_per_s", "elapsed_s",
@@ -37,16 +38,10 @@ STANDARD = {"step", "split", "loss", "lr", "grad_norm", "logit_scale", "samples_
 # files
 
 def write_atomic(path, text):
-    d, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """text -> path, whole or not at all (dataloader.atomic_write: a link written through, a device refused)."""
+    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+
 
 def read_metrics(path):
     """All records of a metrics.jsonl: JSON objects with a numeric "step" and a string "split". Any other line is
@@ -115,7 +110,7 @@ class Logger:
         os.makedirs(log_dir, exist_ok=True)
         if config is not None:
             write_atomic(os.path.join(log_dir, "config.json"), json.dumps(config, indent=2, default=str) + "\n")
-        self.path = os.path.join(log_dir, "metrics.jsonl")
+        self.path = regular_target(os.path.join(log_dir, "metrics.jsonl"))  # appended to: a FIFO would block
         if resume_step is None:
             open(self.path, "w").close()  # a fresh run starts a fresh log
         elif os.path.exists(self.path):
@@ -134,8 +129,12 @@ class Logger:
         if not self.enabled:
             return
         record = {"step": int(step), "split": split, **{k: _number(v) for k, v in metrics.items()}}
-        self.f.write(json.dumps(record) + "\n")
-        self.f.flush()  # a crash loses at most the line being written
+        try:
+            self.f.write(json.dumps(record) + "\n")
+            self.f.flush()  # a crash loses at most the line being written
+        except OSError as e:  # a full disk's error names no file: say which
+            e.filename = e.filename or self.path
+            raise
         if split == "train":
             if _is_number(record.get("elapsed_s")):  # train.py: on the last step of each log window
                 self.times.append((record["elapsed_s"], record["step"]))
@@ -185,17 +184,9 @@ def _series(records, key, split):
     return [p[0] for p in pts], [p[1] for p in pts]
 
 def save_figure(fig, path):
-    # to a temp name then os.replace, so an image viewer never shows a half-written PNG
-    d, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    # atomically (dataloader.atomic_write), so an image viewer never shows a half-written PNG
+    with atomic_write(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 def _figure(title, ylabel):
     fig = Figure(figsize=(7, 4), tight_layout=True)  # no pyplot: freed as soon as it goes out of scope

@@ -20,13 +20,30 @@ Left out on purpose: FSDP/tensor parallelism (CLIP at these sizes fits one GPU p
 import argparse
 import contextlib
 import datetime
+import json
 import math
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
+
+
+def exit_now(signum, message):
+    """One line and out, at once: an exception raised from a signal handler can land in an import's or a library's
+    bare `except:` and be swallowed. A lock left behind names a dead pid and is taken over by the next run."""
+    print(message, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+if __name__ == "__main__":  # Ctrl-C before the loop takes it over (Preemption): one line, also during the imports
+    signal.signal(signal.SIGINT, lambda signum, frame: exit_now(signum, "interrupted before training: nothing was saved"))
 
 import torch
 import torch.distributed as dist
@@ -35,8 +52,8 @@ from tqdm import tqdm
 
 import checkpoint_manager as cm
 import clip
-from dataloader import (CROP_AREA, CROP_RATIO, ShardLoader, auto_workers, load_tokenizer, negative_slots, read_index,
-                        teacher_embedding_dim)
+from dataloader import (CROP_AREA, CROP_RATIO, ShardLoader, auto_workers, data_fingerprint, load_tokenizer,
+                        negative_slots, pid_alive, read_index, teacher_embedding_dim)
 from logger import Logger
 from tokenizer import Tokenizer
 
@@ -50,6 +67,9 @@ PLOT_EVERY_S = 300  # redraw the PNGs after an eval at most this often (drawing 
 # --hard_negatives -> the per-sample json lists read (prep_dataset.py writes "negatives" at prep time or with
 # add-swaps, "mined" with add-negatives)
 NEGATIVE_KEYS = {"none": (), "swaps": ("negatives",), "mined": ("mined",), "both": ("negatives", "mined")}
+# a sane bound: 4x Long-CLIP's 248 tokens holds any caption; past it only the text attention's cost (T^2) grows
+MAX_CONTEXT = 1024
+LOCK = "run.lock"  # in each of a run's folders while it runs: {"pid", "host", "since"}
 
 
 def get_parser():
@@ -91,9 +111,13 @@ def get_parser():
     a("--ckpt_every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     a("--keep", type=int, default=3, help="step checkpoints to keep (plus latest and best)")
     a("--resume", default=None, help="'latest' or a checkpoint path: continue that run exactly")
+    a("--overwrite", action="store_true",
+      help="start over in a run folder that holds an earlier run (moved aside to <folder>.old-<time>, not deleted)")
     a("--stop_at", type=int, default=None, help="end cleanly after this step, schedule unchanged")
     a("--init", default=None, help="start from these weights (ours or an original CLIP state dict)")
     a("--ignore_keys", nargs="*", default=[], help="regexes of --init keys not to load")
+    a("--init_heads", type=int, nargs=2, default=None, metavar=("IMAGE", "TEXT"),
+      help="head counts of an original CLIP/OpenCLIP --init state dict (not in its shapes; default: inferred, said)")
     # model variants
     a("--context_length", type=int, default=None,
       help="text context (default: the preset's, or the data's longest caption rounded up to 8 when shorter)")
@@ -144,8 +168,15 @@ def validate(parser, args):
         parser.error("--min_lr_frac must be in [0, 1], --warmup_frac and --beta2 in [0, 1)")
     if args.wd < 0 or args.grad_clip < 0 or (args.workers or 0) < 0 or args.eval_every < 0 or args.eval_batches < 0:
         parser.error("--wd, --grad_clip, --workers, --eval_every and --eval_batches must be >= 0")
-    if args.context_length is not None and args.context_length < 3:
-        parser.error(f"--context_length must be >= 3 (start token, caption, end token), got {args.context_length}")
+    if args.context_length is not None and not 3 <= args.context_length <= MAX_CONTEXT:
+        parser.error(f"--context_length must be >= 3 (start token, caption, end token) and <= {MAX_CONTEXT}, "
+                     f"got {args.context_length}")
+    if not 0 <= args.seed < 2 ** 63:  # numpy's seeding takes no negative number, torch's no more than 64 bits
+        parser.error(f"--seed must be in [0, 2**63), got {args.seed}")
+    if args.overwrite and args.resume:
+        parser.error("--overwrite starts a run over and --resume continues one: give one of them")
+    if args.init_heads is not None and (args.init is None or min(args.init_heads) < 1):
+        parser.error("--init_heads IMAGE TEXT takes two positive head counts and applies only with --init")
     for pattern in args.ignore_keys:
         try:
             re.compile(pattern)
@@ -507,6 +538,140 @@ def weights_finite(model):
 
 
 # -----------------------------------------------------------------------------
+# a run's folders (<out>/<run>, <log_dir>/<run>) belong to one run; SIGTERM/SIGINT end it with a checkpoint
+
+
+def earlier_run(out_dir, log_dir):
+    """What an earlier run left in these folders, in words ('' when nothing): checkpoints, logged metrics."""
+    manager, found = cm.CheckpointManager(out_dir), []
+    if manager.step_files():
+        found.append(f"checkpoints up to {os.path.basename(manager.step_files()[-1])}")
+    elif manager.latest() or os.path.exists(os.path.join(manager.dir, "best.pt")):
+        found.append("checkpoints")
+    metrics = os.path.join(log_dir, "metrics.jsonl")
+    if os.path.isfile(metrics) and os.path.getsize(metrics):
+        found.append(f"metrics in {metrics}")
+    return " and ".join(found)
+
+
+def read_lock(path):
+    """A lock file's {"pid", "host", "since"}, or None when it is missing, being written or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lock = json.load(f)
+        return lock if isinstance(lock, dict) and isinstance(lock.get("pid"), int) else None
+    except (OSError, ValueError):
+        return None
+
+
+def take_lock(folder):
+    """Create <folder>/run.lock naming this process; None, or the line saying which live run holds it. A lock whose
+    holder is dead (this host, its pid gone: killed, out of memory) is taken over. Raises OSError when the folder
+    cannot be written (read-only, full): found now, not at the first checkpoint."""
+    path, host = os.path.join(folder, LOCK), socket.gethostname()
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # fails when it exists: one winner
+        except FileExistsError:
+            holder = read_lock(path)
+            if holder is None or holder.get("host") != host or pid_alive(holder["pid"]):
+                who = f"pid {holder['pid']} on {holder.get('host')}, since {holder.get('since')}" if holder else "unreadable lock"
+                gone = "" if holder and holder.get("host") == host else f"; if no run uses it, delete {path}"
+                return f"{folder} is in use by another run ({who}): wait for it to end or use another --run_name{gone}"
+            # a dead holder: move its lock aside under our own name (one taker wins), then try again
+            aside = f"{path}.stale{os.getpid()}"
+            try:
+                os.rename(path, aside)
+            except FileNotFoundError:
+                continue  # another run moved it first
+            if read_lock(aside) != holder:  # a live run's fresh lock moved by mistake: put it back
+                with contextlib.suppress(FileExistsError):
+                    os.link(aside, path)
+            os.unlink(aside)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "host": host, "since": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+        return None
+    return f"{folder}: could not take {path} (other runs are starting there)"
+
+
+def release_lock(path):
+    if (read_lock(path) or {}).get("pid") == os.getpid():
+        os.unlink(path)
+
+
+def claim_folders(out_dir, log_dir, resume, overwrite):
+    """Make this run's folders its own: made, writable and locked, and holding no earlier run unless this one
+    continues it (--resume latest, or a checkpoint inside <out>/<run>); --overwrite moves an earlier run aside
+    (never deletes it). Returns (lock files to release at the end, None) or ([], the line saying why not)."""
+    folders, locks = list(dict.fromkeys(os.path.abspath(f) for f in (out_dir, log_dir))), []
+    for folder in folders:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            why = take_lock(folder)
+        except OSError as e:
+            why = f"cannot write in {folder} ({e.strerror}): choose --out and --log_dir folders this run can write"
+        if why:
+            for lock in locks:
+                release_lock(lock)
+            return [], why
+        locks.append(os.path.join(folder, LOCK))
+    inside = resume is not None and os.path.abspath(resume).startswith(os.path.abspath(out_dir) + os.sep)
+    earlier = "" if resume == "latest" or inside else earlier_run(out_dir, log_dir)
+    if not earlier:
+        return locks, None
+    for lock in locks:
+        release_lock(lock)
+    if resume is not None:
+        return [], f"{out_dir} holds another run ({earlier}); --resume {resume} would mix the two: use another --run_name"
+    if not overwrite:
+        again = "continue it with --resume latest, " if "checkpoints" in earlier else ""
+        return [], (f"{out_dir} already holds a run ({earlier}): {again}give this run another --run_name, or start "
+                    f"over with --overwrite (the earlier run is moved aside, not deleted)")
+    stamp, moved = time.strftime("%Y%m%d-%H%M%S"), []
+    for folder in folders:
+        if os.path.isdir(folder) and os.listdir(folder):
+            aside, i = f"{folder}.old-{stamp}", 1
+            while os.path.exists(aside):
+                aside, i = f"{folder}.old-{stamp}-{i}", i + 1
+            os.rename(folder, aside)
+            moved.append(aside)
+    print(f"--overwrite: moved the earlier run aside to {' and '.join(moved)}")
+    return claim_folders(out_dir, log_dir, resume, overwrite=False)
+
+
+class Preemption:
+    """SIGTERM (how clouds and SLURM preempt) and SIGINT (Ctrl-C): the handler only notes the signal; the loop
+    finishes its step, checkpoints and exits with 128 + the signal's number. A second signal stops at once, without
+    a checkpoint. Loader workers ignore both (dataloader.worker_loop): the main process decides."""
+
+    def __init__(self):
+        self.signum = None
+        self.old = {}
+        if threading.current_thread() is threading.main_thread():  # (signal handlers can only be set there)
+            self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            exit_now(signum, f"second {signal.Signals(signum).name}: stopping now, without a checkpoint")
+        self.signum = signum
+
+    def agreed(self, ddp, device):
+        """The signal every rank stops on now, or None. Under DDP each rank's flag is all-reduced (MAX) here, on a
+        log step, where the host waits for the device anyway: one tiny collective per log step (no per-step sync), at
+        the price of stopping up to --log_every steps after the signal."""
+        if not ddp:
+            return self.signum
+        flag = torch.tensor(float(self.signum or 0), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
+
+    def restore(self):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+
+# -----------------------------------------------------------------------------
 # main
 
 
@@ -577,16 +742,30 @@ def load_teacher(args, data, index, tokenizer, device):
     return teacher, teacher.dim
 
 
-def load_resume(args, out_dir, config, world):
+def load_resume(args, out_dir, config, world, data, fingerprint):
     """The --resume checkpoint, after the checks that make a resume exact (else a one-line ValueError)."""
     path = cm.resolve(args.resume, out_dir)
     ckpt = cm.load(path, map_location="cpu")
     why = check_resume(ckpt, path, args, world)
     if why is None and ckpt["config"] != config.to_dict():
         why = f"--resume: the checkpoint's model differs from these flags: {cm.diff_configs(ckpt['config'], config.to_dict())}"
+    if why is None and "data_fingerprint" in ckpt:  # (checkpoints from before the fingerprint resume unchecked)
+        why = data_change(ckpt["data_fingerprint"], fingerprint, path, data)
     if why:
         raise ValueError(why)
     return ckpt
+
+
+def data_change(saved, now, path, data):
+    """None, or the line saying that the checkpoint was trained on other data than --data (dataloader.data_fingerprint)."""
+    words = {"shards": "shard names", "shard_sizes": "samples per shard", "bytes": "shard sizes in bytes",
+             "source_sha256": "prep's source fingerprint"}
+    differ = [w for k, w in words.items() if saved.get(k) != now.get(k)]
+    if not differ:
+        return None
+    count = lambda fp: f"{len(fp['shards'])} shard(s)" + (f" of {sum(fp['shard_sizes'])} samples" if fp.get("shard_sizes") else "")
+    return (f"--resume: {path} was trained on other data than {data} ({', '.join(differ)} differ; {count(saved)} then, "
+            f"{count(now)} now): resume on its own data, or start a new run from its weights with --init {path}")
 
 
 def make_loaders(args, data, index, tokenizer, config, rank, world, cuda, master):
@@ -607,13 +786,29 @@ def make_loaders(args, data, index, tokenizer, config, rank, world, cuda, master
                          num_workers=args.workers, augment=augment, long_captions=args.long, pin_memory=cuda,
                          crop_area=tuple(args.crop_area), crop_ratio=tuple(args.crop_ratio), negatives=keys,
                          num_negatives=slots)
-    n_val = index.get("val", {}).get("num_samples") or 0
+    # (read_index counts a split whose index.json entry has no num_samples; `index` was read for train only)
+    n_val = read_index(data, "val")["val"]["num_samples"] if rank == 0 and index.get("val", {}).get("shards") else 0
     val_loader = ShardLoader(data, "val", min(args.batch, n_val), tokenizer, ctx, num_workers=args.workers,
                              long_captions=args.long, augment=False) if rank == 0 and n_val else None
     return loader, val_loader
 
 
 def main(argv=None):
+    """run() with what it holds (the run folders' locks, the signal handlers, the loader workers, a checkpoint being
+    written) given back however it ends; a full disk or a folder made read-only mid-run is one line, exit 2."""
+    held = []  # closers run() adds as it takes things
+    try:
+        return run(argv, held)
+    except OSError as e:  # (writes are rank 0's: the other ranks of a DDP run wait at their next collective)
+        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        for close in reversed(held):
+            with contextlib.suppress(Exception):  # the error being reported is the one that matters
+                close()
+
+
+def run(argv, held):
     parser = get_parser()
     args = parser.parse_args(argv)
     validate(parser, args)
@@ -646,21 +841,35 @@ def main(argv=None):
         if missing:
             fail(f"ranks {missing} do not see {out_dir}, which rank 0 writes: put --out on a filesystem every node "
                  f"shares (checkpoints are written by rank 0 and read by every rank on --resume)")
+    fingerprint = data_fingerprint(data, index)  # saved in every checkpoint; a --resume on other data is refused
     try:
         teacher, teacher_dim = load_teacher(args, data, index, tokenizer, device)
-        config, tokenizer, init_sd = build_config(args, index, tokenizer, teacher_dim)
-        ckpt = load_resume(args, out_dir, config, world) if args.resume else None
+        config, tokenizer, init_sd = build_config(args, index, tokenizer, teacher_dim, master)
+        ckpt = load_resume(args, out_dir, config, world, data, fingerprint) if args.resume else None
         loader, val_loader = make_loaders(args, data, index, tokenizer, config, rank, world, cuda, master)
+        held.append(lambda: [x.close() for x in (loader, val_loader) if x is not None])
         model = build_model(args, config, init_sd if ckpt is None else None, quiet).to(device)
+        if ckpt is not None:  # a checkpoint from before the data fingerprint, on a smaller dataset, fails here
+            loader.load_state_dict(ckpt["loader"])
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
+    # this run's folders, before anything is written: writable, locked while it runs, holding no other run (rank 0 decides)
+    why = None
+    if master:
+        locks, why = claim_folders(out_dir, log_dir, args.resume, args.overwrite)
+        held.append(lambda: [release_lock(lock) for lock in locks])
+    if ddp:
+        box = [why]
+        dist.broadcast_object_list(box, src=0)
+        why = box[0]
+    if why:
+        fail(why)
     total_steps = max(1, math.ceil(args.epochs * len(loader)))
     optimizer = clip.configure_optimizers(model, args.wd, args.max_lr, betas=(0.9, args.beta2))
     step, best_val = 0, None
-    if ckpt is not None:  # model, optimizer, data position and RNGs exactly as they were
+    if ckpt is not None:  # model, optimizer, data position (above) and RNGs exactly as they were
         model.load_state_dict(cm.strip_prefixes(ckpt["model"]))
         optimizer.load_state_dict(ckpt["optimizer"])
-        loader.load_state_dict(ckpt["loader"])
         cm.set_rng_state(ckpt["rng"])
         step, best_val = ckpt["step"], ckpt.get("best_val_loss")
         if args.stop_at is not None and args.stop_at <= step:
@@ -676,9 +885,11 @@ def main(argv=None):
     loss_fn = make_loss(args, raw_model, teacher)
 
     manager = cm.CheckpointManager(out_dir, keep=args.keep) if master else None
+    held.append(lambda: manager and manager.wait())  # on any way out, a checkpoint being written is finished
     logger = Logger(log_dir, config={"args": vars(args), "model": config.to_dict(), "world_size": world},
                     resume_step=step if ckpt is not None else None, total_steps=total_steps,
                     print_every=args.log_every, quiet=args.quiet, enabled=master)
+    held.append(logger.close)
     step_batch = args.batch * args.accum
     if master and not args.quiet:
         print(f"{chosen}: {config.vision.img_size}px images, {config.text.context_length}-token context, "
@@ -692,7 +903,7 @@ def main(argv=None):
         state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "config": config.to_dict(),
                  "args": vars(args), "world_size": world, "step": step, "epoch": batches.state["epoch"],
                  "loader": batches.state, "rng": cm.rng_state(), "best_val_loss": best_val,
-                 "tokenizer": tokenizer.to_dict()}
+                 "tokenizer": tokenizer.to_dict(), "data_fingerprint": fingerprint}
         (manager.save if last else manager.save_async)(state, step, val_loss=val)  # best.pt on a new best val loss
         if args.adapters:  # the adapters alone, small enough to share
             cm.save_adapters(raw_model, os.path.join(out_dir, "adapters.pt"))
@@ -728,6 +939,8 @@ def main(argv=None):
     batches = DevicePrefetcher(loader, device)
     batches.pop_wait()  # the first batch's wait is before the clock starts
     bar = tqdm(total=stop, initial=step, disable=quiet, desc="train", dynamic_ncols=True)
+    preempt = Preemption()  # from here SIGTERM / Ctrl-C end the run after a step, with a checkpoint
+    held.extend([bar.close, preempt.restore])
     window, metrics = [], {}  # window: this log window's steps, their values still on the device
     timing = {"loop": 0.0, "data": 0.0, "eval": 0.0, "checkpoint": 0.0, "final save": 0.0}  # seconds
     t_start = t_window = t_plot = time.time()
@@ -763,7 +976,7 @@ def main(argv=None):
 
         eval_step = (args.eval_every and step % args.eval_every == 0) or step == stop
         ckpt_step = step % args.ckpt_every == 0 or step == stop
-        if step % args.log_every and not eval_step and not ckpt_step:
+        if step % args.log_every and not eval_step and not ckpt_step and not (preempt.signum and not ddp):
             continue
         # a log step: wait for the GPU once, read the window's values, stop at the first non-finite one
         if cuda:
@@ -789,14 +1002,23 @@ def main(argv=None):
                 logger.plot()
                 t_plot = time.time()
         timing["eval"] += time.time() - t0
+        # preemption: a SIGTERM / SIGINT on any rank stops every rank here, after this step's checkpoint (at the last
+        # step the run is simply done)
+        signum = preempt.agreed(ddp, device) if step < stop else None
         # checkpoint: weights checked finite on every rank, the state copied to the CPU and written in the background
         t0 = time.time()
-        if ckpt_step:
+        if ckpt_step or signum:
             if not weights_finite(raw_model):
                 return stop_bad("a weight", "not finite", step)
             if master:
-                save(metrics.get("loss") if eval_step else None, last=step == stop)
+                save(metrics.get("loss") if eval_step else None, last=step == stop or bool(signum))
         timing["final save" if step == stop else "checkpoint"] += time.time() - t0
+        if signum:
+            if master:
+                tqdm.write(f"stopped by {signal.Signals(signum).name} after step {step}: saved "
+                           f"{os.path.join(manager.dir, f'step_{step:08d}.pt')}; continue with --resume latest")
+            cleanup(loader, logger, bar, ddp, manager)
+            return 128 + signum  # non-zero: the run is not finished (a scheduler requeues it)
         t_window = time.time()
     bar.close()
     if master:
@@ -823,12 +1045,12 @@ def cleanup(loader, logger, bar, ddp, manager=None):
         dist.destroy_process_group()
 
 
-def build_config(args, index, tokenizer, teacher_dim):
+def build_config(args, index, tokenizer, teacher_dim, master=True):
     """The run's model config (and tokenizer): the preset sized to the data, or --init's architecture with the
     pooling/adapter flags on top; --long with --init stretches the text positions (Long-CLIP)."""
     init_sd = None
     if args.init:
-        init_sd, cfg, tok = cm.load_init(args.init, args.quick_gelu)
+        init_sd, cfg, tok = cm.load_init(args.init, args.quick_gelu, args.init_heads, quiet=not master)
         if tok is not None:  # the model's token embeddings go with its own tokenizer
             tokenizer = Tokenizer.from_dict(tok)
         if cfg["vision"]["img_size"] != index["img_size"]:

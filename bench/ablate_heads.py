@@ -63,10 +63,8 @@ def run_one(args, head, mode, epochs):
     argv = ["--data", args.data, "--preset", args.preset, "--batch", str(args.batch), "--epochs", repr(epochs),
             "--max_lr", str(args.max_lr), "--seed", str(args.seed), "--workers", "0", "--eval_every", "0",
             "--ckpt_every", str(10 ** 9), "--out", os.path.join(args.work, "out"),
-            "--log_dir", os.path.join(args.work, "logs"), "--run_name", name, "--head", head, "--head_mode", mode]
-    metrics_path = os.path.join(args.work, "logs", name, "metrics.jsonl")
-    if os.path.exists(metrics_path):
-        os.remove(metrics_path)  # a fresh run, not an append to a previous one
+            "--log_dir", os.path.join(args.work, "logs"), "--run_name", name, "--head", head, "--head_mode", mode,
+            "--overwrite"]  # a fresh run: an earlier one of this name is moved aside
     quiet = contextlib.redirect_stdout(io.StringIO()) if args.quiet else contextlib.nullcontext()
     t0 = time.time()
     with quiet:

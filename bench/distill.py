@@ -112,7 +112,8 @@ def main():
     n_train = index["train"]["num_samples"]
     epochs = lambda steps: (steps - 0.5) / (n_train // args.batch)  # train.py runs ceil(epochs * batches) steps
     common = ["--batch", str(args.batch), "--seed", str(args.seed), "--workers", str(args.workers), "--eval_every",
-              "0", "--ckpt_every", "100000", "--out", out, "--log_dir", logs, "--quiet"]
+              "0", "--ckpt_every", "100000", "--out", out, "--log_dir", logs, "--quiet",
+              "--overwrite"]  # with --reuse_teacher the students' earlier runs are still in --work: moved aside
 
     t0 = time.time()
     if not (args.reuse_teacher and os.path.isfile(teacher_ckpt)):

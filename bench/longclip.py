@@ -55,7 +55,7 @@ def run_train(name, args, extra):
     flags = ["--data", args.data, "--preset", args.preset, "--batch", str(args.batch), "--workers", str(args.workers),
              "--eval_every", "0", "--ckpt_every", "100000", "--eval_batches", "1", "--seed", str(args.seed),
              "--out", os.path.join(args.out, "ckpt"), "--log_dir", os.path.join(args.out, "logs"),
-             "--run_name", name] + (["--quiet"] if args.quiet else []) + extra
+             "--run_name", name, "--overwrite"] + (["--quiet"] if args.quiet else []) + extra  # (a re-run starts over)
     t0 = time.time()
     if train.main(flags) != 0:
         raise SystemExit(f"training run {name} failed")

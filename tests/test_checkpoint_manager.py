@@ -36,7 +36,7 @@ mgr.wait()
     deadline = time.time() + 60
     tmp = None
     while time.time() < deadline and child.poll() is None:
-        tmps = glob.glob(os.path.join(mgr.dir, ".step_00000001.pt.*.tmp"))
+        tmps = glob.glob(os.path.join(mgr.dir, f"step_00000001.pt.tmp{child.pid}"))  # <file>.tmp<pid>
         if tmps and os.path.getsize(tmps[0]) > 20_000_000:  # it exists and has grown: mid-write
             tmp = tmps[0]
             child.send_signal(signal.SIGKILL)
@@ -49,7 +49,7 @@ mgr.wait()
         assert torch.equal(load(p)["w"], torch.ones(4))  # ...but the old checkpoint is whole
     assert mgr.latest() == os.path.join(mgr.dir, "latest.pt")
     mgr.save({"w": torch.zeros(2)}, step=2)
-    assert not glob.glob(os.path.join(mgr.dir, ".*.tmp"))  # ...and cleaned by the next save
+    assert not glob.glob(os.path.join(mgr.dir, "*.tmp*"))  # ...and cleaned by the next save (its writer is dead)
 
 
 def test_save_atomic_roundtrip(tmp_path):
@@ -94,7 +94,7 @@ def test_a_failed_background_write_is_raised_in_the_caller(tmp_path, monkeypatch
     monkeypatch.setattr(checkpoint_manager, "save_atomic", full_disk)
     mgr = CheckpointManager(tmp_path)
     mgr.save_async({"step": 1}, step=1)
-    with pytest.raises(RuntimeError, match="writing checkpoint failed: .*No space left"):
+    with pytest.raises(OSError, match="No space left"):  # the write's own error: train.py says it in one line
         mgr.wait()
     mgr.wait()  # reported once
 
