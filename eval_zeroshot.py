@@ -302,17 +302,20 @@ def wds_source(root, split, max_images):
 def hub_source(name, split, max_images, columns):
     """A hub dataset (or a local copy in the hub's layout) through `datasets`, streamed; images stay encoded until
     our decode. Labels need a ClassLabel column (its names are the class names) or --classes."""
-    tried = [split] if split else ["validation", "test"]
-    for i, s in enumerate(tried):
+    errors = []
+    for s in [split] if split else ["validation", "test"]:
         try:
             ds, _ = open_hub_dataset(name, s)
-            split = s
             break
         except ValueError as e:
-            if i == len(tried) - 1:
-                raise ValueError(f"hf:{name}: {e}" if len(tried) == 1 else
-                                 f"hf:{name}: no split validation or test; name one with --split ({e})") from None
-    cols = hub_columns(ds, columns.get("image"), columns.get("caption"), columns.get("label"))
+            errors.append(str(e))
+    else:
+        raise ValueError(errors[-1] + ("" if split else " (tried --split validation, then test)"))
+    split = s
+    try:
+        cols = hub_columns(ds, columns.get("image"), columns.get("caption"), columns.get("label"))
+    except ValueError as e:
+        raise ValueError(f"hf:{name}: {e}") from None
     if cols["label"] is None and cols["caption"] is None:
         raise ValueError(f"hf:{name}: no column of labels or captions to evaluate against; name one with "
                          f"--label_column or --caption_column")
@@ -995,9 +998,9 @@ def main(argv=None):
     columns = {"image": args.image_column, "label": args.label_column, "caption": args.caption_column}
     if any(columns.values()) and not (args.data or "").startswith("hf:"):
         parser.error("--image_column, --label_column and --caption_column apply to --data hf:<id or dir> only")
-    if args.save_embeddings and (args.max_images or not (args.data and os.path.isfile(os.path.join(args.data,
-                                                                                                   "index.json")))):
-        parser.error("--save_embeddings needs --data to be a shard set (a folder with index.json), without --max_images")
+    shards = args.data and os.path.isfile(os.path.join(args.data, "index.json"))
+    if args.save_embeddings and (args.max_images or not shards):
+        parser.error("--save_embeddings needs --data to be a shard set (a folder with index.json) and no --max_images")
     if args.save_embeddings and os.path.exists(args.save_embeddings) and not os.path.isdir(args.save_embeddings):
         parser.error(f"--save_embeddings {args.save_embeddings} is a file; give a folder")
 
@@ -1017,6 +1020,11 @@ def main(argv=None):
     checked("", check_out, args.out)
     # the layout, its split, its columns: found now (no image read), so a broken --data is one line before loading
     source = checked("--data ", open_source, args.data, args.split, args.max_images, columns) if args.data else None
+    if source is not None and source.labelled and not (source.classes or classes):
+        parser.error(f"--data {args.data} has labels but no class names: give them with --classes FILE")
+    if source is not None and classes and source.classes and len(classes) != len(source.classes):
+        parser.error(f"--classes {args.classes}: {len(classes)} names, but --data {args.data} has "
+                     f"{len(source.classes)} classes")
     precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
 
     try:
