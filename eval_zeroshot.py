@@ -9,8 +9,7 @@ Evaluate a CLIP checkpoint: zero-shot classification, image-text retrieval and a
 
 What --data can be (open_source finds the layout; one reader per layout, all giving the same batches):
 - a shard set from prep_dataset.py (index.json; --split val by default);
-- class folders DIR/<class>/*.jpg. Folders named by ImageNet's WordNet ids (n01440764, ... any subset of the
-  1,000) get OpenAI's curated class names and its 80 templates (imagenet_classes.json); other folders their names;
+- class folders DIR/<class>/*.jpg, named by their folders;
 - CLIP_benchmark's webdataset layout as downloaded (`huggingface-cli download clip-benchmark/wds_cifar10
   --repo-type dataset --local-dir DIR`): DIR/<split>/nshards.txt, DIR/<split>/{0..n-1}.tar (.webp/.png/.jpg
   images with .cls labels, or .txt captions one per line), classnames.txt, zeroshot_classification_templates.txt
@@ -18,6 +17,8 @@ What --data can be (open_source finds the layout; one reader per layout, all giv
 - hf:<hub id or local dir> through `datasets`, streamed (an ImageNet-sized split needs no full download):
   ClassLabel names become class names; --image_column / --label_column / --caption_column when the columns
   cannot be inferred; --split validation by default (test when there is none).
+Classes named by ImageNet's WordNet ids (n01440764, ... any subset of the 1,000: ImageNet's train/val folders, or
+such class names in a set) get OpenAI's curated class names and its 80 templates (imagenet_classes.json).
 --max_images N evaluates the first N samples (class folders: N spread evenly over the sorted files, so every
 class is in). Samples that cannot be used are skipped and counted (skipped_<reason>); nothing is extracted to disk.
 
@@ -217,6 +218,15 @@ def imagenet_classes():
     return dict(map(tuple, d["classes"])), d["templates"]
 
 
+def curated(classes, templates=None):
+    """Class names that are all ImageNet WordNet ids (n01440764, ...) -> OpenAI's curated names and the 80
+    templates; any other names are kept, with `templates`."""
+    names, imagenet_templates = imagenet_classes()
+    if classes and all(c in names for c in classes):
+        return [names[c] for c in classes], imagenet_templates
+    return classes, templates
+
+
 class Source:
     """An evaluation set as open_source found it: what it holds (classes: names or None; templates: the data's own
     list or None; labelled / captioned: whether its batches carry labels / captions; heldout: the synthetic set's
@@ -264,7 +274,7 @@ def shard_source(data, split, max_images):
     def make(size, tokenizer, ctx, batch, workers):
         loader = ShardLoader(data, split, batch, tokenizer, ctx, shuffle=False, drop_last=False, num_workers=workers)
         return FirstImages(loader, max_images) if max_images else loader
-    return Source(data, split, make, names, None, labelled=names is not None, captioned=True, heldout=heldout,
+    return Source(data, split, make, *curated(names), labelled=names is not None, captioned=True, heldout=heldout,
                   img_size=index["img_size"])
 
 
@@ -278,10 +288,7 @@ def folder_source(root, max_images):
     classes, items, empty = found
     if empty:
         warnings.warn(f"skipped {len(empty)} folder(s) with no images (not classes): {', '.join(empty)}")
-    templates = None
-    names, imagenet_templates = imagenet_classes()
-    if all(c in names for c in classes):  # ImageNet's layout: WordNet ids -> OpenAI's curated names
-        classes, templates = [names[c] for c in classes], imagenet_templates
+    classes, templates = curated(classes)  # ImageNet's layout: WordNet-id folders
     if max_images and max_images < len(items):  # spread over the sorted list, so every class is in
         items = [items[i] for i in np.linspace(0, len(items) - 1, max_images).round().astype(int)]
     make = lambda size, tokenizer, ctx, batch, workers: image_files([(p, None) for p, _ in items],
@@ -295,8 +302,8 @@ def wds_source(root, split, max_images):
     info = wds_layout(root, split)
     records = lambda: islice((r for path in info["shards"] for r in wds_records(path, info["type"])), max_images)
     make = lambda size, tokenizer, ctx, batch, workers: ImageRecords(records, size, batch, workers, tokenizer, ctx)
-    return Source(root, split, make, info["classes"], info["templates"], labelled=info["type"] == "classification",
-                  captioned=info["type"] == "retrieval")
+    return Source(root, split, make, *curated(info["classes"], info["templates"]),
+                  labelled=info["type"] == "classification", captioned=info["type"] == "retrieval")
 
 
 def hub_source(name, split, max_images, columns):
@@ -342,7 +349,7 @@ def hub_source(name, split, max_images, columns):
                     continue
             yield record
     make = lambda size, tokenizer, ctx, batch, workers: ImageRecords(records, size, batch, workers, tokenizer, ctx)
-    return Source(f"hf:{name}", split, make, cols["classes"], None, labelled=cols["label"] is not None,
+    return Source(f"hf:{name}", split, make, *curated(cols["classes"]), labelled=cols["label"] is not None,
                   captioned=cols["caption"] is not None)
 
 

@@ -181,6 +181,8 @@ def test_wnid_folders_get_curated_names_and_80_templates(tok, tmp_path, monkeypa
     assert "itap of my goldfish." in seen and "a origami tench." in seen  # verbatim: the field's prompts
     names, templates = EZ.imagenet_classes()
     assert len(names) == 1000 and names["n04532670"] == "viaduct" and templates[0] == "a bad photo of a {c}."
+    assert EZ.curated(["n15075141"]) == (["toilet paper"], templates)  # any source's names (hub ClassLabels too)
+    assert EZ.curated(["cat", "n15075141"], ["a {}."]) == (["cat", "n15075141"], ["a {}."])
     # one folder that is no WordNet id: folder names and our short templates
     (root / "orange").mkdir()
     (root / "orange" / "1.png").write_bytes(encoded("orange"))
