@@ -632,8 +632,9 @@ def main(argv=None):
         config, tokenizer, init_sd = build_config(args, index, tokenizer, teacher_dim)
         ckpt = load_resume(args, out_dir, config, world) if args.resume else None
         loader, val_loader = make_loaders(args, data, index, tokenizer, config, rank, world, cuda, master)
+        # checked on every rank (a bad one stops them all at once), evaluated on rank 0
         zs_source = open_zeroshot_data(args.zeroshot_data, args.zeroshot_max_images, config.vision.img_size) \
-            if master and args.zeroshot_data else None
+            if args.zeroshot_data else None
         model = build_model(args, config, init_sd if ckpt is None else None, quiet).to(device)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
@@ -775,7 +776,7 @@ def main(argv=None):
         bar.set_postfix(loss=f"{rows[-1][1]['loss']:.3f}", refresh=False)
         # validation and zero-shot (rank 0; the others wait at their next collective, well within PG_TIMEOUT)
         t0 = time.time()
-        if master and (val_loader is not None or zs_source is not None) and eval_step:
+        if master and (val_loader is not None or args.zeroshot_data) and eval_step:
             metrics = evaluate()
             if step != stop and time.time() - t_plot > PLOT_EVERY_S:  # the end of the run plots once below
                 logger.plot()

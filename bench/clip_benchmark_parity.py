@@ -16,9 +16,11 @@ reader build_dataset("wds/..."), zeroshot_classification.evaluate, zeroshot_retr
   3. one JSON line per run is appended to bench/results/clip_benchmark_parity.jsonl (both sides' metrics, the largest
      difference, and ours/theirs wall time measured in the same run).
 
-clip-benchmark is no dependency of this repo; it runs from a benchmark venv:
+clip-benchmark is no dependency of this repo; it runs from a benchmark venv (it imports requests without declaring
+it, and its accuracy() calls float() on a one-element array, an error from numpy 2.4 on):
     python3 -m venv bench/.venv-cb
-    bench/.venv-cb/bin/pip install torch==2.14.1 torchvision==0.29.1 clip-benchmark requests -r requirements.txt
+    bench/.venv-cb/bin/pip install torch==2.14.1 torchvision==0.29.1 clip-benchmark requests "numpy<2.4" \
+        -r requirements.txt
     python train.py                                       # the checkpoint (the README main command), if not there
     bench/.venv-cb/bin/python bench/clip_benchmark_parity.py
 """
@@ -33,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -97,7 +100,10 @@ def theirs(model, tokenizer, root, kind, size, batch):
     # our preprocessing on the PIL image CLIP_benchmark decoded: shorter side to size, centre crop, normalised
     transform = lambda img: normalize_images(torch.from_numpy(image_array(
         ImageOps.fit(to_rgb(img), (size, size), method=Image.BICUBIC)))[None])[0]  # (3, S, S) float
-    ds = build_dataset(f"wds/{os.path.basename(root)}", root=root, transform=transform, split="test")
+    with warnings.catch_warnings():  # webdataset's note that shardshuffle is unset (CLIP_benchmark leaves it)
+        warnings.simplefilter("ignore")
+        ds = build_dataset(f"wds/{os.path.basename(root)}", root=root, transform=transform, split="test",
+                           task="zeroshot_classification" if kind == "cls" else "zeroshot_retrieval")
     loader = torch.utils.data.DataLoader(ds.batched(batch), batch_size=None, shuffle=False, num_workers=0)
     tok = lambda texts: tokenizer.tokenize(list(texts), model.config.text.context_length)
     if kind == "cls":
