@@ -623,13 +623,13 @@ def shard_swaps(loader):
     """The json "swaps" {type: caption} of every sample of an unshuffled ShardLoader, as rows (sample index,
     type, swapped caption, the sample's own caption), and the number of samples. Uses the loader's own shard
     list and completeness rule, so sample i here is row i of its batches unless the loader put another sample
-    in that row (evaluate_checkpoint checks the caption); tar members are read in memory (mmap), never extracted."""
+    in that row (evaluate_checkpoint checks the caption); tar members are read in memory (mmap), never extracted.
+    The shards come through the loader's own cache: an in-process loader (no workers) has just mapped and scanned
+    them, and scanning a 1,000-sample tar again costs ~0.1 s per eval."""
     rows, n = [], 0
-    for path in loader.make.paths:  # sorted, as the loader reads them when shuffle=False
-        data = map_file(path)
-        groups, _ = scan_tar(data)
-        for key in sorted(groups):
-            exts = groups[key]
+    for s in range(len(loader.make.paths)):  # sorted, as the loader reads them when shuffle=False
+        data, samples = loader.make.shard(s, [])  # every key in sorted order, complete or not
+        for exts in samples:
             if not complete(exts, loader.make.required, loader.make.fields):
                 continue
             if "json" in exts:
@@ -640,10 +640,8 @@ def shard_swaps(loader):
                     swaps = None
                 if isinstance(swaps, dict):
                     caption = get("txt").decode("utf-8", "replace") if "txt" in exts else ""
-                    rows += [(n, t, s, caption) for t, s in swaps.items() if isinstance(s, str)]
+                    rows += [(n, t, c, caption) for t, c in swaps.items() if isinstance(c, str)]
             n += 1
-        if hasattr(data, "close"):
-            data.close()
     return rows, n
 
 
