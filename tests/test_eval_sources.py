@@ -247,6 +247,7 @@ def test_hub_classlabel_equals_class_folders(tok, hub_and_folders, monkeypatch):
     ("hub", ["--image_column", "label"], "--image_column 'label' holds ClassLabel"),
     ("hub", ["--split", "train"], "split train"),
     ("no_hub", [], "hub dataset"),
+    ("hub_id", [], "hub dataset 'nobody/no-such-set'"),  # offline in tests: the hub is never reached
 ])
 def test_bad_sources_are_one_line_exit_2(tok, tmp_path, capsys, monkeypatch, hub_and_folders, setup, args, message):
     data = classification_set(tmp_path / "wds")
@@ -261,7 +262,8 @@ def test_bad_sources_are_one_line_exit_2(tok, tmp_path, capsys, monkeypatch, hub
         (tmp_path / "wds" / "classnames.txt").write_text("red\n\ngreen\n")
     elif setup == "no_classnames":
         os.remove(tmp_path / "wds" / "classnames.txt")
-    data = {"hub": f"hf:{hub_and_folders[1]}", "no_hub": f"hf:{tmp_path / 'nothing'}"}.get(setup, data)
+    data = {"hub": f"hf:{hub_and_folders[1]}", "no_hub": f"hf:{tmp_path / 'nothing'}",
+            "hub_id": "hf:nobody/no-such-set"}.get(setup, data)
     (tmp_path / "two.txt").write_text("a\nb\n")
     (tmp_path / "bad_templates.txt").write_text("a photo of a {c}.\nno slot\n")
     model = tiny_model(tok.vocab_size)
