@@ -649,6 +649,101 @@ def undecoded(ds, image_column):
     return ds.cast_column(image_column, datasets.Image(decode=False))
 
 
+# ---------------------------------------------------------------- CLIP_benchmark's webdataset layout (read-only)
+# The clip-benchmark/wds_* sets as downloaded: root/<split>/nshards.txt, root/<split>/{0..n-1}.tar, and beside the
+# splits classnames.txt, zeroshot_classification_templates.txt ({c} marks the class name) and an optional
+# dataset_type.txt. A sample is <key>.webp|.png|.jpg|.jpeg plus <key>.cls (a class index as text: classification)
+# or <key>.txt (captions, one per line: retrieval). eval_zeroshot.py reads them with these functions.
+
+def wds_splits(root):
+    """The splits of a CLIP_benchmark wds folder (sub-folders holding nshards.txt), sorted; [] when it is not one."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "nshards.txt")))
+
+
+def wds_text(path, numbered=False):
+    """Stripped non-empty lines of a small UTF-8 text file (a BOM dropped), or one ValueError line. numbered: line
+    i is item i (class names), so an empty line before the last name is an error, not a line to drop."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines = [line.strip() for line in f]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    while numbered and lines and not lines[-1]:
+        lines.pop()
+    if numbered and "" in lines:
+        raise ValueError(f"{path}: line {lines.index('') + 1} is empty (line i names class i)")
+    return [line for line in lines if line]
+
+
+def wds_layout(root, split):
+    """root's `split` -> {"shards": [tar paths], "type": "classification" | "retrieval", "classes": names or None,
+    "templates": list or None}; anything missing or malformed is one ValueError line. Multi-label sets (.npy
+    targets, scored by mean average precision) are refused: their metric is not ours."""
+    splits = wds_splits(root)
+    if split not in splits:
+        raise ValueError(f"{root}: split {split!r} has no {split}/nshards.txt (this CLIP_benchmark set has "
+                         f"{', '.join(splits) or 'no split'})")
+    lines = wds_text(os.path.join(root, split, "nshards.txt"))
+    if len(lines) != 1 or not lines[0].isdigit() or int(lines[0]) < 1:
+        raise ValueError(f"{root}/{split}/nshards.txt must hold one positive integer, got {' '.join(lines)[:40]!r}")
+    shards = [os.path.join(root, split, f"{i}.tar") for i in range(int(lines[0]))]
+    missing = [os.path.basename(p) for p in shards if not os.path.isfile(p)]
+    if missing:
+        raise ValueError(f"{root}/{split}: nshards.txt says {len(shards)} shards but {', '.join(missing[:3])}"
+                         f"{' ...' if len(missing) > 3 else ''} {'is' if len(missing) == 1 else 'are'} missing")
+    path = os.path.join(root, "dataset_type.txt")
+    kind = (wds_text(path) or ["classification"])[0].lower() if os.path.isfile(path) else "classification"
+    if kind not in ("classification", "retrieval"):
+        raise ValueError(f"{path}: dataset type {kind!r} is not supported (classification or retrieval)")
+    read = lambda name, numbered=False: wds_text(os.path.join(root, name), numbered) \
+        if os.path.isfile(os.path.join(root, name)) else None
+    classes, templates = (read("classnames.txt", True), read("zeroshot_classification_templates.txt")) \
+        if kind == "classification" else (None, None)
+    return {"shards": shards, "type": kind, "classes": classes or None, "templates": templates or None}
+
+
+def wds_records(path, kind):
+    """The samples of one CLIP_benchmark tar, in member order, read from the mapped file (never extracted):
+    {"image": bytes, "label": int} (classification) or {"image": bytes, "captions": [str]} (retrieval), each with
+    "name" (shard/key). A sample that cannot be used is its reason instead, for the caller to count: missing_image,
+    missing_cls, bad_label, missing_txt, bad_utf8, no_caption, or bad_member for a member the tar scan skipped
+    (an unsafe name, a link, a truncated end)."""
+    data = map_file(path)
+    get = lambda exts, ext: bytes(data[exts[ext][0]:exts[ext][0] + exts[ext][1]])  # a copy, not a view
+    try:
+        groups, skipped = scan_tar(data)
+        yield from ["bad_member"] * skipped
+        for key, exts in groups.items():
+            ext = image_ext(exts)
+            if ext is None:
+                yield "missing_image"
+                continue
+            record = {"image": get(exts, ext), "name": f"{os.path.basename(path)}/{key}"}
+            if kind == "classification":
+                text = get(exts, "cls").strip() if "cls" in exts else None
+                if text is None:
+                    yield "missing_cls"
+                elif not text.isdigit():  # a class index: ASCII digits only (no sign, no spaces inside)
+                    yield "bad_label"
+                else:
+                    yield {**record, "label": int(text)}
+                continue
+            if "txt" not in exts:
+                yield "missing_txt"
+                continue
+            try:
+                captions = [c.strip() for c in get(exts, "txt").decode("utf-8").splitlines() if c.strip()]
+            except UnicodeDecodeError:
+                yield "bad_utf8"
+                continue
+            yield {**record, "captions": captions} if captions else "no_caption"
+    finally:  # also when the caller stops early (--max_images)
+        if hasattr(data, "close"):
+            data.close()
+
+
 # ---------------------------------------------------------------- building batches (runs in the workers)
 
 class BadSample(Exception):

@@ -3,21 +3,46 @@ Evaluate a CLIP checkpoint: zero-shot classification, image-text retrieval and a
 
     python eval_zeroshot.py --ckpt out/ckpt/best.pt --data data/synthetic          # shards: everything that applies
     python eval_zeroshot.py --ckpt best.pt --data imagenet/val --out in1k.json     # class folders: zero-shot only
+    python eval_zeroshot.py --ckpt best.pt --data wds_cifar10                      # a CLIP_benchmark set (split test)
+    python eval_zeroshot.py --ckpt best.pt --data hf:uoft-cs/cifar10 --split test  # a hub dataset, streamed
     python eval_zeroshot.py --ckpt best.pt --aro visual_genome_relation.json --aro_images vg_images/
 
+What --data can be (open_source finds the layout; one reader per layout, all giving the same batches):
+- a shard set from prep_dataset.py (index.json; --split val by default);
+- class folders DIR/<class>/*.jpg, named by their folders;
+- CLIP_benchmark's webdataset layout as downloaded (`huggingface-cli download clip-benchmark/wds_cifar10
+  --repo-type dataset --local-dir DIR`): DIR/<split>/nshards.txt, DIR/<split>/{0..n-1}.tar (.webp/.png/.jpg
+  images with .cls labels, or .txt captions one per line), classnames.txt, zeroshot_classification_templates.txt
+  ({c} marks the class name), optional dataset_type.txt; --split test by default;
+- hf:<hub id or local dir> through `datasets`, streamed (an ImageNet-sized split needs no full download):
+  ClassLabel names become class names; --image_column / --label_column / --caption_column when the columns
+  cannot be inferred; --split validation by default (test when there is none).
+Classes named by ImageNet's WordNet ids (n01440764, ... any subset of the 1,000: ImageNet's train/val folders, or
+such class names in a set) get OpenAI's curated class names and its 80 templates (imagenet_classes.json).
+--max_images N evaluates the first N samples (class folders: N spread evenly over the sorted files, so every
+class is in). Samples that cannot be used are skipped and counted (skipped_<reason>); nothing is extracted to disk.
+
 What runs on what:
-- zero-shot (Radford et al. 2021, sec. 3.1.4): on class folders (DIR/<class>/*.jpg, ImageNet layout) and on
-  shard sets whose index.json lists "classes". Each class becomes one text embedding: the caption embeddings of
-  every template ("a photo of a {}.", ...), each normalised, averaged and normalised again (prompt ensembling).
-  Top-1 / top-5 accuracy (top-k capped at the number of classes), per-class top-1 and a confusion matrix PNG.
-  On the synthetic set, top-1 is also split into seen and held-out colour-shape combinations (by true label).
-- retrieval: on any shard set, image i's own caption is caption i. image->text and text->image R@1/5/10, mean
-  reciprocal rank and median rank. Only `chunk` rows of the similarity matrix exist at a time, so 100k pairs
-  need a few hundred MB, never the full N x N matrix.
+- zero-shot (Radford et al. 2021, sec. 3.1.4): on labelled data. Each class becomes one text embedding: the
+  caption embeddings of every template, each normalised, averaged and normalised again (prompt ensembling).
+  Templates: --templates, else the data's own (CLIP_benchmark sets, ImageNet folders), used verbatim as the
+  field does; else our short generic list, with "a apple" written "an apple". zeroshot_top1 / zeroshot_top5
+  (top-k capped at the number of classes; CLIP_benchmark's acc1 / acc5), mean_per_class_recall (the mean over
+  classes of their top-1: CLIP_benchmark's balanced accuracy), per-class top-1 and a confusion matrix PNG. On the
+  synthetic set, top-1 is also split into seen and held-out colour-shape combinations (by true label).
+- retrieval: on captioned data (shard sets; CLIP_benchmark and hub sets with one caption or several per image).
+  image->text and text->image R@1/5/10, mean reciprocal rank and median rank. A caption query is right when its
+  image is in the top k; an image query when any of its captions is (the rank of its best-placed caption), as in
+  CLIP_benchmark and the papers: i2t_R@k is CLIP_benchmark's text_retrieval_recall@k, t2i_R@k its
+  image_retrieval_recall@k. Only `chunk` rows of the similarity matrix exist at a time.
 - swaps (ARO, Yuksekgonul et al. 2023): is the true caption scored strictly higher than a swapped one
   ("a red cube left of a blue ball" vs "a blue cube left of a red ball")? Accuracy per swap type, from the
   synthetic shards' json "swaps", a jsonl file (--swaps_jsonl), or ARO's VG-Relation / VG-Attribution files
   (--aro FILE --aro_images DIR; each image is cropped to its bbox first, as ARO does).
+
+Memory: images are encoded in batches as they stream in. Zero-shot keeps only per-class counts (and the C x C
+confusion for the CLI), so it is bounded by --batch and the class count, not the number of images; retrieval
+keeps one embedding per image and caption (it needs them all).
 
 Ranks and ties: the rank of the right answer is 1 + the number of candidates with a strictly higher score, so a
 tie counts in the model's favour (identical captions in a retrieval set do not push each other down). Accuracies,
@@ -28,38 +53,43 @@ recalls and MRR are fractions in [0, 1].
 or a FAISS IndexFlatIP); `prep_dataset.py add-negatives` mines hard negatives with exactly these functions.
 
 train.py calls `evaluate_checkpoint` every --eval_every steps: one encoding pass over the split, reused by
-zero-shot, retrieval and the swap test. Pass it the bare model (not the DDP wrapper, which has no encode_image).
+zero-shot, retrieval and the swap test (and, with --zeroshot_data, zero-shot on that source). Pass it the bare
+model (not the DDP wrapper, which has no encode_image).
 
-Left out on purpose: linear probes, few-shot, test-time augmentation, the 80 ImageNet templates of CLIP (give
-them with --templates), and per-dataset class-name cleaning.
+Left out on purpose: linear probes, few-shot, test-time augmentation, multi-label sets (mean average precision),
+per-class prompt lists (CuPL), and per-dataset class-name cleaning beyond ImageNet's curated names.
 """
 
 import argparse
+import functools
 import json
 import math
 import os
 import time
 import warnings
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
-from PIL import Image
 from tqdm import tqdm
 
 from clip import normalize_images
-from dataloader import (ShardLoader, articles, class_folders, complete, decode_image, image_array, load_tokenizer,
-                        map_file, read_index, scan_tar)
+from dataloader import (ShardLoader, articles, class_folders, complete, decode_image, hub_columns, hub_image_bytes,
+                        image_array, load_tokenizer, map_file, open_hub_dataset, read_index, scan_tar, undecoded,
+                        wds_layout, wds_records, wds_splits)
 from logger import save_figure, write_atomic
 
-# A short, generic CLIP-style template list (prompt ensembling); --templates replaces it.
+# A short, generic CLIP-style template list (prompt ensembling); --templates or the data's own list replaces it.
 TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a rendering of a {}.", "a {}."]
 RECALL_AT = (1, 5, 10)
+IMAGENET_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_classes.json")
 
 # -----------------------------------------------------------------------------
-# images from files (class folders, jsonl / ARO swap files)
+# images from files and records
 
 
 def load_image(src, size, box=None):
@@ -78,56 +108,249 @@ def try_load(item, size):
     """(path, box) -> uint8 (3, S, S), or None when the file does not decode (counted by the caller)."""
     try:
         return load_image(item[0], size, item[1])
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+    except Exception:  # PIL raises many types on corrupt or truncated bytes (as the shard loader, which skips them)
         return None
 
 
-class ImageList:
-    """Image files -> batches like ShardLoader's: {"image": uint8 (B, 3, S, S), "label": int64 (B,)}, in order.
-    Files that do not decode are skipped, counted (self.skipped) and named in a warning. Decoding runs in a
-    thread pool (PIL releases the GIL while decoding) one batch ahead, so it overlaps the model's forward."""
+class ImageRecords:
+    """Records -> batches like ShardLoader's, in order: "image" uint8 (B, 3, S, S), plus "label" int64 (B,) when the
+    records have labels, plus "text" int64 (M, ctx) and "text_image" int64 (M,) (each caption's row in the batch)
+    when they have captions. `records()` gives a fresh iterator of dicts {"image": encoded bytes, or "path" and
+    "box", "name", "label"?, "captions"?}, or of reason strings for samples already found unusable. Images decode
+    in a thread pool (PIL releases the GIL) one batch ahead, so decoding overlaps the model's forward; one that
+    does not decode is "bad_image", named in a warning. self.skipped counts every unusable sample per reason."""
 
-    def __init__(self, items, labels, img_size, batch_size=256, workers=4):
-        self.items, self.labels = list(items), torch.as_tensor(labels, dtype=torch.int64)  # [(path, box)], (N,)
-        self.img_size, self.batch_size, self.workers = img_size, batch_size, max(1, workers)
-        self.skipped, self.failed = 0, []
+    def __init__(self, records, img_size, batch_size=256, workers=4, tokenizer=None, context_length=None,
+                 num_records=None):
+        self.records, self.img_size, self.batch_size, self.workers = records, img_size, batch_size, max(1, workers)
+        self.tokenizer, self.context_length, self.num_records = tokenizer, context_length, num_records
+        self.skipped, self.failed = Counter(), []
 
-    def __len__(self):
-        return math.ceil(len(self.items) / self.batch_size)
+    def __len__(self):  # batches, when the number of records is known (a stream's is not)
+        if self.num_records is None:
+            raise TypeError("a stream of records has no length")
+        return math.ceil(self.num_records / self.batch_size)
+
+    def decode(self, r):
+        """A record's image -> uint8 (3, S, S), or None when it does not decode."""
+        if "path" in r:
+            return try_load((r["path"], r.get("box")), self.img_size)
+        try:
+            return torch.from_numpy(image_array(decode_image(r["image"], self.img_size)))  # (3, S, S) uint8
+        except Exception:  # PIL raises many types on corrupt or truncated bytes
+            return None
 
     def __iter__(self):
-        self.skipped, self.failed, B = 0, [], self.batch_size
+        self.skipped, self.failed = Counter(), []
+        records = iter(self.records())
         with ThreadPoolExecutor(self.workers) as pool:
-            submit = lambda s: [pool.submit(try_load, it, self.img_size) for it in self.items[s:s + B]]
-            futures = submit(0)
-            for s in range(0, len(self.items), B):
-                images = [f.result() for f in futures]
-                futures = submit(s + B)  # the next batch decodes while this one is encoded
-                ok = [i for i, im in enumerate(images) if im is not None]
-                self.failed += [self.items[s + i][0] for i, im in enumerate(images) if im is None]
-                if ok:
-                    yield {"image": torch.stack([images[i] for i in ok]),  # (B', 3, S, S) uint8
-                           "label": self.labels[s:s + B][ok]}  # (B',)
-        self.skipped = len(self.failed)
+            submit = lambda: [(r, pool.submit(self.decode, r) if isinstance(r, dict) else None)
+                              for r in islice(records, self.batch_size)]
+            todo = submit()
+            while todo:
+                done, todo = todo, submit()  # the next batch decodes while this one is encoded
+                good = []
+                for r, f in done:
+                    image = f.result() if f is not None else None
+                    if image is not None:
+                        good.append((r, image))
+                    elif f is None:
+                        self.skipped[r] += 1
+                    else:
+                        self.skipped["bad_image"] += 1
+                        self.failed.append(r["name"])
+                if good:
+                    yield self.collate(good)
         if self.failed:
-            warnings.warn(f"skipped {self.skipped} image(s) that could not be decoded: "
-                          + ", ".join(self.failed[:5]) + (", ..." if self.skipped > 5 else ""))
+            warnings.warn(f"skipped {len(self.failed)} image(s) that could not be decoded: "
+                          + ", ".join(self.failed[:5]) + (", ..." if len(self.failed) > 5 else ""))
+
+    def collate(self, good):
+        batch = {"image": torch.stack([image for _, image in good])}  # (B, 3, S, S) uint8
+        if "label" in good[0][0]:
+            batch["label"] = torch.tensor([r["label"] for r, _ in good], dtype=torch.int64)  # (B,)
+        if "captions" in good[0][0]:
+            pairs = [(i, c) for i, (r, _) in enumerate(good) for c in r["captions"]]
+            batch["text"] = self.tokenizer.tokenize([c for _, c in pairs], self.context_length)  # (M, ctx)
+            batch["text_image"] = torch.tensor([i for i, _ in pairs], dtype=torch.int64)  # (M,)
+        return batch
 
     def close(self):
         pass
 
 
-def image_folder(root, img_size, batch_size=256, workers=4):
-    """Class folders root/<class>/**/<image> (ImageNet layout, found by dataloader.class_folders) -> (ImageList,
-    class names). A folder with no image is not a class: it is left out with a warning naming it."""
+def image_files(items, labels, img_size, batch_size=256, workers=4):
+    """[(path, box)] and a label per item -> ImageRecords of those files, in order."""
+    records = lambda: ({"path": p, "box": box, "name": p, "label": int(y)} for (p, box), y in zip(items, labels))
+    return ImageRecords(records, img_size, batch_size, workers, num_records=len(items))
+
+
+class FirstImages:
+    """The first n images of a shard loader's batches (the last batch cut), for --max_images on a shard set."""
+
+    def __init__(self, loader, n):
+        self.loader, self.n = loader, n
+
+    def __len__(self):
+        return min(len(self.loader), math.ceil(self.n / self.loader.batch_size))
+
+    def __iter__(self):
+        left = self.n
+        for batch in self.loader:
+            yield {k: v[:left] for k, v in batch.items()}  # every field of a shard batch is one row per image
+            left -= len(batch["image"])
+            if left <= 0:
+                break
+
+    def close(self):
+        self.loader.close()
+
+
+# -----------------------------------------------------------------------------
+# evaluation sources: one reader per layout behind open_source
+
+
+@functools.lru_cache(maxsize=1)
+def imagenet_classes():
+    """({WordNet id: OpenAI's curated name}, the 80 ImageNet templates) from imagenet_classes.json."""
+    with open(IMAGENET_FILE, encoding="utf-8") as f:
+        d = json.load(f)
+    return dict(map(tuple, d["classes"])), d["templates"]
+
+
+def curated(classes, templates=None):
+    """Class names that are all ImageNet WordNet ids (n01440764, ...) -> OpenAI's curated names and the 80
+    templates; any other names are kept, with `templates`."""
+    names, imagenet_templates = imagenet_classes()
+    if classes and all(c in names for c in classes):
+        return [names[c] for c in classes], imagenet_templates
+    return classes, templates
+
+
+class Source:
+    """An evaluation set as open_source found it: what it holds (classes: names or None; templates: the data's own
+    list or None; labelled / captioned: whether its batches carry labels / captions; heldout: the synthetic set's
+    held-out class indices), and batches(...) to read it, again at every call, at a model's image size (see
+    ImageRecords for the batch fields; shard sets give ShardLoader's). Finding it is cheap (no image is read), so
+    a bad --data is found before a checkpoint is loaded or a run starts."""
+
+    def __init__(self, data, split, make, classes=None, templates=None, labelled=False, captioned=False,
+                 heldout=None, img_size=None):
+        self.data, self.split, self.make, self.classes, self.templates = data, split, make, classes, templates
+        self.labelled, self.captioned, self.heldout, self.img_size = labelled, captioned, heldout, img_size
+
+    def batches(self, img_size, tokenizer, context_length, batch=256, workers=0):
+        if self.img_size is not None and self.img_size != img_size:  # shards are stored at one size
+            raise ValueError(f"{self.data} has {self.img_size} px images but the model takes {img_size} px")
+        return self.make(img_size, tokenizer, context_length, batch, workers)
+
+
+def open_source(data, split=None, max_images=None, columns=None):
+    """--data -> Source: hf:<id or dir> (a hub dataset), a shard set (index.json), a CLIP_benchmark wds folder
+    (<split>/nshards.txt), or class folders, in that order. split None: the layout's usual evaluation split.
+    columns: {"image", "label", "caption"} column names for hub sets (None: inferred). One ValueError line for
+    anything that is not one of these layouts or is broken."""
+    if data.startswith("hf:"):
+        return hub_source(data[3:], split, max_images, columns or {})
+    if not os.path.isdir(data):
+        raise ValueError(f"{data} is not a directory (nor hf:<hub id or local dir>)")
+    if os.path.isfile(os.path.join(data, "index.json")):
+        return shard_source(data, split or "val", max_images)
+    if wds_splits(data):
+        return wds_source(data, split or "test", max_images)
+    return folder_source(data, max_images)
+
+
+def shard_source(data, split, max_images):
+    """Our shards: ShardLoader's batches (image, text, and label when index.json lists classes)."""
+    index = read_index(data, split)  # one ValueError line for a missing shard, no img_size, ...
+    names = index.get("classes")
+    if names is not None and not (isinstance(names, list) and all(isinstance(c, str) for c in names)):
+        raise ValueError(f"{data}/index.json: classes must be a list of names")
+    heldout = None
+    if index.get("source") == "synthetic" and names and isinstance(index.get("heldout"), list):
+        heldout = [names.index(h) for h in index["heldout"] if h in names]  # indices: --classes may rename
+
+    def make(size, tokenizer, ctx, batch, workers):
+        loader = ShardLoader(data, split, batch, tokenizer, ctx, shuffle=False, drop_last=False, num_workers=workers)
+        return FirstImages(loader, max_images) if max_images else loader
+    return Source(data, split, make, *curated(names), labelled=names is not None, captioned=True, heldout=heldout,
+                  img_size=index["img_size"])
+
+
+def folder_source(root, max_images):
+    """Class folders root/<class>/**/<image>, sorted; ImageNet's WordNet-id folders get the curated names and the
+    80 templates. A folder with no image is not a class: it is left out with a warning naming it."""
     found = class_folders(root)
     if found is None:
-        raise ValueError(f"{root}: no index.json and not class folders with images (expected {root}/<class>/*.jpg "
-                         f"with no images at the top and no .txt captions beside the images)")
+        raise ValueError(f"{root}: not a shard set (index.json), a CLIP_benchmark set (<split>/nshards.txt) or class "
+                         f"folders with images ({root}/<class>/*.jpg, no images at the top, no .txt captions)")
     classes, items, empty = found
     if empty:
         warnings.warn(f"skipped {len(empty)} folder(s) with no images (not classes): {', '.join(empty)}")
-    return ImageList([(p, None) for p, _ in items], [y for _, y in items], img_size, batch_size, workers), classes
+    classes, templates = curated(classes)  # ImageNet's layout: WordNet-id folders
+    if max_images and max_images < len(items):  # spread over the sorted list, so every class is in
+        items = [items[i] for i in np.linspace(0, len(items) - 1, max_images).round().astype(int)]
+    make = lambda size, tokenizer, ctx, batch, workers: image_files([(p, None) for p, _ in items],
+                                                                    [y for _, y in items], size, batch, workers)
+    return Source(root, None, make, classes, templates, labelled=True)
+
+
+def wds_source(root, split, max_images):
+    """CLIP_benchmark's webdataset layout: classification (.cls) or retrieval (.txt captions) samples, read from
+    the mapped tars in shard and member order (dataloader.wds_records)."""
+    info = wds_layout(root, split)
+    records = lambda: islice((r for path in info["shards"] for r in wds_records(path, info["type"])), max_images)
+    make = lambda size, tokenizer, ctx, batch, workers: ImageRecords(records, size, batch, workers, tokenizer, ctx)
+    return Source(root, split, make, *curated(info["classes"], info["templates"]),
+                  labelled=info["type"] == "classification", captioned=info["type"] == "retrieval")
+
+
+def hub_source(name, split, max_images, columns):
+    """A hub dataset (or a local copy in the hub's layout) through `datasets`, streamed; images stay encoded until
+    our decode. Labels need a ClassLabel column (its names are the class names) or --classes."""
+    errors = []
+    for s in [split] if split else ["validation", "test"]:
+        try:
+            ds, _ = open_hub_dataset(name, s)
+            break
+        except ValueError as e:
+            errors.append(str(e))
+    else:
+        raise ValueError(errors[-1] + ("" if split else " (tried --split validation, then test)"))
+    split = s
+    try:
+        cols = hub_columns(ds, columns.get("image"), columns.get("caption"), columns.get("label"))
+    except ValueError as e:
+        raise ValueError(f"hf:{name}: {e}") from None
+    if cols["label"] is None and cols["caption"] is None:
+        raise ValueError(f"hf:{name}: no column of labels or captions to evaluate against; name one with "
+                         f"--label_column or --caption_column")
+    ds = undecoded(ds.select_columns([c for c in (cols["image"], cols["label"], cols["caption"]) if c]), cols["image"])
+
+    def records():
+        for i, r in enumerate(islice(ds, max_images)):
+            data = hub_image_bytes(r[cols["image"]])
+            if data is None:
+                yield "missing_image"
+                continue
+            record = {"image": data, "name": f"{split}[{i}]"}
+            if cols["label"]:
+                if not isinstance(r[cols["label"]], int):
+                    yield "missing_label"
+                    continue
+                record["label"] = r[cols["label"]]
+            if cols["caption"]:
+                value = r[cols["caption"]]
+                record["captions"] = [c.strip() for c in (value if isinstance(value, list) else [value])
+                                      if isinstance(c, str) and c.strip()]
+                if not record["captions"]:
+                    yield "no_caption"
+                    continue
+            yield record
+    make = lambda size, tokenizer, ctx, batch, workers: ImageRecords(records, size, batch, workers, tokenizer, ctx)
+    return Source(f"hf:{name}", split, make, *curated(cols["classes"]), labelled=cols["label"] is not None,
+                  captioned=cols["caption"] is not None)
 
 
 # -----------------------------------------------------------------------------
@@ -177,63 +400,86 @@ def encode_images(model, images, device=None, precision="fp32", batch=256):
 
 
 @torch.inference_mode()
-def encode_split(model, loader, device, precision="fp32", quiet=True):
-    """Every batch of `loader` (ShardLoader or ImageList) -> dict(image=(N, E), text=(N, E) or None,
-    label=(N,) or None, tokens=(N, ctx) int64 on the CPU or None), embeddings normalised float32 on `device`.
-    The tokens say which caption each row got (shard_swaps checks its rows against them)."""
+def encode_split(model, loader, device, precision="fp32", quiet=True, classifier=None, keep=True, confusion=False):
+    """Every batch of `loader` (a Source's batches, ShardLoader, ImageRecords) -> dict(image=(N, E), text=(M, E),
+    text_image=(M,) the image row of each caption, label=(N,), tokens=(M, ctx) int64 on the CPU; each None when
+    absent or not kept; zeroshot=ZeroShotCounts or None, num_images=N), embeddings normalised float32 on `device`.
+    classifier (C, E): each labelled batch is scored as it comes (ZeroShotCounts). keep=False keeps no embedding
+    (and encodes no caption): memory then does not grow with the number of images. The tokens say which caption
+    each row got (shard_swaps checks its rows against them)."""
     device = torch.device(device)
-    imgs, txts, tokens, labels = [], [], [], []
-    t0, n = time.time(), 0
-    for batch in tqdm(loader, total=len(loader), desc="encode", unit="batch", disable=quiet, leave=False):
+    imgs, txts, owners, tokens, labels = [], [], [], [], []
+    counts = ZeroShotCounts(classifier.to(device), confusion) if classifier is not None else None
+    try:
+        total = len(loader)
+    except TypeError:  # a stream
+        total = None
+    t0, n, m = time.time(), 0, 0
+    for batch in tqdm(loader, total=total, desc="encode", unit="batch", disable=quiet, leave=False):
         x = normalize_images(batch["image"].to(device, non_blocking=True))  # uint8 -> float on the device
         with autocast(device, precision):
-            imgs.append(F.normalize(model.encode_image(x).float(), dim=-1))  # (B, E)
-            if "text" in batch:
+            img = F.normalize(model.encode_image(x).float(), dim=-1)  # (B, E)
+            if keep and "text" in batch:
                 txts.append(F.normalize(model.encode_text(batch["text"].to(device, non_blocking=True)).float(), dim=-1))
-        if "text" in batch:
-            tokens.append(batch["text"].clone())  # a copy: a worker's shared-memory tensor holds a file descriptor
-        if "label" in batch:
-            labels.append(batch["label"].to(device))
+        if counts is not None and "label" in batch:
+            counts.update(img, batch["label"].to(device))
+        if keep:
+            imgs.append(img)
+            if "text" in batch:
+                tokens.append(batch["text"].clone())  # a copy: a worker's shared-memory tensor holds a file descriptor
+                owner = batch.get("text_image", torch.arange(len(x)))  # (M,) row in this batch; shards: paired
+                owners.append(owner.to(device) + n)
+                m += len(owner)
+            if "label" in batch:
+                labels.append(batch["label"].to(device))
         n += len(x)
-    if not imgs:
+    if n == 0:
         raise ValueError("no images to evaluate (every image failed to decode?)")
     if device.type == "cuda":
         torch.cuda.synchronize()  # the GPU runs ahead of Python: wait, or the timing is of the launches only
     if not quiet:
         dt = time.time() - t0
-        print(f"encoded {n} images{' and captions' if txts else ''} in {dt:.1f}s ({n / dt:.0f} images/s)")
-    return {"image": torch.cat(imgs), "text": torch.cat(txts) if txts else None,
-            "label": torch.cat(labels) if labels else None, "tokens": torch.cat(tokens) if tokens else None}
+        print(f"encoded {n} images{f' and {m} captions' if txts else ''} in {dt:.1f}s ({n / dt:.0f} images/s)")
+    cat = lambda parts: torch.cat(parts) if parts else None
+    return {"image": cat(imgs), "text": cat(txts), "text_image": cat(owners), "label": cat(labels),
+            "tokens": cat(tokens), "zeroshot": counts, "num_images": n}
 
 
-def zeroshot_classifier(model, tokenizer, classes, templates=TEMPLATES, device=None, precision="fp32"):
+def zeroshot_classifier(model, tokenizer, classes, templates=TEMPLATES, device=None, precision="fp32", batch=256,
+                        fix_articles=True):
     """Class names -> (C, E) normalised class embeddings: every template's caption embedding, normalised,
-    averaged over templates and normalised again (CLIP's prompt ensembling). "a {}" + "apple" -> "an apple"."""
-    templates = list(templates)
+    averaged over templates and normalised again (CLIP's prompt ensembling). A template marks the name with {} or
+    {c} (CLIP_benchmark's). fix_articles: "a {}" + "apple" -> "an apple" (for our own list; the field's lists are
+    used verbatim). Encodes about `batch` prompts at a time, so memory is (C, E) plus one batch."""
+    templates = [t.replace("{c}", "{}") for t in templates]
     if not templates or any("{}" not in t for t in templates):
-        raise ValueError(f"every template needs a '{{}}' for the class name; got {templates[:3]}")
+        raise ValueError(f"every template needs a '{{}}' or '{{c}}' for the class name; got {templates[:3]}")
     if not classes:
         raise ValueError("no class names")
-    prompts = [articles(t.replace("{}", c)) for c in classes for t in templates]  # C*T captions, class-major
-    emb = encode_texts(model, tokenizer, prompts, device, precision)  # (C*T, E)
-    emb = emb.view(len(classes), len(templates), -1).mean(1)  # (C, E) average over templates
-    return F.normalize(emb, dim=-1)
+    fill = (lambda t, c: articles(t.replace("{}", c))) if fix_articles else (lambda t, c: t.replace("{}", c))
+    per, rows = max(1, batch // len(templates)), []  # classes per text batch
+    for s in range(0, len(classes), per):
+        prompts = [fill(t, c) for c in classes[s:s + per] for t in templates]  # c*T captions, class-major
+        emb = encode_texts(model, tokenizer, prompts, device, precision, batch=len(prompts))  # (c*T, E)
+        rows.append(F.normalize(emb.view(-1, len(templates), emb.shape[-1]).mean(1), dim=-1))  # (c, E)
+    return torch.cat(rows)  # (C, E)
 
 
 # -----------------------------------------------------------------------------
 # metrics on embeddings
 
 
-def ranks_of_diagonal(queries, keys, chunk=1024):
-    """(N, E) queries, (N, E) keys -> (N,) rank of keys[i] for query i: 1 + #keys with a strictly higher
-    score. Works on `chunk` rows of the (N, N) score matrix at a time and keeps only the ranks."""
-    N = queries.shape[0]
-    ranks = torch.empty(N, dtype=torch.int64, device=queries.device)
-    for s in range(0, N, chunk):
-        scores = queries[s:s + chunk] @ keys.t()  # (c, N)
+def ranks_of_positives(queries, keys, positive, chunk=1024):
+    """(Q, E) queries, (K, E) keys, positive(s, e) -> (e - s, K) bool, the right keys of queries s..e-1 ->
+    (Q,) rank of each query's best-scored right key: 1 + the number of keys scored strictly higher (K + 1 when
+    a query has none). Works on `chunk` rows of the (Q, K) score matrix at a time and keeps only the ranks."""
+    Q = queries.shape[0]
+    ranks = torch.empty(Q, dtype=torch.int64, device=queries.device)
+    for s in range(0, Q, chunk):
+        scores = queries[s:s + chunk] @ keys.t()  # (c, K)
         c = scores.shape[0]
-        true = scores[torch.arange(c, device=scores.device), torch.arange(s, s + c, device=scores.device)]  # (c,)
-        ranks[s:s + c] = (scores > true[:, None]).sum(1) + 1  # the true score from the same matmul: no rounding gap
+        best = scores.masked_fill(~positive(s, s + c), -math.inf).amax(1)  # (c,) from the same matmul: no rounding gap
+        ranks[s:s + c] = (scores > best[:, None]).sum(1) + 1
     return ranks
 
 
@@ -244,15 +490,27 @@ def median(x):
     return float((x[(n - 1) // 2] + x[n // 2]) / 2)
 
 
-def evaluate_retrieval(image_emb, text_emb, chunk=1024):
-    """Paired (N, E) image and caption embeddings -> R@1/5/10, MRR and median rank, both directions."""
-    if image_emb.shape != text_emb.shape or image_emb.ndim != 2 or len(image_emb) == 0:
-        raise ValueError(f"need paired (N, E) embeddings, got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
+def evaluate_retrieval(image_emb, text_emb, text_image=None, chunk=1024):
+    """(N, E) images, (M, E) captions, text_image (M,): the image of each caption (None: paired, caption i is
+    image i's) -> R@1/5/10, MRR and median rank, both directions. i2t: an image's rank is that of its best-placed
+    caption (right when any of its captions is in the top k); t2i: a caption's rank is its image's."""
+    if text_image is None:
+        if image_emb.shape != text_emb.shape:
+            raise ValueError(f"need paired (N, E) embeddings, got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
+        text_image = torch.arange(len(image_emb), device=image_emb.device)
+    if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1] or \
+            len(image_emb) == 0 or len(text_emb) == 0 or text_image.shape != (len(text_emb),):
+        raise ValueError(f"need (N, E) images, (M, E) captions and (M,) caption->image rows, got "
+                         f"{tuple(image_emb.shape)}, {tuple(text_emb.shape)} and {tuple(text_image.shape)}")
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
+    text_image = text_image.to(image_emb.device)
+    images = torch.arange(len(image_emb), device=image_emb.device)
     out = {}
-    for name, queries, keys in (("i2t", image_emb, text_emb), ("t2i", text_emb, image_emb)):
-        r = ranks_of_diagonal(queries, keys, chunk)  # (N,)
+    for name, queries, keys, positive in (
+            ("i2t", image_emb, text_emb, lambda s, e: images[s:e, None] == text_image[None, :]),  # (c, M)
+            ("t2i", text_emb, image_emb, lambda s, e: text_image[s:e, None] == images[None, :])):  # (c, N)
+        r = ranks_of_positives(queries, keys, positive, chunk)  # (N,) or (M,)
         for k in RECALL_AT:
             out[f"{name}_R@{k}"] = (r <= k).double().mean().item()
         out[f"{name}_mrr"] = (1.0 / r.double()).mean().item()
@@ -260,45 +518,67 @@ def evaluate_retrieval(image_emb, text_emb, chunk=1024):
     return out
 
 
+class ZeroShotCounts:
+    """Zero-shot counts of a stream of (image embeddings, labels) against a (C, E) classifier: per class its
+    samples, top-1 and top-5 hits, and with confusion=True the (C, C) confusion matrix (rows true, columns argmax
+    prediction). Memory O(C) (O(C^2) with the confusion), whatever the number of images. Labels outside [0, C)
+    (-1: the shard's json had none) are left out and counted."""
+
+    def __init__(self, classifier, confusion=False):
+        self.classifier, C = classifier, classifier.shape[0]
+        device = classifier.device
+        self.count, self.top1, self.top5 = (torch.zeros(C, dtype=torch.int64, device=device) for _ in range(3))
+        self.confusion = torch.zeros(C * C, dtype=torch.int64, device=device) if confusion else None
+        self.unlabelled = torch.zeros((), dtype=torch.int64, device=device)
+
+    def update(self, image_emb, labels):
+        C = self.classifier.shape[0]
+        keep = (labels >= 0) & (labels < C)
+        self.unlabelled += (~keep).sum()
+        emb, y = image_emb[keep], labels[keep]  # (n, E), (n,)
+        logits = emb @ self.classifier.to(emb.dtype).t()  # (n, C) cosine similarities
+        rank = (logits > logits.gather(1, y[:, None])).sum(1) + 1  # (n,) 1 + classes scored strictly higher
+        self.count += torch.bincount(y, minlength=C)
+        self.top1 += torch.bincount(y[rank == 1], minlength=C)
+        self.top5 += torch.bincount(y[rank <= min(5, C)], minlength=C)
+        if self.confusion is not None:
+            self.confusion += torch.bincount(y * C + logits.argmax(1), minlength=C * C)
+
+    def result(self, classes=None, heldout=None):
+        """zeroshot_top1, zeroshot_top5 (top-min(5, C)), mean_per_class_recall (the mean over classes with samples
+        of their top-1), zeroshot_n, zeroshot_per_class {class: top-1}, confusion (C, C) when counted, and
+        zeroshot_top1_seen / zeroshot_top1_heldout when `heldout` (class names or indices) is given."""
+        count, top1, top5 = self.count.cpu(), self.top1.cpu(), self.top5.cpu()
+        C, n = len(count), int(count.sum())
+        if n == 0:
+            raise ValueError(f"no sample has a label in [0, {C})")
+        names = list(classes) if classes is not None else [str(c) for c in range(C)]
+        has = count > 0
+        out = {"zeroshot_top1": top1.sum().item() / n, "zeroshot_top5": top5.sum().item() / n,
+               "mean_per_class_recall": (top1[has].double() / count[has]).mean().item(), "zeroshot_n": n}
+        if self.unlabelled:
+            out["zeroshot_unlabelled"] = int(self.unlabelled)
+            warnings.warn(f"{out['zeroshot_unlabelled']} samples have no label in [0, {C}) and were left out")
+        if heldout is not None:
+            held = torch.zeros(C, dtype=torch.bool)
+            held[[names.index(h) if isinstance(h, str) else int(h) for h in heldout]] = True
+            for key, m in (("zeroshot_top1_seen", ~held), ("zeroshot_top1_heldout", held)):
+                if count[m].sum() > 0:  # no samples of a group: no number (rather than NaN in the JSON)
+                    out[key] = top1[m].sum().item() / count[m].sum().item()
+        out["zeroshot_per_class"] = {names[c]: top1[c].item() / count[c].item() for c in range(C) if count[c] > 0}
+        if self.confusion is not None:
+            out["confusion"] = self.confusion.cpu().view(C, C)  # (C, C) true x predicted
+        return out
+
+
 def evaluate_zeroshot(image_emb, labels, classifier, classes=None, heldout=None, chunk=4096):
-    """(N, E) images, (N,) true labels, (C, E) classifier -> zeroshot_top1, zeroshot_top5 (top-min(5, C)),
-    zeroshot_per_class {class: top-1}, confusion (C, C) int64 (rows true, columns argmax prediction), and
-    zeroshot_top1_seen / zeroshot_top1_heldout when `heldout` (class names or indices) is given.
-    Samples with a label outside [0, C) (-1: the shard's json had none) are left out and counted."""
-    C = classifier.shape[0]
+    """(N, E) images, (N,) true labels, (C, E) classifier -> ZeroShotCounts.result (with the confusion matrix),
+    counted `chunk` images at a time."""
+    counts = ZeroShotCounts(classifier.to(image_emb.device, image_emb.dtype), confusion=True)
     labels = labels.to(image_emb.device)
-    keep = (labels >= 0) & (labels < C)
-    if not keep.any():
-        raise ValueError(f"no sample has a label in [0, {C})")
-    emb, y = image_emb[keep], labels[keep]  # (n, E), (n,)
-    classifier = classifier.to(emb.device, emb.dtype)
-    rank, pred = [], []
-    for s in range(0, len(y), chunk):
-        logits = emb[s:s + chunk] @ classifier.t()  # (c, C) cosine similarities
-        true = logits.gather(1, y[s:s + chunk, None])  # (c, 1)
-        rank.append((logits > true).sum(1) + 1)  # (c,) 1 + classes scored strictly higher
-        pred.append(logits.argmax(1))
-    rank, pred = torch.cat(rank).cpu(), torch.cat(pred).cpu()
-    y = y.cpu()
-    top1 = rank == 1
-    names = list(classes) if classes is not None else [str(c) for c in range(C)]
-    out = {"zeroshot_top1": top1.double().mean().item(),
-           "zeroshot_top5": (rank <= min(5, C)).double().mean().item(),
-           "zeroshot_n": len(y)}
-    if (~keep).any():
-        out["zeroshot_unlabelled"] = int((~keep).sum())
-        warnings.warn(f"{out['zeroshot_unlabelled']} samples have no label in [0, {C}) and were left out")
-    if heldout is not None:
-        idx = [names.index(h) if isinstance(h, str) else int(h) for h in heldout]
-        held = torch.isin(y, torch.tensor(idx, dtype=torch.int64))
-        for key, m in (("zeroshot_top1_seen", ~held), ("zeroshot_top1_heldout", held)):
-            if m.any():  # no samples of a group: no number (rather than NaN in the JSON)
-                out[key] = top1[m].double().mean().item()
-    count = torch.bincount(y, minlength=C)  # (C,) samples per class
-    hits = torch.bincount(y[top1], minlength=C)  # (C,) top-1 hits per class
-    out["zeroshot_per_class"] = {names[c]: hits[c].item() / count[c].item() for c in range(C) if count[c] > 0}
-    out["confusion"] = torch.bincount(y * C + pred, minlength=C * C).view(C, C)  # (C, C) true x predicted
-    return out
+    for s in range(0, len(labels), chunk):
+        counts.update(image_emb[s:s + chunk], labels[s:s + chunk])
+    return counts.result(classes, heldout)
 
 
 def swap_accuracy(image_emb, true_emb, false_emb, types, groups=None, prefix="swap_"):
@@ -343,13 +623,13 @@ def shard_swaps(loader):
     """The json "swaps" {type: caption} of every sample of an unshuffled ShardLoader, as rows (sample index,
     type, swapped caption, the sample's own caption), and the number of samples. Uses the loader's own shard
     list and completeness rule, so sample i here is row i of its batches unless the loader put another sample
-    in that row (evaluate_checkpoint checks the caption); tar members are read in memory (mmap), never extracted."""
+    in that row (evaluate_checkpoint checks the caption); tar members are read in memory (mmap), never extracted.
+    The shards come through the loader's own cache: an in-process loader (no workers) has just mapped and scanned
+    them, and scanning a 1,000-sample tar again costs ~0.1 s per eval."""
     rows, n = [], 0
-    for path in loader.make.paths:  # sorted, as the loader reads them when shuffle=False
-        data = map_file(path)
-        groups, _ = scan_tar(data)
-        for key in sorted(groups):
-            exts = groups[key]
+    for s in range(len(loader.make.paths)):  # sorted, as the loader reads them when shuffle=False
+        data, samples = loader.make.shard(s, [])  # every key in sorted order, complete or not
+        for exts in samples:
             if not complete(exts, loader.make.required, loader.make.fields):
                 continue
             if "json" in exts:
@@ -360,10 +640,8 @@ def shard_swaps(loader):
                     swaps = None
                 if isinstance(swaps, dict):
                     caption = get("txt").decode("utf-8", "replace") if "txt" in exts else ""
-                    rows += [(n, t, s, caption) for t, s in swaps.items() if isinstance(s, str)]
+                    rows += [(n, t, c, caption) for t, c in swaps.items() if isinstance(c, str)]
             n += 1
-        if hasattr(data, "close"):
-            data.close()
     return rows, n
 
 
@@ -441,7 +719,7 @@ def evaluate_swap_records(model, tokenizer, records, batch=256, precision="fp32"
     device = model_device(model)
     items = list(dict.fromkeys((r["image"], r["box"]) for r in records))  # distinct (path, box)
     where = {it: i for i, it in enumerate(items)}
-    images = ImageList(items, range(len(items)), model.config.vision.img_size, batch, workers)
+    images = image_files(items, range(len(items)), model.config.vision.img_size, batch, workers)
     enc = encode_split(model, images, device, precision, quiet)  # label = index of each decoded item
     slot = torch.full((len(items),), -1, dtype=torch.int64)
     slot[enc["label"].cpu()] = torch.arange(len(enc["label"]))  # item -> its row in enc["image"], -1 if failed
@@ -453,7 +731,7 @@ def evaluate_swap_records(model, tokenizer, records, batch=256, precision="fp32"
     false = encode_texts(model, tokenizer, [r["false"] for r in recs], device, precision, batch)
     groups = [r["group"] for r in recs] if all("group" in r for r in recs) else None
     out = swap_accuracy(enc["image"][rows], true, false, [r["type"] for r in recs], groups, prefix)
-    out[f"{prefix}skipped_images"] = images.skipped
+    out[f"{prefix}skipped_images"] = sum(images.skipped.values())
     return out
 
 
@@ -547,52 +825,48 @@ def nearest_captions(queries, keys, own, k, chunk=4096):
 # one call for train.py and the CLI
 
 
-def evaluate_checkpoint(model, tokenizer, data_dir, split="val", batch=256, device="cpu", precision="fp32",
+def evaluate_checkpoint(model, tokenizer, data, split=None, batch=256, device="cpu", precision="fp32",
                         templates=None, quiet=True, classes=None, workers=0, chunk=1024, details=False,
-                        save_embeddings_to=None):
-    """Everything that applies to data_dir, from one encoding pass: zero-shot (labelled data), retrieval and
-    swaps (shard sets). Returns numbers only (loggable as they are); details=True adds zeroshot_per_class and
-    the class names and the confusion matrix. data_dir: a shard set (index.json; `split` is read) or class folders.
-    save_embeddings_to: a folder for the shard split's embeddings (embedding_arrays, save_embeddings)."""
-    if not os.path.isdir(data_dir):
-        raise ValueError(f"data directory {data_dir!r} does not exist")
-    size, ctx = model.config.vision.img_size, model.config.text.context_length
+                        save_embeddings_to=None, max_images=None, columns=None, retrieval=True):
+    """Everything that applies to `data`, from one encoding pass: zero-shot (labelled data), retrieval (captioned
+    data) and swaps (shard sets). data: a Source, or what open_source takes (a folder, hf:<id or dir>; `split`,
+    `max_images` and `columns` go with it). Returns numbers only (loggable as they are); details=True adds
+    zeroshot_per_class, the class names and the confusion matrix. retrieval=False: zero-shot only (no caption is
+    encoded, no embedding kept). save_embeddings_to: a folder for a shard split's embeddings."""
+    source = data if isinstance(data, Source) else open_source(data, split, max_images, columns)
+    names = source.classes
+    if classes is not None and not source.labelled:
+        warnings.warn(f"class names given but {source.data} has no labels: they are not used")
+    elif classes is not None and names is not None and len(classes) != len(names):
+        raise ValueError(f"{len(classes)} class names given but {source.data} has {len(names)} classes")
+    elif classes is not None:
+        names = list(classes)
+    if source.labelled and not names:
+        raise ValueError(f"{source.data} has labels but no class names (give them with --classes FILE)")
     was_training = model.training
     model.eval()
-    heldout, loader, out = None, None, {}
+    loader, out = None, {}
     try:
-        if os.path.isfile(os.path.join(data_dir, "index.json")):
-            index = read_index(data_dir, split)  # one ValueError line for a missing shard, no img_size, ...
-            if index["img_size"] != size:
-                raise ValueError(f"{data_dir} has {index['img_size']} px images but the model takes {size} px")
-            names = index.get("classes")
-            if names is not None and not (isinstance(names, list) and all(isinstance(c, str) for c in names)):
-                raise ValueError(f"{data_dir}/index.json: classes must be a list of names")
-            if index.get("source") == "synthetic" and names and isinstance(index.get("heldout"), list):
-                heldout = [names.index(h) for h in index["heldout"] if h in names]  # indices: --classes may rename
-            loader = ShardLoader(data_dir, split, batch, tokenizer, ctx, shuffle=False, drop_last=False,
-                                 num_workers=workers)
-        else:
-            loader, names = image_folder(data_dir, size, batch, max(1, workers))
-        if classes is not None and names is None:
-            warnings.warn(f"class names given but {data_dir} has no labels: they are not used")
-        if classes is not None and names is not None and len(classes) != len(names):
-            raise ValueError(f"{len(classes)} class names given but {data_dir} has {len(names)} classes")
-        names = list(classes) if classes is not None and names is not None else names
-
-        enc = encode_split(model, loader, device, precision, quiet)
-        out["num_images"] = len(enc["image"])
-        if isinstance(loader, ImageList):
-            out["skipped_images"] = loader.skipped
-        if names and enc["label"] is not None:
-            classifier = zeroshot_classifier(model, tokenizer, names, templates or TEMPLATES, device, precision)
-            out.update(evaluate_zeroshot(enc["image"], enc["label"], classifier, names, heldout))
+        loader = source.batches(model.config.vision.img_size, tokenizer, model.config.text.context_length, batch,
+                                workers)
+        classifier = None
+        if source.labelled:  # the classifier first: images are then scored as they stream past
+            own = templates or source.templates  # the field's lists are used verbatim; ours gets "an apple"
+            classifier = zeroshot_classifier(model, tokenizer, names, own or TEMPLATES, device, precision, batch,
+                                             fix_articles=own is None)
+        keep = source.captioned and retrieval
+        enc = encode_split(model, loader, device, precision, quiet, classifier, keep=keep, confusion=details)
+        out["num_images"] = enc["num_images"]
+        out.update({f"skipped_{why}": n for why, n in sorted(getattr(loader, "skipped", {}).items())})
+        if classifier is not None:
+            out.update(enc["zeroshot"].result(names, source.heldout))
             out["classes"] = list(names)
-        if enc["text"] is not None:
-            out.update(evaluate_retrieval(enc["image"], enc["text"], chunk))
-            if save_embeddings_to is not None and not isinstance(loader, ImageList):
-                save_embeddings(save_embeddings_to, embedding_arrays(enc, loader, tokenizer))
-            out.update(loader_swaps(model, tokenizer, loader, enc, device, precision, batch))
+        if keep:
+            out.update(evaluate_retrieval(enc["image"], enc["text"], enc["text_image"], chunk))
+            if isinstance(loader, ShardLoader):  # the swap test and the export read the shards' json and keys
+                if save_embeddings_to is not None:
+                    save_embeddings(save_embeddings_to, embedding_arrays(enc, loader, tokenizer))
+                out.update(loader_swaps(model, tokenizer, loader, enc, device, precision, batch))
     finally:
         model.train(was_training)
         if loader is not None:
@@ -685,12 +959,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint .pt (model, config, tokenizer)")
-    parser.add_argument("--data", help="shard set (index.json) or class folders DIR/<class>/*.jpg")
-    parser.add_argument("--split", default="val", help="split of a shard set")
+    parser.add_argument("--data", help="shard set (index.json), class folders DIR/<class>/*.jpg, a CLIP_benchmark "
+                                       "wds folder, or hf:<hub id or local dir>")
+    parser.add_argument("--split", help="default: val (shard sets), test (CLIP_benchmark), validation or test (hub)")
+    parser.add_argument("--max_images", type=int, help="evaluate the first N samples only (class folders: N spread "
+                                                       "over the classes)")
+    parser.add_argument("--image_column", help="hf: the image column (when it cannot be inferred)")
+    parser.add_argument("--label_column", help="hf: the label column (a ClassLabel, or integers with --classes)")
+    parser.add_argument("--caption_column", help="hf: the caption column (a string or a list of strings)")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--out", default="results.json", help="results JSON; the confusion PNG goes next to it")
     parser.add_argument("--classes", help="file: one class name per line (replaces the data's names, same order)")
-    parser.add_argument("--templates", help="file: one template per line, {} marks the class name")
+    parser.add_argument("--templates", help="file: one template per line, {} or {c} marks the class name")
     parser.add_argument("--tokenizer", help="tokenizer.json, for a checkpoint saved without one")
     parser.add_argument("--swaps_jsonl", help='jsonl of {"image", "caption", "swaps": {type: caption}} or '
                                               '{"image", "true_caption", "false_caption", "type"}')
@@ -711,17 +991,21 @@ def main(argv=None):
         parser.error(f"--ckpt {args.ckpt}: no such file")
     if args.data is None and not (args.aro or args.swaps_jsonl):
         parser.error("--data is required (unless --aro or --swaps_jsonl is given)")
-    if args.data is not None and not os.path.isdir(args.data):
+    if args.data is not None and not args.data.startswith("hf:") and not os.path.isdir(args.data):
         parser.error(f"--data {args.data}: no such directory")
     for flag in ("classes", "templates", "tokenizer", "swaps_jsonl", "aro"):
         if getattr(args, flag) is not None and not os.path.isfile(getattr(args, flag)):
             parser.error(f"--{flag} {getattr(args, flag)}: no such file")
     if bool(args.aro) != bool(args.aro_images) or (args.aro_images and not os.path.isdir(args.aro_images)):
         parser.error("--aro FILE needs --aro_images DIR (an existing folder), and the other way round")
-    if args.batch < 1 or args.chunk < 1 or args.workers < 0:
-        parser.error("--batch and --chunk must be >= 1, --workers >= 0")
-    if args.save_embeddings and not (args.data and os.path.isfile(os.path.join(args.data, "index.json"))):
-        parser.error("--save_embeddings needs --data to be a shard set (a folder with index.json)")
+    if args.batch < 1 or args.chunk < 1 or args.workers < 0 or (args.max_images is not None and args.max_images < 1):
+        parser.error("--batch, --chunk and --max_images must be >= 1, --workers >= 0")
+    columns = {"image": args.image_column, "label": args.label_column, "caption": args.caption_column}
+    if any(columns.values()) and not (args.data or "").startswith("hf:"):
+        parser.error("--image_column, --label_column and --caption_column apply to --data hf:<id or dir> only")
+    shards = args.data and os.path.isfile(os.path.join(args.data, "index.json"))
+    if args.save_embeddings and (args.max_images or not shards):
+        parser.error("--save_embeddings needs --data to be a shard set (a folder with index.json) and no --max_images")
     if args.save_embeddings and os.path.exists(args.save_embeddings) and not os.path.isdir(args.save_embeddings):
         parser.error(f"--save_embeddings {args.save_embeddings} is a file; give a folder")
 
@@ -734,13 +1018,18 @@ def main(argv=None):
     templates = checked("--templates ", read_lines, args.templates) if args.templates else None
     if classes is not None and not classes:
         parser.error(f"--classes {args.classes}: no class names in the file")
-    if templates is not None and (not templates or any("{}" not in t for t in templates)):
-        parser.error(f"--templates {args.templates}: every line needs a {{}} for the class name")
+    if templates is not None and (not templates or any("{}" not in t and "{c}" not in t for t in templates)):
+        parser.error(f"--templates {args.templates}: every line needs a {{}} or {{c}} for the class name")
     tokenizer = checked("--tokenizer ", load_tokenizer, args.tokenizer) if args.tokenizer else None
     device = checked("", pick_device, args.device)
     checked("", check_out, args.out)
-    if args.data and os.path.isfile(os.path.join(args.data, "index.json")):
-        checked("--data ", read_index, args.data, args.split)  # a missing shard, {}, no img_size, ...
+    # the layout, its split, its columns: found now (no image read), so a broken --data is one line before loading
+    source = checked("--data ", open_source, args.data, args.split, args.max_images, columns) if args.data else None
+    if source is not None and source.labelled and not (source.classes or classes):
+        parser.error(f"--data {args.data} has labels but no class names: give them with --classes FILE")
+    if source is not None and classes and source.classes and len(classes) != len(source.classes):
+        parser.error(f"--classes {args.classes}: {len(classes)} names, but --data {args.data} has "
+                     f"{len(source.classes)} classes")
     precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
 
     try:
@@ -758,10 +1047,11 @@ def main(argv=None):
         parser.error(f"the tokenizer has {tokenizer.vocab_size} tokens but the model was trained with "
                      f"{model.config.text.vocab_size}: pass the tokenizer of its training data")
 
-    results = {"ckpt": args.ckpt, "data": args.data, "split": args.split, "step": ckpt.get("step")}
+    results = {"ckpt": args.ckpt, "data": args.data, "split": source.split if source else None,
+               "step": ckpt.get("step")}
     try:
-        if args.data:
-            results.update(evaluate_checkpoint(model, tokenizer, args.data, args.split, args.batch, device, precision,
+        if source:
+            results.update(evaluate_checkpoint(model, tokenizer, source, None, args.batch, device, precision,
                                                templates, args.quiet, classes, args.workers, args.chunk, details=True,
                                                save_embeddings_to=args.save_embeddings))
         if args.swaps_jsonl:

@@ -108,6 +108,9 @@ def get_parser():
     # 20 batches: a forward pass is ~1/3 of a training step (2 of the 6 FLOPs per weight), so an eval costs ~7
     # steps' time, 3.3% of the 200 steps between evals at the default --eval_every (the batches are read once)
     a("--eval_batches", type=int, default=20, help="val loss over the first N val batches of --batch (0: the whole split)")
+    a("--zeroshot_data", default=None, metavar="SRC", help="also zero-shot top-1/top-5 on SRC at every eval (rank 0; "
+      "--data may have no classes): class folders (ImageNet val), a CLIP_benchmark wds folder, hf:<hub id or dir>")
+    a("--zeroshot_max_images", type=int, default=5000, help="--zeroshot_data: at most this many images per eval")
     a("--ckpt_every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     a("--keep", type=int, default=3, help="step checkpoints to keep (plus latest and best)")
     a("--resume", default=None, help="'latest' or a checkpoint path: continue that run exactly")
@@ -159,7 +162,7 @@ def validate(parser, args):
     for name, v in vars(args).items():
         if isinstance(v, float) and not math.isfinite(v):  # argparse takes "nan" and "inf" as floats
             parser.error(f"--{name} must be a finite number, got {v}")
-    for name in ("batch", "accum", "ckpt_every", "keep", "log_every", "stop_at"):
+    for name in ("batch", "accum", "ckpt_every", "keep", "log_every", "stop_at", "zeroshot_max_images"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.max_lr <= 0 or args.epochs <= 0:
@@ -187,6 +190,9 @@ def validate(parser, args):
         parser.error(f"--data {args.data} {what}")
     if args.init is not None and not os.path.isfile(args.init):
         parser.error(f"--init {args.init} does not exist")
+    zs = args.zeroshot_data
+    if zs is not None and not zs.startswith("hf:") and not os.path.isdir(zs):
+        parser.error(f"--zeroshot_data {args.zeroshot_data} is not a directory (nor hf:<hub id or local dir>)")
     if args.teacher is not None and not os.path.isfile(args.teacher):
         parser.error(f"--teacher {args.teacher} does not exist")
     if not 0 <= args.distill_weight <= 1:
@@ -392,6 +398,19 @@ def zero_shot(model, tokenizer, data_dir, device, precision):
                                                  precision=precision, quiet=True)
     finally:
         model.train()
+
+
+def open_zeroshot_data(src, max_images, img_size):
+    """--zeroshot_data -> eval_zeroshot's Source, checked now (labelled, with class names, images the model can
+    take) rather than at the first eval; one ValueError line otherwise."""
+    import eval_zeroshot
+    source = eval_zeroshot.open_source(src, None, max_images)
+    if not (source.labelled and source.classes):
+        raise ValueError(f"--zeroshot_data {src}: no classes to classify (it needs labels with class names: class "
+                         f"folders, a CLIP_benchmark classification set, a hub set with a ClassLabel column)")
+    if source.img_size not in (None, img_size):
+        raise ValueError(f"--zeroshot_data {src} has {source.img_size} px images but the model takes {img_size} px")
+    return source
 
 
 # -----------------------------------------------------------------------------
@@ -848,6 +867,9 @@ def run(argv, held):
         ckpt = load_resume(args, out_dir, config, world, data, fingerprint) if args.resume else None
         loader, val_loader = make_loaders(args, data, index, tokenizer, config, rank, world, cuda, master)
         held.append(lambda: [x.close() for x in (loader, val_loader) if x is not None])
+        # checked on every rank (a bad one stops them all at once), evaluated on rank 0
+        zs_source = open_zeroshot_data(args.zeroshot_data, args.zeroshot_max_images, config.vision.img_size) \
+            if args.zeroshot_data else None
         model = build_model(args, config, init_sd if ckpt is None else None, quiet).to(device)
         if ckpt is not None:  # a checkpoint from before the data fingerprint, on a smaller dataset, fails here
             loader.load_state_dict(ckpt["loader"])
@@ -913,15 +935,24 @@ def run(argv, held):
 
     def evaluate():
         nonlocal val_cache
-        if val_cache is None and args.eval_batches and \
+        if val_loader is not None and val_cache is None and args.eval_batches and \
                 args.eval_batches * val_loader.batch_size * 3 * config.vision.img_size ** 2 <= VAL_CACHE_BYTES:
             val_cache = list(val_batches(val_loader, args.eval_batches))
             val_loader.close()  # its workers are not needed again
-        v = val_loss(raw_model, val_cache or val_batches(val_loader, args.eval_batches), device, autocast)
-        metrics = {"loss": v}
-        if "classes" in index:
+        metrics = {}
+        if val_loader is not None:
+            val_data = val_cache or val_batches(val_loader, args.eval_batches)
+            metrics["loss"] = val_loss(raw_model, val_data, device, autocast)
+        t0 = time.time()
+        if "classes" in index and val_loader is not None:
             results = zero_shot(raw_model, tokenizer, data, device, args.precision)
             metrics.update({k: x for k, x in results.items() if isinstance(x, (int, float))})
+        if zs_source is not None:  # the classifier is re-encoded from the current weights each time
+            import eval_zeroshot
+            r = eval_zeroshot.evaluate_checkpoint(raw_model, tokenizer, zs_source, device=device, workers=args.workers,
+                                                  precision=args.precision, retrieval=False)
+            metrics.update(zeroshot_data_top1=r["zeroshot_top1"], zeroshot_data_top5=r["zeroshot_top5"])
+        timing["zero-shot"] += time.time() - t0
         logger.log(step, "val", **metrics)
         return metrics
 
@@ -942,7 +973,7 @@ def run(argv, held):
     preempt = Preemption()  # from here SIGTERM / Ctrl-C end the run after a step, with a checkpoint
     held.extend([bar.close, preempt.restore])
     window, metrics = [], {}  # window: this log window's steps, their values still on the device
-    timing = {"loop": 0.0, "data": 0.0, "eval": 0.0, "checkpoint": 0.0, "final save": 0.0}  # seconds
+    timing = {"loop": 0.0, "data": 0.0, "eval": 0.0, "zero-shot": 0.0, "checkpoint": 0.0, "final save": 0.0}  # s
     t_start = t_window = t_plot = time.time()
     model.train()
     while step < stop:
@@ -996,7 +1027,7 @@ def run(argv, held):
         bar.set_postfix(loss=f"{rows[-1][1]['loss']:.3f}", refresh=False)
         # validation and zero-shot (rank 0; the others wait at their next collective, well within PG_TIMEOUT)
         t0 = time.time()
-        if master and val_loader is not None and eval_step:
+        if master and (val_loader is not None or args.zeroshot_data) and eval_step:
             metrics = evaluate()
             if step != stop and time.time() - t_plot > PLOT_EVERY_S:  # the end of the run plots once below
                 logger.plot()
@@ -1023,7 +1054,7 @@ def run(argv, held):
     bar.close()
     if master:
         logger.plot()
-        summary(metrics, index, log_dir, timing)
+        summary(metrics, index, log_dir, timing, args.zeroshot_data, zs_source)
     cleanup(loader, logger, None, ddp, manager)
     return 0
 
@@ -1132,7 +1163,7 @@ class OnlineTeacher:
         return outs.image.float(), outs.text.float()
 
 
-def summary(metrics, index, log_dir, timing):
+def summary(metrics, index, log_dir, timing, zeroshot_data=None, zs_source=None):
     """The last lines of a run: val loss, zero-shot accuracy against chance, where the wall time went."""
     if "loss" in metrics:
         print(f"final val loss {metrics['loss']:.4f}")
@@ -1143,11 +1174,16 @@ def summary(metrics, index, log_dir, timing):
             line += (f"; seen combinations {100 * metrics['zeroshot_top1_seen']:.1f}%, held-out "
                      f"{100 * metrics['zeroshot_top1_heldout']:.1f}%")
         print(line)
-    wall = sum(v for k, v in timing.items() if k != "data")  # data waits are inside the training loop's time
+    if "zeroshot_data_top1" in metrics:
+        print(f"zero-shot on {zeroshot_data}: top-1 {100 * metrics['zeroshot_data_top1']:.1f}%, top-5 "
+              f"{100 * metrics['zeroshot_data_top5']:.1f}% (chance {100 / len(zs_source.classes):.1f}%)")
+    # data waits are inside the training loop's time, zero-shot inside the eval's
+    wall = sum(v for k, v in timing.items() if k not in ("data", "zero-shot"))
+    pct = lambda k: f"{100 * timing[k] / max(wall, 1e-9):.1f}%"
     print(f"time: {wall:.1f} s; training {timing['loop']:.1f} s (waiting for data {timing['data']:.1f} s, "
-          f"{100 * timing['data'] / max(wall, 1e-9):.1f}%), eval {timing['eval']:.1f} s "
-          f"({100 * timing['eval'] / max(wall, 1e-9):.1f}%), checkpoints {timing['checkpoint']:.1f} s on the training "
-          f"thread + final save {timing['final save']:.1f} s")
+          f"{pct('data')}), eval {timing['eval']:.1f} s ({pct('eval')}; zero-shot {timing['zero-shot']:.1f} s, "
+          f"{pct('zero-shot')}), checkpoints {timing['checkpoint']:.1f} s on the training thread + final save "
+          f"{timing['final save']:.1f} s")
     print(f"metrics and plots: {log_dir}/")
 
 

@@ -365,14 +365,14 @@ def test_cli_class_folders_with_bad_images(tok, tmp_path, monkeypatch):
         r = EZ.evaluate_checkpoint(model, tok, str(root), batch=2, workers=2, details=True)
     msgs = " ".join(str(w.message) for w in rec)
     assert "empty_class" in msgs and "broken.jpg" in msgs
-    assert r["classes"] == ["blue thing", "red thing"] and r["num_images"] == 5 and r["skipped_images"] == 1
+    assert r["classes"] == ["blue thing", "red thing"] and r["num_images"] == 5 and r["skipped_bad_image"] == 1
     assert r["zeroshot_top1"] == 1.0 and r["zeroshot_per_class"] == {"blue thing": 1.0, "red thing": 1.0}
     assert "i2t_R@1" not in r  # no captions, no retrieval
     with pytest.warns(UserWarning, match="empty_class"), pytest.raises(ValueError, match="1 class names given but"):
         EZ.evaluate_checkpoint(model, tok, str(root), classes=["only one"])
     empty = tmp_path / "none"
     (empty / "a").mkdir(parents=True)
-    with pytest.raises(ValueError, match="not class folders with images"):
+    with pytest.raises(ValueError, match="not a shard set .* or class folders with images"):
         EZ.evaluate_checkpoint(model, tok, str(empty))
 
 
