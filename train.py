@@ -466,7 +466,7 @@ class PeerWatch:
         PEER_EXIT_S), one line naming them instead of the collective's traceback; else this rank's own error."""
         if issubclass(kind, Exception) and not self.closed.is_set():
             first = (str(error).strip().splitlines() or [""])[0]  # gloo's: "[.../pair.cc:537] Read error ... . This is..."
-            why = f"{kind.__name__}: {re.sub(r'^\[[^]]*\] *', '', first).split('. ')[0][:200]}"
+            why = kind.__name__ + ": " + re.sub(r"^\[[^]]*\] *", "", first).split(". ")[0][:200]
             try:
                 before = [self.count(r) for r in range(self.world)]
                 time.sleep(self.exit_s)
