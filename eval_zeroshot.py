@@ -50,8 +50,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from clip import normalize_images
-from dataloader import (ShardLoader, articles, class_folders, complete, decode_image, image_array, load_tokenizer,
-                        map_file, read_index, scan_tar)
+from dataloader import (ShardLoader, articles, class_folders, complete, decode_image, image_array, is_url,
+                        load_tokenizer, map_file, read_index, scan_tar)
 from logger import save_figure, write_atomic
 
 # A short, generic CLIP-style template list (prompt ensembling); --templates replaces it.
@@ -554,14 +554,14 @@ def evaluate_checkpoint(model, tokenizer, data_dir, split="val", batch=256, devi
     swaps (shard sets). Returns numbers only (loggable as they are); details=True adds zeroshot_per_class and
     the class names and the confusion matrix. data_dir: a shard set (index.json; `split` is read) or class folders.
     save_embeddings_to: a folder for the shard split's embeddings (embedding_arrays, save_embeddings)."""
-    if not os.path.isdir(data_dir):
+    if not is_url(data_dir) and not os.path.isdir(data_dir):
         raise ValueError(f"data directory {data_dir!r} does not exist")
     size, ctx = model.config.vision.img_size, model.config.text.context_length
     was_training = model.training
     model.eval()
     heldout, loader, out = None, None, {}
     try:
-        if os.path.isfile(os.path.join(data_dir, "index.json")):
+        if is_url(data_dir) or os.path.isfile(os.path.join(data_dir, "index.json")):  # a URL: a shard folder
             index = read_index(data_dir, split)  # one ValueError line for a missing shard, no img_size, ...
             if index["img_size"] != size:
                 raise ValueError(f"{data_dir} has {index['img_size']} px images but the model takes {size} px")
@@ -685,7 +685,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint .pt (model, config, tokenizer)")
-    parser.add_argument("--data", help="shard set (index.json) or class folders DIR/<class>/*.jpg")
+    parser.add_argument("--data", help="shard set (index.json; a folder or its URL: https://, s3://, gs://) or class "
+                                       "folders DIR/<class>/*.jpg")
     parser.add_argument("--split", default="val", help="split of a shard set")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--out", default="results.json", help="results JSON; the confusion PNG goes next to it")
@@ -711,7 +712,7 @@ def main(argv=None):
         parser.error(f"--ckpt {args.ckpt}: no such file")
     if args.data is None and not (args.aro or args.swaps_jsonl):
         parser.error("--data is required (unless --aro or --swaps_jsonl is given)")
-    if args.data is not None and not os.path.isdir(args.data):
+    if args.data is not None and not is_url(args.data) and not os.path.isdir(args.data):
         parser.error(f"--data {args.data}: no such directory")
     for flag in ("classes", "templates", "tokenizer", "swaps_jsonl", "aro"):
         if getattr(args, flag) is not None and not os.path.isfile(getattr(args, flag)):
@@ -720,7 +721,8 @@ def main(argv=None):
         parser.error("--aro FILE needs --aro_images DIR (an existing folder), and the other way round")
     if args.batch < 1 or args.chunk < 1 or args.workers < 0:
         parser.error("--batch and --chunk must be >= 1, --workers >= 0")
-    if args.save_embeddings and not (args.data and os.path.isfile(os.path.join(args.data, "index.json"))):
+    shards = args.data and (is_url(args.data) or os.path.isfile(os.path.join(args.data, "index.json")))
+    if args.save_embeddings and not shards:
         parser.error("--save_embeddings needs --data to be a shard set (a folder with index.json)")
     if args.save_embeddings and os.path.exists(args.save_embeddings) and not os.path.isdir(args.save_embeddings):
         parser.error(f"--save_embeddings {args.save_embeddings} is a file; give a folder")
@@ -739,7 +741,7 @@ def main(argv=None):
     tokenizer = checked("--tokenizer ", load_tokenizer, args.tokenizer) if args.tokenizer else None
     device = checked("", pick_device, args.device)
     checked("", check_out, args.out)
-    if args.data and os.path.isfile(os.path.join(args.data, "index.json")):
+    if shards:
         checked("--data ", read_index, args.data, args.split)  # a missing shard, {}, no img_size, ...
     precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
 

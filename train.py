@@ -36,8 +36,8 @@ from tqdm import tqdm
 
 import checkpoint_manager as cm
 import clip
-from dataloader import (CROP_AREA, CROP_RATIO, ShardLoader, auto_workers, load_tokenizer, negative_slots, read_index,
-                        teacher_embedding_dim)
+from dataloader import (CROP_AREA, CROP_RATIO, ShardLoader, auto_workers, is_url, load_tokenizer, negative_slots,
+                        read_index, teacher_embedding_dim)
 from logger import Logger
 from tokenizer import Tokenizer
 
@@ -55,7 +55,8 @@ NEGATIVE_KEYS = {"none": (), "swaps": ("negatives",), "mined": ("mined",), "both
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     a = p.add_argument
-    a("--data", default=None, help=f"shard dir from prep_dataset.py (default: the built-in {DEFAULT_DATA}, made on first use)")
+    a("--data", default=None, help=f"shard dir from prep_dataset.py, or its URL (https://, s3://, gs://) (default: the "
+      f"built-in {DEFAULT_DATA}, made on first use)")
     a("--preset", default="tiny", help=f"model size: {', '.join(clip.PRESETS)}")
     a("--batch", type=int, default=128, help="micro-batch per process")
     a("--accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -150,7 +151,7 @@ def validate(parser, args):
             re.compile(pattern)
         except re.error as e:
             parser.error(f"--ignore_keys {pattern!r} is not a valid regular expression ({e})")
-    if args.data is not None and not os.path.isfile(os.path.join(args.data, "index.json")):
+    if args.data is not None and not is_url(args.data) and not os.path.isfile(os.path.join(args.data, "index.json")):
         what = "does not exist" if not os.path.exists(args.data) else "has no index.json (make it with prep_dataset.py)"
         parser.error(f"--data {args.data} {what}")
     if args.init is not None and not os.path.isfile(args.init):
