@@ -434,15 +434,20 @@ def download(url, f):
                 src = urllib.request.urlopen(req, timeout=FETCH_TIMEOUT_S)
                 if done and src.status != 206:  # the server ignored Range: the whole file again
                     done = 0
+                length = src.headers.get("Content-Length")
+                total = done + int(length) if length is not None else None
             else:
                 src = remote_fs(url).open(url, "rb")
                 src.seek(done)
+                total = getattr(src, "size", None)
             f.seek(done)
             f.truncate()
             with src:
-                while chunk := src.read(1 << 20):  # a connection dropped mid-file raises (IncompleteRead)
+                while chunk := src.read(1 << 20):
                     f.write(chunk)
                     done += len(chunk)
+            if total is not None and done < total:  # (urllib's read returns b"" when a connection drops early)
+                raise ConnectionError(f"the connection closed at byte {done} of {total}")
             return done
         except urllib.error.HTTPError as e:
             if e.code not in (408, 429) and e.code < 500:
