@@ -410,7 +410,7 @@ def setup_distributed():
     if ddp:  # device_id binds NCCL to this GPU at once; the timeout outlasts rank 0's work alone (PG_TIMEOUT)
         extra = {"device_id": torch.device(device)} if device.startswith("cuda") else {}
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=PG_TIMEOUT, **extra)
-        PEERS = PeerWatch(rank, world)
+        PEERS = PeerWatch(rank, world, [0] if launcher == "slurm" else list(range(local_world)))
     return ddp, rank, world, device
 
 
@@ -425,11 +425,14 @@ PEERS = None  # this process's PeerWatch under DDP
 
 
 class PeerWatch:
-    """This rank's heartbeat in the rendezvous store (torchrun's agent on node 0, or rank 0 itself under SLURM) and
-    its watch on the other ranks. `finish` runs before exiting (rank 0 sets it to wait for its checkpoint writer)."""
+    """This rank's heartbeat in the rendezvous store and its watch on the other ranks. The store lives with
+    `store_ranks`: torchrun's agent on node 0 goes when one of node 0's ranks fails; under SLURM rank 0 hosts it. So
+    when the store itself stops answering, those are the ranks to name. `finish` runs before exiting (rank 0 sets it
+    to wait for its checkpoint writer)."""
 
-    def __init__(self, rank, world, silent_s=PEER_SILENT_S, exit_s=PEER_EXIT_S):
+    def __init__(self, rank, world, store_ranks=(0,), silent_s=PEER_SILENT_S, exit_s=PEER_EXIT_S):
         self.rank, self.world, self.silent_s, self.exit_s = rank, world, silent_s, exit_s
+        self.store_ranks = list(store_ranks)
         self.addr = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                                    timeout=datetime.timedelta(seconds=silent_s), wait_for_workers=False)
@@ -488,8 +491,10 @@ class PeerWatch:
         self.exit(line)
 
     def store_gone(self, e):
-        return (f"the rendezvous store at {self.addr} stopped answering ({type(e).__name__}): the node hosting it "
-                f"(node 0: its torchrun, or rank 0 under SLURM) stopped")
+        r = self.store_ranks
+        who = f"rank {r[0]}" if len(r) == 1 else f"one of node 0's ranks {r[0]}-{r[-1]}, or node 0 itself,"
+        return (f"{who} stopped (the rendezvous store at {self.addr}, which ends with {'it' if len(r) == 1 else 'them'}, "
+                f"stopped answering: {type(e).__name__})")
 
     def exit(self, line):
         """One line on stderr, the checkpoint being written completed, then exit at once: a collective stuck on a
