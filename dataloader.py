@@ -992,12 +992,6 @@ class ShardLoader:
                                cache_shards=shuffle_shards + 1,  # a window, plus one for batches that straddle
                                crop_area=crop_area, crop_ratio=crop_ratio, negatives=tuple(negatives),
                                num_negatives=num_negatives, local=self.remote and [self.remote.path(p) for p in paths])
-        if self.remote is not None:  # the cache's bound, from epoch 0's order (every epoch's is alike)
-            self.remote.bound = self.cache_bound(self.epoch_order(0))
-            if rank == 0:
-                print(f"{split} shards from {data_dir}: local cache {self.remote.dir}, at most {self.remote.bound} of "
-                      f"the {len(paths)} shards at once ({self.remote.bound * mb:.0f} MB at shard 0's {mb:.1f} MB), each "
-                      f"deleted after its last batch")
         self.epoch, self.batch = 0, 0
         self.bad = {}  # (shard, sample) -> reason: the bad samples met so far this epoch (saved in state_dict)
         self.epoch_report, self.noted = None, set()
@@ -1006,6 +1000,12 @@ class ShardLoader:
             raise ValueError(f"batch_size {batch_size} x world_size {world_size} = "
                              f"{batch_size * world_size} is larger than the {self.num_samples} samples "
                              f"of split {split!r} (drop_last={self.drop_last})")
+        if self.remote is not None:  # the cache's bound, from epoch 0's order (every epoch's is alike)
+            self.remote.bound = self.cache_bound(self.epoch_order(0))
+            if rank == 0 and self.shuffle:  # (a training loader's; evaluation reads each shard once, in order)
+                print(f"{split} shards from {data_dir}: local cache {self.remote.dir}, at most {self.remote.bound} of "
+                      f"the {len(paths)} shards at once ({self.remote.bound * mb:.0f} MB at shard 0's {mb:.1f} MB), each "
+                      f"deleted after its last batch")
 
     def __len__(self):
         """Batches per epoch on each rank (the same on every rank)."""
