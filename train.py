@@ -383,10 +383,12 @@ def launch_env(env):
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
         if missing:
-            raise ValueError(f"SLURM started {env['SLURM_NTASKS']} tasks but {' and '.join(missing)} is not set: export "
-                             f"the rendezvous in the sbatch script (README, \"On a cluster\")")
+            raise ValueError(f"SLURM started {env['SLURM_NTASKS']} tasks but {' and '.join(missing)} "
+                             f"{'are' if len(missing) > 1 else 'is'} not set: export the rendezvous in the sbatch script "
+                             f"(README, \"On a cluster\")")
         world = int(env["SLURM_NTASKS"])
-        per_node = int(env.get("SLURM_NTASKS_PER_NODE") or world // int(env.get("SLURM_NNODES", "1")))
+        per_node = int(re.match(r"\d*", env.get("SLURM_NTASKS_PER_NODE", "")).group() or
+                       world // int(env.get("SLURM_NNODES", "1")))
         return "slurm", int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", "0")), world, per_node
     return None, 0, 0, 1, 1
 

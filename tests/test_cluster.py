@@ -104,11 +104,13 @@ def test_launch_env_reads_slurm_when_torchrun_is_absent():
              "MASTER_ADDR": "node1", "MASTER_PORT": "29500"}
     assert train.launch_env({}) == (None, 0, 0, 1, 1)
     assert train.launch_env(slurm) == ("slurm", 11, 3, 16, 8)  # rank 11 is local rank 3 of the second node
-    assert train.launch_env({**slurm, "SLURM_NTASKS_PER_NODE": "8"})[4] == 8
+    assert train.launch_env({**slurm, "SLURM_NTASKS_PER_NODE": "4"})[4] == 4
+    with pytest.raises(ValueError, match="SLURM started 2 tasks but MASTER_PORT is not set"):
+        train.launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "MASTER_ADDR": "node1"})
     torchrun = {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"}
     assert train.launch_env({**slurm, **torchrun}) == ("torchrun", 5, 1, 8, 4)  # torchrun inside an allocation
     assert train.launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == (None, 0, 0, 1, 1)  # sbatch, one task
-    with pytest.raises(ValueError, match="MASTER_ADDR and MASTER_PORT is not set"):
+    with pytest.raises(ValueError, match="MASTER_ADDR and MASTER_PORT are not set"):
         train.launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
 
 
@@ -120,7 +122,8 @@ def test_slurm_tasks_without_a_rendezvous_are_one_line(shards8, tmp_path, monkey
     with pytest.raises(SystemExit) as e:
         train.main(argv(shards8, tmp_path))
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and "MASTER_ADDR and MASTER_PORT is not set" in err[-1] and "Traceback" not in err
+    assert e.value.code == 2 and "MASTER_ADDR and MASTER_PORT are not set" in err[-1]
+    assert not any("Traceback" in line for line in err)
 
 
 def test_newest_valid_skips_broken_and_foreign_files(tmp_path):
