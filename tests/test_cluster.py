@@ -144,17 +144,17 @@ def test_newest_valid_skips_broken_and_foreign_files(tmp_path):
 
 
 def test_resume_auto_starts_fresh_then_continues_exactly(shards8, tmp_path, capsys):
-    common = ["--batch", "32", "--epochs", "1"]  # 16 steps
+    common = ["--batch", "32", "--epochs", "0.5"]  # 8 steps
     assert train.main(argv(shards8, tmp_path, "full", *common)) == 0
-    assert train.main(argv(shards8, tmp_path, "auto", *common, "--resume", "auto", "--stop_at", "8")) == 0
+    assert train.main(argv(shards8, tmp_path, "auto", *common, "--resume", "auto", "--stop_at", "4")) == 0
     assert f"--resume auto: no checkpoint in {tmp_path / 'out' / 'auto' / 'ckpt'}, starting fresh" in capsys.readouterr().out
     assert train.main(argv(shards8, tmp_path, "auto", *common, "--resume", "auto")) == 0
     out = capsys.readouterr().out
-    assert f"--resume auto: continuing from {tmp_path / 'out' / 'auto' / 'ckpt' / 'step_00000008.pt'}" in out
-    assert "resumed from step 8 of 16" in out
+    assert f"--resume auto: continuing from {tmp_path / 'out' / 'auto' / 'ckpt' / 'step_00000004.pt'}" in out
+    assert "resumed from step 4 of 8" in out
     a = cm.load(str(tmp_path / "out" / "full" / "ckpt" / "latest.pt"))
     b = cm.load(str(tmp_path / "out" / "auto" / "ckpt" / "latest.pt"))
-    assert b["step"] == 16 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert b["step"] == 8 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 def test_two_torchrun_nodes_see_every_sample_once_and_resume_exactly_after_both_are_killed(shards8, tmp_path):
