@@ -428,8 +428,8 @@ PEERS = None  # this process's PeerWatch under DDP
 
 class PeerWatch:
     """This rank's heartbeat in the rendezvous store and its watch on the other ranks. The store lives with
-    `store_ranks`: torchrun's agent on node 0 goes when one of node 0's ranks fails; under SLURM rank 0 hosts it. So
-    when the store itself stops answering, those are the ranks to name. `finish` runs before exiting (rank 0 sets it
+    `store_ranks`: under torchrun (static rendezvous, --master_addr) node 0's agent hosts it and goes when one of
+    node 0's ranks fails; under SLURM rank 0 hosts it. So when the store stops answering, those are the ranks named. `finish` runs before exiting (rank 0 sets it
     to wait for its checkpoint writer)."""
 
     def __init__(self, rank, world, store_ranks=(0,), silent_s=PEER_SILENT_S, exit_s=PEER_EXIT_S):
@@ -740,6 +740,8 @@ def main(argv=None):
     master, cuda, quiet = rank == 0, device.startswith("cuda"), args.quiet or rank != 0
 
     def fail(msg):  # after the processes started: one line from rank 0, exit 2 everywhere
+        if PEERS is not None:  # every rank is leaving: none of them is a failure to name
+            PEERS.closed.set()
         if master:
             parser.error(msg)
         sys.exit(2)
