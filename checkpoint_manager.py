@@ -210,9 +210,12 @@ def load(path, map_location="cpu"):
     return ckpt
 
 def resolve(resume, out_dir):
-    """--resume value -> checkpoint path: "latest" finds the newest in <out_dir>/ckpt, else a file path."""
+    """--resume value -> checkpoint path: "latest" finds the newest in <out_dir>/ckpt, "auto" the newest valid one
+    there or None (start fresh: a launch that can be re-run as it is), else a file path."""
     if not resume:
         return None
+    if resume == "auto":
+        return newest_valid(out_dir)
     if resume == "latest":
         p = CheckpointManager(out_dir).latest()
         if p is None:
@@ -221,6 +224,22 @@ def resolve(resume, out_dir):
     if not os.path.isfile(resume):
         raise FileNotFoundError(f"--resume: checkpoint not found: {resume}")
     return resume
+
+RESUME_KEYS = ("model", "optimizer", "config", "step", "loader", "rng")  # what a run needs to continue exactly
+
+def newest_valid(out_dir):
+    """The step file with the highest step in <out_dir>/ckpt that loads (weights_only, mmap: only its index is
+    read) and holds a run's whole state; latest.pt only when no step file does; None when there is none. Newest by
+    step, not by latest.pt: a kill between writing step_N.pt and re-pointing latest.pt leaves step_N the newest."""
+    mgr = CheckpointManager(out_dir)
+    for p in list(reversed(mgr.step_files())) + [os.path.join(mgr.dir, "latest.pt")]:
+        try:
+            ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # missing, truncated, not a torch file: not valid, try the next older one
+            continue
+        if isinstance(ckpt, dict) and all(k in ckpt for k in RESUME_KEYS):
+            return p
+    return None
 
 def strip_prefixes(state_dict, prefixes=("module.", "_orig_mod.")):
     """Remove the leading wrappers DDP (module.) and torch.compile (_orig_mod.) add to every key."""

@@ -36,8 +36,12 @@ in every run, with any number of workers, and after a resume - so batches keep t
 distinct bad samples met are counted per reason and reported once per epoch (pop_epoch_report). Unsafe member
 names ("../x", "/etc/x") and truncated tars are skipped at scan time and warned about once.
 
+A data folder at a URL (https://, s3://, gs://) is read whole shards at a time like a local one: the main process
+downloads the shards of the batches it hands out into a local ShardCache (the next window in the background) and
+deletes each after its last batch; the workers map the local copies.
+
 Left out on purpose: decoding to float / normalising (done on the device, so only uint8 bytes cross PCIe),
-torchvision transforms (one optional random-resized-crop in PIL is enough for CLIP), streaming from URLs.
+torchvision transforms (one optional random-resized-crop in PIL is enough for CLIP), streaming sample by sample.
 """
 
 import atexit
@@ -51,10 +55,15 @@ import os
 import queue
 import mmap
 import re
+import shutil
 import signal
+import socket
 import tarfile
+import tempfile
 import threading
+import time
 import traceback
+import urllib.parse
 import warnings
 import weakref
 import collections
@@ -82,7 +91,12 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 def map_file(path):
     """The whole file as a read-only buffer: mmap shares the OS page cache between workers and ranks (no
-    per-worker copy, only touched pages are read); slicing it returns bytes."""
+    per-worker copy, only touched pages are read); slicing it returns bytes. A URL is downloaded to an unnamed
+    temporary file first (one-off reads; the loader's own go through a ShardCache)."""
+    if is_url(path):
+        os.makedirs(cache_root(), exist_ok=True)
+        with tempfile.TemporaryFile(dir=cache_root()) as f:
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if download(path, f) else b""
     with open(path, "rb") as f:
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
 
@@ -454,15 +468,21 @@ def read_index(data_dir, split=None):
     {"shards": [names], optional "num_samples": N and "shard_sizes" parallel to shards}, every shard (of `split`,
     when given) on disk and starting like a tar. A missing num_samples is filled in: the sum of shard_sizes, else
     (for `split`) counted from the tar headers.
-    Any problem is one ValueError line naming the file and what is wrong (and `split`, when given, must exist)."""
+    Any problem is one ValueError line naming the file and what is wrong (and `split`, when given, must exist).
+    A URL data_dir: index.json is read from there (unreachable, not found: one line); shards are not checked."""
     path = os.path.join(data_dir, "index.json")
-    if not os.path.isdir(data_dir):
+    remote = is_url(data_dir)
+    if not remote and not os.path.isdir(data_dir):
         raise ValueError(f"data directory {data_dir} does not exist")
-    if not os.path.isfile(path):
+    if not remote and not os.path.isfile(path):
         raise ValueError(f"{path} not found (make the shards with prep_dataset.py)")
+    text = read_url(path) if remote else None  # (outside the try: its own one-line errors)
     try:
-        with open(path, encoding="utf-8") as f:
-            index = json.load(f)
+        if remote:
+            index = json.loads(text)
+        else:
+            with open(path, encoding="utf-8") as f:
+                index = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(index, dict) or not index:
@@ -485,12 +505,14 @@ def read_index(data_dir, split=None):
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
             raise ValueError(f"{path}: {s}.num_samples must be a non-negative integer, got {n!r}")
         for name in shards if split in (None, s) else ():  # a loader needs only its own split's files
-            if not safe_name(name) or not os.path.isfile(os.path.join(data_dir, name)):
+            if not safe_name(name) or not (remote or os.path.isfile(os.path.join(data_dir, name))):
                 raise ValueError(f"{path}: shard {name} of split {s} does not exist in {data_dir}")
-            if not is_tar(os.path.join(data_dir, name)):  # 512 bytes read per shard
+            if not remote and not is_tar(os.path.join(data_dir, name)):  # 512 bytes read per shard
                 raise ValueError(f"{path}: shard {name} of split {s} is not a tar file (or holds no member)")
         if n is None and sizes is not None:  # a hand-made index.json may leave the count out: it is worked out
             info["num_samples"] = sum(sizes)
+        elif n is None and remote and split in (None, s):
+            raise ValueError(f"{path}: {s} has neither num_samples nor shard_sizes (needed for shards at a URL)")
         elif n is None and split in (None, s):  # from the tar headers (no image data is read)
             info["num_samples"] = sum(len(scan_tar(map_file(os.path.join(data_dir, name)))[0]) for name in shards)
     if split is not None and (split not in splits or not index[split]["shards"]):
@@ -502,8 +524,10 @@ def data_fingerprint(data_dir, index, split="train"):
     """What a checkpoint records of the data it was trained on, so that a --resume on other data is refused: the
     split's shard names, samples per shard (index.json) and bytes per shard, and the source fingerprint prep keeps
     in .prep_state.json (a sha256 of the source listing; the synthetic set and hand-made shards have none). A stat
-    per shard: no shard is read."""
+    per shard: no shard is read (shards at a URL: bytes None, the names and sizes have to do)."""
     shards = list(index[split]["shards"])
+    if is_url(data_dir):
+        return {"shards": shards, "shard_sizes": index[split].get("shard_sizes"), "bytes": None, "source_sha256": None}
     try:
         with open(os.path.join(data_dir, ".prep_state.json"), encoding="utf-8") as f:
             source = json.load(f)["source"]["sha256"]
@@ -514,12 +538,17 @@ def data_fingerprint(data_dir, index, split="train"):
 
 
 def load_tokenizer(path):
-    """tokenizer.json -> Tokenizer, or one ValueError line when it is missing, empty or not a tokenizer."""
-    if not os.path.isfile(path):
+    """tokenizer.json (a path or a URL) -> Tokenizer, or one ValueError line when it is missing, empty or not a
+    tokenizer."""
+    text = read_url(path) if is_url(path) else None
+    if text is None and not os.path.isfile(path):
         raise ValueError(f"tokenizer {path} not found")
     try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
+        if text is not None:
+            d = json.loads(text)
+        else:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
         if not isinstance(d, dict):
             raise ValueError(f"expected a JSON object, got {type(d).__name__}")
         return Tokenizer.from_dict(d)
@@ -532,6 +561,229 @@ def auto_workers(local_world_size=1, cap=16):
     ranks of this machine, minus one for the rank's own main process (at least 1, at most `cap`)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(cap, cores // max(1, local_world_size) - 1))
+
+
+# ---------------------------------------------------------------- shard folders at a URL
+# `--data https://host/set` (or s3://bucket/set, gs://bucket/set): the folder prep_dataset.py wrote, uploaded as it
+# is. index.json and tokenizer.json are read into memory; the loader's shards go through a ShardCache, a window at
+# a time. https:// and http:// need nothing but urllib; s3:// and gs:// go through fsspec (installed with
+# `datasets`) and its backend s3fs / gcsfs, when installed.
+
+URL_SCHEMES = ("https://", "http://", "s3://", "gs://")
+FSSPEC_BACKENDS = {"s3": "s3fs", "gs": "gcsfs"}
+FETCH_TRIES, FETCH_WAIT_S, FETCH_TIMEOUT_S = 6, 0.5, 60  # transient errors: 6 tries, waits 0.5, 1, 2, 4, 8 s
+FETCH_THREADS = 4  # downloads in flight per loader (object stores serve one connection at ~100 MB/s)
+
+
+def is_url(path):
+    return isinstance(path, str) and path.startswith(URL_SCHEMES)
+
+
+def remote_fs(url):
+    """The fsspec filesystem of an s3:// or gs:// URL, or one ValueError line naming the package it needs."""
+    scheme = url.split("://", 1)[0]
+    try:
+        import fsspec
+        return fsspec.filesystem(scheme)
+    except ImportError as e:  # fsspec says "Install s3fs to access S3"
+        raise ValueError(f"{url}: reading {scheme}:// needs the package {FSSPEC_BACKENDS[scheme]} "
+                         f"(pip install {FSSPEC_BACKENDS[scheme]}); {e}") from None
+
+
+def download(url, f):
+    """Write the file at `url` into the open binary file `f`. Transient failures (refused, reset or dropped
+    connections, timeouts, HTTP 5xx/408/429) are retried FETCH_TRIES times with doubling waits, continuing where
+    the data stopped (HTTP Range, or a seek), else from the start. Anything else, or the last failure, is one
+    ValueError line. Returns the bytes written."""
+    import urllib.error
+    import urllib.request  # (imported here: ~30 ms that local data never pays)
+    done, last = 0, None
+    for attempt in range(FETCH_TRIES):
+        if attempt:
+            time.sleep(FETCH_WAIT_S * 2 ** (attempt - 1))
+        try:
+            if url.startswith(("https://", "http://")):
+                req = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
+                src = urllib.request.urlopen(req, timeout=FETCH_TIMEOUT_S)
+                if done and src.status != 206:  # the server ignored Range: the whole file again
+                    done = 0
+                length = src.headers.get("Content-Length")
+                total = done + int(length) if length is not None else None
+            else:
+                src = remote_fs(url).open(url, "rb")
+                src.seek(done)
+                total = getattr(src, "size", None)
+            f.seek(done)
+            f.truncate()
+            with src:
+                while chunk := src.read(1 << 20):
+                    f.write(chunk)
+                    done += len(chunk)
+            if total is not None and done < total:  # (urllib's read returns b"" when a connection drops early)
+                raise ConnectionError(f"the connection closed at byte {done} of {total}")
+            return done
+        except urllib.error.HTTPError as e:
+            if e.code not in (408, 429) and e.code < 500:
+                raise ValueError(f"{url}: {'not found' if e.code == 404 else 'refused'} (HTTP {e.code} {e.reason})") from None
+            last = e
+        except (FileNotFoundError, PermissionError) as e:  # fsspec's "no such key" / "access denied"
+            raise ValueError(f"{url}: {'not found' if isinstance(e, FileNotFoundError) else 'access denied'}") from None
+        except (ValueError, InterruptedError):  # remote_fs: a missing backend; ShardCache.close()
+            raise
+        except Exception as e:  # refused, reset, timed out, cut short (http.client.IncompleteRead)
+            last = e
+    why = getattr(last, "reason", None) or last
+    raise ValueError(f"{url}: cannot read it ({type(last).__name__}: {why}) after {FETCH_TRIES} tries") from None
+
+
+def read_url(url):
+    """The bytes of a small file at a URL (index.json, tokenizer.json)."""
+    f = io.BytesIO()
+    download(url, f)
+    return f.getvalue()
+
+
+def cache_root():
+    """Where remote shards are kept while read: $CLIP_SHARD_CACHE, else <tmp>/clip-shards (node-local disk is best)."""
+    return os.environ.get("CLIP_SHARD_CACHE") or os.path.join(tempfile.gettempdir(), "clip-shards")
+
+
+class ShardCache:
+    """Shards of a URL data folder on local disk while a loader reads them. get(urls, then) blocks until those
+    shards are local and queues `then` (the next window) behind them; FETCH_THREADS threads download in the
+    background; drop(urls) deletes shards no later batch reads. Each loader has its own folder
+    (<cache_root>/<host>-<pid>-...), removed by close(); folders of processes that died on this host are removed
+    when the next one is made. `peak_bytes`: the most bytes the folder held (partial downloads included)."""
+
+    def __init__(self, url):
+        root = cache_root()
+        os.makedirs(root, exist_ok=True)
+        host = socket.gethostname()
+        for d in os.listdir(root):  # left by a killed run on this host (a pid that is gone)
+            m = re.fullmatch(rf"{re.escape(host)}-(\d+)-.*", d)
+            if m and not pid_alive(int(m.group(1))):
+                shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+        self.url = url.rstrip("/")
+        self.dir = tempfile.mkdtemp(prefix=f"{host}-{os.getpid()}-", dir=root)
+        self.cond = threading.Condition()
+        self.queue, self.busy, self.have, self.unwanted = [], set(), {}, set()  # have: url -> bytes on disk
+        self.error, self.threads, self.stopping = None, [], False
+        self.bytes = self.peak_bytes = self.peak_files = 0
+        self.bound = None  # the most shards it should hold (ShardLoader.cache_bound)
+
+    def path(self, url):
+        """The local file of a shard URL."""
+        return os.path.join(self.dir, urllib.parse.quote(url[len(self.url) + 1:], safe=""))
+
+    def get(self, urls, then=()):
+        """Block until every shard in `urls` is on local disk (downloaded first), with `then` queued after them."""
+        with self.cond:
+            if not self.threads:  # (re)started on first use, also after close()
+                os.makedirs(self.dir, exist_ok=True)
+                self.stopping, self.error = False, None
+                self.threads = [threading.Thread(target=self.fetch_loop, daemon=True, name="shard-fetch")
+                                for _ in range(FETCH_THREADS)]
+                for t in self.threads:
+                    t.start()
+            want = [u for u in urls if u not in self.have and u not in self.busy]
+            self.queue = want + [u for u in self.queue if u not in want]  # what a batch waits for goes first
+            self.queue += [u for u in then if u not in self.have and u not in self.busy and u not in self.queue]
+            self.unwanted -= set(urls) | set(then)
+            self.cond.notify_all()
+            while not all(u in self.have for u in urls):
+                if self.error is not None:
+                    raise self.error
+                self.cond.wait()
+        return [self.path(u) for u in urls]
+
+    def fetch_loop(self):
+        while True:
+            with self.cond:
+                while not self.queue and not self.stopping:
+                    self.cond.wait()
+                if self.stopping:
+                    return
+                url = self.queue.pop(0)
+                self.busy.add(url)
+                self.peak_files = max(self.peak_files, len(self.have) + len(self.busy))
+            dst, size = self.path(url), 0
+            try:
+                with open(dst + ".part", "wb") as f:
+                    size = download(url, Counting(f, self))
+                os.replace(dst + ".part", dst)
+            except BaseException as e:
+                with self.cond:
+                    self.busy.discard(url)
+                    if not self.stopping:  # (close() stops a download by failing its next write)
+                        self.error = e if isinstance(e, ValueError) else ValueError(f"{url}: {e}")
+                    self.cond.notify_all()
+                return
+            with self.cond:
+                self.busy.discard(url)
+                self.have[url] = size
+                if url in self.unwanted:  # dropped while it downloaded
+                    self.remove([url])
+                self.cond.notify_all()
+
+    def grow(self, n):
+        with self.cond:
+            self.bytes += n
+            self.peak_bytes = max(self.peak_bytes, self.bytes)
+
+    def drop(self, urls):
+        """Delete these shards (a worker that still maps one keeps reading it: unlinking frees the disk only once
+        the last map closes); queued ones are not downloaded."""
+        with self.cond:
+            self.queue = [u for u in self.queue if u not in urls]
+            self.unwanted |= {u for u in urls if u in self.busy}
+            self.remove([u for u in urls if u in self.have])
+
+    def drop_all_but(self, keep):
+        with self.cond:
+            self.drop([u for u in list(self.have) + self.queue + list(self.busy) if u not in keep])
+
+    def remove(self, urls):  # (holding the lock)
+        for u in urls:
+            self.bytes -= self.have.pop(u)
+            try:
+                os.unlink(self.path(u))
+            except FileNotFoundError:
+                pass
+
+    def close(self):
+        """Stop the downloads and delete the folder (get() makes it again)."""
+        with self.cond:
+            self.stopping, self.queue = True, []
+            self.cond.notify_all()
+            threads, self.threads = self.threads, []
+        for t in threads:
+            t.join()
+        with self.cond:
+            self.have, self.busy, self.unwanted, self.bytes = {}, set(), set(), 0
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Counting:
+    """A file being downloaded that tells its ShardCache how its size changes (the cache's disk use)."""
+
+    def __init__(self, f, cache):
+        self.f, self.cache, self.size = f, cache, 0
+
+    def write(self, b):
+        if self.cache.stopping:
+            raise InterruptedError("the cache was closed")
+        self.cache.grow(len(b))
+        self.size += len(b)
+        return self.f.write(b)
+
+    def seek(self, pos):
+        return self.f.seek(pos)
+
+    def truncate(self):  # at the position seeked to: a download that starts again
+        pos = self.f.tell()
+        self.cache.grow(pos - self.size)
+        self.size = pos
+        return self.f.truncate()
 
 
 # ---------------------------------------------------------------- hub datasets (through `datasets`)
@@ -761,8 +1013,9 @@ class BatchMaker:
 
     def __init__(self, paths, sizes, fields, required, tokenizer, context_length, img_size, labels,
                  long_captions, augment, seed, cache_shards, crop_area=CROP_AREA, crop_ratio=CROP_RATIO,
-                 negatives=(), num_negatives=0):
+                 negatives=(), num_negatives=0, local=None):
         self.paths, self.sizes, self.fields, self.required = paths, sizes, fields, required
+        self.local = local  # URL shards: their local copies (on disk before a batch that reads them is made)
         self.negatives, self.num_negatives = negatives, num_negatives  # json keys of negative captions, slots
         self.tokenizer, self.context_length, self.img_size = tokenizer, context_length, img_size
         self.labels, self.long_captions, self.augment, self.seed = labels, long_captions, augment, seed
@@ -778,7 +1031,7 @@ class BatchMaker:
         if s in self.cache:
             self.cache.move_to_end(s)
             return self.cache[s]
-        data = map_file(self.paths[s])
+        data = map_file(self.paths[s] if self.local is None else self.local[s])
         groups, skipped = scan_tar(data)
         samples = [groups[k] for k in sorted(groups)]
         if len(samples) != self.sizes[s]:  # the count the order was built from (index.json) was wrong
@@ -983,9 +1236,11 @@ class ShardLoader:
         paths = [os.path.join(data_dir, names[i]) for i in order]
         labels = "classes" in index  # labelled sets list their classes; every sample's json then has "label"
         required = ("txt",) + (("json",) if long_captions or labels or negatives else ())
-        sizes, fields, bad = [], None, []
+        sizes, fields, bad, mb = [], None, [], None
         for p in paths[:1] if given is not None else paths:  # with given sizes, fields come from shard 0
-            groups, skipped = scan_tar(map_file(p))
+            buf = map_file(p)
+            groups, skipped = scan_tar(buf)
+            mb = len(buf) / 2 ** 20 if mb is None else mb  # shard 0's size
             for g in groups.values():  # .npy fields present in every complete sample of the split
                 if complete(g, required):
                     have = {e[:-4] for e in g if e.endswith(".npy")}
@@ -1001,11 +1256,12 @@ class ShardLoader:
             warnings.warn(f"{data_dir}/index.json: {split} num_samples is {info['num_samples']} but the shards "
                           f"hold {self.num_samples} samples; using {self.num_samples}")
         self.fields = sorted(fields or ())
+        self.remote = ShardCache(data_dir) if is_url(data_dir) else None  # URL shards: local copies, a window at a time
         self.make = BatchMaker(paths, self.sizes, self.fields, required, tokenizer, context_length,
                                int(index["img_size"]), labels, long_captions, augment, seed,
                                cache_shards=shuffle_shards + 1,  # a window, plus one for batches that straddle
                                crop_area=crop_area, crop_ratio=crop_ratio, negatives=tuple(negatives),
-                               num_negatives=num_negatives)
+                               num_negatives=num_negatives, local=self.remote and [self.remote.path(p) for p in paths])
         self.epoch, self.batch = 0, 0
         self.bad = {}  # (shard, sample) -> reason: the bad samples met so far this epoch (saved in state_dict)
         self.epoch_report, self.noted = None, set()
@@ -1014,6 +1270,12 @@ class ShardLoader:
             raise ValueError(f"batch_size {batch_size} x world_size {world_size} = "
                              f"{batch_size * world_size} is larger than the {self.num_samples} samples "
                              f"of split {split!r} (drop_last={self.drop_last})")
+        if self.remote is not None:  # the cache's bound, from epoch 0's order (every epoch's is alike)
+            self.remote.bound = self.cache_bound(self.epoch_order(0))
+            if rank == 0 and self.shuffle:  # (a training loader's; evaluation reads each shard once, in order)
+                print(f"{split} shards from {data_dir}: local cache {self.remote.dir}, at most {self.remote.bound} of "
+                      f"the {len(paths)} shards at once ({self.remote.bound * mb:.0f} MB at shard 0's {mb:.1f} MB), each "
+                      f"deleted after its last batch")
 
     def __len__(self):
         """Batches per epoch on each rank (the same on every rank)."""
@@ -1045,6 +1307,9 @@ class ShardLoader:
         epoch, start, n = self.epoch, self.batch, len(self)
         order = self.epoch_order(epoch)
         tasks = ((b, epoch, *self.batch_pairs(order, b)) for b in range(start, n))
+        ends = {}  # batch -> URL shards no later batch of the epoch reads
+        if self.remote is not None:
+            tasks, ends = self.fetched(tasks, order, start)
         if self.num_workers == 0:
             results = ((self.pin(batch), notes, bad) for batch, notes, bad in (self.make(*t[1:]) for t in tasks))
         else:  # decoded by the workers; received (and pinned) by a thread, off the training loop's path
@@ -1057,6 +1322,8 @@ class ShardLoader:
                         warnings.warn(note)
                 self.bad.update({(s, k): reason for s, k, reason in bad})
                 self.batch = b + 1  # batches already yielded this epoch
+                if b in ends:  # (workers have made every batch up to this one)
+                    self.remote.drop(ends[b])
                 if self.batch == n:  # the last one: the epoch's report is ready, and the state moves on now
                     self.finish_epoch(epoch)
                 yield batch
@@ -1068,6 +1335,48 @@ class ShardLoader:
         results.close()
         if self.epoch == epoch:  # resumed at the very end of an epoch: nothing was left to yield
             self.finish_epoch(epoch)
+
+    def fetched(self, tasks, order, start):
+        """URL shards: (tasks, ends). A task goes out once the shards it reads are on local disk, and meanwhile the
+        next window - the `shuffle_shards` shards first read after them - downloads in the background; ends[b]:
+        the shards batch b reads last, deleted once it is yielded. Uses are per global batch (a superset of this
+        rank's), so they need no rank arithmetic."""
+        urls, (shards, first, last, used) = self.make.paths, self.shard_uses(order)
+        upcoming = shards[used][np.argsort(first[used], kind="stable")]  # in the order batches start reading them
+        first_of, ends = dict(zip(shards.tolist(), first.tolist())), {}
+        for s, b in zip(shards[used], last[used]):
+            ends.setdefault(int(b), []).append(urls[s])
+        self.remote.drop_all_but({urls[s] for s in shards[used & (last >= start)]})  # left by an abandoned epoch
+
+        def fetching():
+            i = 0
+            for task in tasks:  # (b, epoch, positions, pairs)
+                while i < len(upcoming) and first_of[upcoming[i]] <= task[0]:
+                    i += 1
+                self.remote.get([urls[s] for s in np.unique(task[3][:, 0])],
+                                then=[urls[s] for s in upcoming[i:i + self.shuffle_shards]])
+                yield task
+        return fetching(), ends
+
+    def shard_uses(self, order):
+        """(shards, first, last, used): each shard's first and last global batch of the epoch; `used` is False
+        for a shard that only the dropped partial last batch would read."""
+        G, n = self.batch_size * self.world_size, len(self)
+        shards, first = np.unique(order[:, 0], return_index=True)  # each shard's first position in the order
+        _, last = np.unique(order[::-1, 0], return_index=True)  # and its last, counted from the end
+        first, last = first // G, np.minimum((len(order) - 1 - last) // G, n - 1)  # as batch indices
+        return shards, first, last, first < n
+
+    def cache_bound(self, order):
+        """The most shards a ShardCache holds in this epoch: after batch y is yielded it has those read by a batch
+        made already (up to `ahead` past y: the workers' prefetch, the feeder's queue) and by a later one, plus the
+        next window."""
+        _, first, last, used = self.shard_uses(order)
+        ahead = (self.num_workers + 1) * self.prefetch + 2 if self.num_workers else 1
+        held = np.zeros(len(self) + 1, dtype=np.int64)  # shards on disk after each yield y = -1 .. n-1
+        np.add.at(held, np.maximum(first[used] - ahead, 0), 1)  # fetched from ahead of their first batch ...
+        np.add.at(held, last[used] + 1, -1)  # ... to their last
+        return min(int(np.cumsum(held).max()) + self.shuffle_shards, len(self.sizes))
 
     def finish_epoch(self, epoch):
         counts = Counter(self.bad.values())
@@ -1128,8 +1437,11 @@ class ShardLoader:
         return batch, notes, bad
 
     def close(self):
-        """Stop the worker processes (called by the owner at the end, on errors and by the GC)."""
+        """Stop the worker processes (called by the owner at the end, on errors and by the GC), delete the local
+        copies of URL shards."""
         self.held.clear()
+        if getattr(self, "remote", None) is not None:
+            self.remote.close()
         for p, tasks, _ in self.workers:
             if p.is_alive():
                 tasks.put(None)

@@ -79,8 +79,8 @@ from tqdm import tqdm
 
 from clip import normalize_images
 from dataloader import (ShardLoader, articles, class_folders, complete, decode_image, hub_columns, hub_image_bytes,
-                        image_array, load_tokenizer, map_file, open_hub_dataset, read_index, scan_tar, undecoded,
-                        wds_layout, wds_records, wds_splits)
+                        image_array, is_url, load_tokenizer, map_file, open_hub_dataset, read_index, scan_tar,
+                        undecoded, wds_layout, wds_records, wds_splits)
 from logger import save_figure, write_atomic
 
 # A short, generic CLIP-style template list (prompt ensembling); --templates or the data's own list replaces it.
@@ -252,6 +252,8 @@ def open_source(data, split=None, max_images=None, columns=None):
     anything that is not one of these layouts or is broken."""
     if data.startswith("hf:"):
         return hub_source(data[3:], split, max_images, columns or {})
+    if is_url(data):  # a shard folder in object storage (index.json read from there)
+        return shard_source(data, split or "val", max_images)
     if not os.path.isdir(data):
         raise ValueError(f"{data} is not a directory (nor hf:<hub id or local dir>)")
     if os.path.isfile(os.path.join(data, "index.json")):
@@ -625,10 +627,14 @@ def shard_swaps(loader):
     list and completeness rule, so sample i here is row i of its batches unless the loader put another sample
     in that row (evaluate_checkpoint checks the caption); tar members are read in memory (mmap), never extracted.
     The shards come through the loader's own cache: an in-process loader (no workers) has just mapped and scanned
-    them, and scanning a 1,000-sample tar again costs ~0.1 s per eval."""
+    them, and scanning a 1,000-sample tar again costs ~0.1 s per eval (shards at a URL are fetched again)."""
     rows, n = [], 0
     for s in range(len(loader.make.paths)):  # sorted, as the loader reads them when shuffle=False
-        data, samples = loader.make.shard(s, [])  # every key in sorted order, complete or not
+        if getattr(loader, "remote", None) is None:
+            data, samples = loader.make.shard(s, [])  # every key in sorted order, complete or not
+        else:  # shards at a URL: the loader's cache has let them go by now, so each is fetched once more
+            groups, _ = scan_tar(data := map_file(loader.make.paths[s]))
+            samples = [groups[k] for k in sorted(groups)]
         for exts in samples:
             if not complete(exts, loader.make.required, loader.make.fields):
                 continue
@@ -959,7 +965,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint .pt (model, config, tokenizer)")
-    parser.add_argument("--data", help="shard set (index.json), class folders DIR/<class>/*.jpg, a CLIP_benchmark "
+    parser.add_argument("--data", help="shard set (index.json; a folder or its URL: https://, s3://, gs://), class "
+                                       "folders DIR/<class>/*.jpg, a CLIP_benchmark "
                                        "wds folder, or hf:<hub id or local dir>")
     parser.add_argument("--split", help="default: val (shard sets), test (CLIP_benchmark), validation or test (hub)")
     parser.add_argument("--max_images", type=int, help="evaluate the first N samples only (class folders: N spread "
@@ -991,7 +998,7 @@ def main(argv=None):
         parser.error(f"--ckpt {args.ckpt}: no such file")
     if args.data is None and not (args.aro or args.swaps_jsonl):
         parser.error("--data is required (unless --aro or --swaps_jsonl is given)")
-    if args.data is not None and not args.data.startswith("hf:") and not os.path.isdir(args.data):
+    if args.data is not None and not (args.data.startswith("hf:") or is_url(args.data) or os.path.isdir(args.data)):
         parser.error(f"--data {args.data}: no such directory")
     for flag in ("classes", "templates", "tokenizer", "swaps_jsonl", "aro"):
         if getattr(args, flag) is not None and not os.path.isfile(getattr(args, flag)):
@@ -1003,7 +1010,7 @@ def main(argv=None):
     columns = {"image": args.image_column, "label": args.label_column, "caption": args.caption_column}
     if any(columns.values()) and not (args.data or "").startswith("hf:"):
         parser.error("--image_column, --label_column and --caption_column apply to --data hf:<id or dir> only")
-    shards = args.data and os.path.isfile(os.path.join(args.data, "index.json"))
+    shards = args.data and (is_url(args.data) or os.path.isfile(os.path.join(args.data, "index.json")))
     if args.save_embeddings and (args.max_images or not shards):
         parser.error("--save_embeddings needs --data to be a shard set (a folder with index.json) and no --max_images")
     if args.save_embeddings and os.path.exists(args.save_embeddings) and not os.path.isdir(args.save_embeddings):

@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 import checkpoint_manager as cm
 import clip
-from dataloader import (CROP_AREA, CROP_RATIO, ShardLoader, auto_workers, data_fingerprint, load_tokenizer,
+from dataloader import (CROP_AREA, CROP_RATIO, ShardLoader, auto_workers, data_fingerprint, is_url, load_tokenizer,
                         negative_slots, pid_alive, read_index, teacher_embedding_dim)
 from logger import Logger
 from tokenizer import Tokenizer
@@ -75,8 +75,9 @@ LOCK = "run.lock"  # in each of a run's folders while it runs: {"pid", "host", "
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     a = p.add_argument
-    a("--data", default=None, help=f"shard dir from prep_dataset.py (default: {GPU_DATA} on CUDA once it holds a prepared "
-                                   f"set, else the built-in {DEFAULT_DATA}, made on first use)")
+    a("--data", default=None, help=f"shard dir from prep_dataset.py, or its URL (https://, s3://, gs://) (default: "
+                                   f"{GPU_DATA} on CUDA once it holds a prepared set, else the built-in {DEFAULT_DATA}, "
+                                   f"made on first use)")
     a("--preset", default=None, help=f"model size: {', '.join(clip.PRESETS)} (default: seed on CUDA, tiny for a synthetic "
                                      f"set and on a CPU)")
     a("--batch", type=int, default=128, help="micro-batch per process")
@@ -113,7 +114,8 @@ def get_parser():
     a("--zeroshot_max_images", type=int, default=5000, help="--zeroshot_data: at most this many images per eval")
     a("--ckpt_every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     a("--keep", type=int, default=3, help="step checkpoints to keep (plus latest and best)")
-    a("--resume", default=None, help="'latest' or a checkpoint path: continue that run exactly")
+    a("--resume", default=None, help="'latest' or a checkpoint path: continue that run exactly; 'auto': the newest valid "
+      "checkpoint of this run when there is one, else start fresh (a launch a scheduler can re-run as it is)")
     a("--overwrite", action="store_true",
       help="start over in a run folder that holds an earlier run (moved aside to <folder>.old-<time>, not deleted)")
     a("--stop_at", type=int, default=None, help="end cleanly after this step, schedule unchanged")
@@ -185,7 +187,7 @@ def validate(parser, args):
             re.compile(pattern)
         except re.error as e:
             parser.error(f"--ignore_keys {pattern!r} is not a valid regular expression ({e})")
-    if args.data is not None and not os.path.isfile(os.path.join(args.data, "index.json")):
+    if args.data is not None and not is_url(args.data) and not os.path.isfile(os.path.join(args.data, "index.json")):
         what = "does not exist" if not os.path.exists(args.data) else "has no index.json (make it with prep_dataset.py)"
         parser.error(f"--data {args.data} {what}")
     if args.init is not None and not os.path.isfile(args.init):
@@ -417,17 +419,153 @@ def open_zeroshot_data(src, max_images, img_size):
 # setup: processes and devices, defaults, resume checks, the model wrappers, batches on the device
 
 
+LAUNCHERS = {"torchrun": "torchrun (RANK/LOCAL_RANK/WORLD_SIZE)",
+             "slurm": "SLURM srun (SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS; no torchrun variables)"}
+
+
+def launch_env(env):
+    """Who started this process, from its environment: (launcher, rank, local rank, world size, ranks on this node).
+    torchrun sets RANK/LOCAL_RANK/WORLD_SIZE/LOCAL_WORLD_SIZE. SLURM's srun (one task per GPU) sets SLURM_PROCID/
+    SLURM_LOCALID/SLURM_NTASKS, read when torchrun's are absent (as OpenCLIP does); the rendezvous is then
+    MASTER_ADDR/MASTER_PORT, which the sbatch script exports: without them, one ValueError line."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return ("torchrun", int(env["RANK"]), int(env.get("LOCAL_RANK", "0")), int(env["WORLD_SIZE"]),
+                int(env.get("LOCAL_WORLD_SIZE", "1")))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
+        if missing:
+            raise ValueError(f"SLURM started {env['SLURM_NTASKS']} tasks but {' and '.join(missing)} "
+                             f"{'are' if len(missing) > 1 else 'is'} not set: export the rendezvous in the sbatch script "
+                             f"(README, \"On a cluster\")")
+        world = int(env["SLURM_NTASKS"])
+        per_node = int(re.match(r"\d*", env.get("SLURM_NTASKS_PER_NODE", "")).group() or
+                       world // int(env.get("SLURM_NNODES", "1")))
+        return "slurm", int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", "0")), world, per_node
+    return None, 0, 0, 1, 1
+
+
 def setup_distributed():
-    """One code path for CPU, one GPU and torchrun (which sets RANK/LOCAL_RANK/WORLD_SIZE): (ddp, rank, world, device)."""
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
-    device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    """One code path for CPU, one GPU, torchrun and SLURM's srun: (ddp, rank, world, device). Rank 0 prints the
+    launcher it saw; under DDP every rank watches the others (PeerWatch)."""
+    global PEERS
+    launcher, rank, local_rank, world, local_world = launch_env(os.environ)
+    if launcher == "slurm":  # what init_process_group("env://"), device_defaults and the loader read
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
+                          LOCAL_WORLD_SIZE=str(local_world))
+    ddp = world > 1
+    if rank == 0 and launcher is not None:  # (a plain `python train.py` has nothing to say here)
+        where = f", rendezvous {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}" if ddp else ""
+        print(f"launcher: {LAUNCHERS[launcher]}, {world} process{'es' * ddp}{where}", flush=True)
+    # modulo: srun --gpus-per-task shows each task only its own GPU, as cuda:0
+    device = f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     if ddp:  # device_id binds NCCL to this GPU at once; the timeout outlasts rank 0's work alone (PG_TIMEOUT)
         extra = {"device_id": torch.device(device)} if device.startswith("cuda") else {}
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=PG_TIMEOUT, **extra)
+        PEERS = PeerWatch(rank, world, [0] if launcher == "slurm" else list(range(local_world)))
     return ddp, rank, world, device
+
+
+# A rank that stops (killed, out of memory, its node lost) must not leave the others waiting PG_TIMEOUT. Every rank
+# bumps a counter in the rendezvous store each HEARTBEAT_S from a thread, which beats on while the main thread
+# waits in a collective or evaluates. When a collective fails (a dead rank's connections close at once), the ranks
+# whose counter stood still for PEER_EXIT_S are the dead ones; when none fails (a hung rank, a node gone silent),
+# the next rank's counter standing still for PEER_SILENT_S names it. Either way every other rank prints one line
+# naming it and exits (1) within that time, after the checkpoint being written (if any) is complete.
+HEARTBEAT_S, PEER_EXIT_S, PEER_SILENT_S = 0.5, 5.0, 60.0
+PEERS = None  # this process's PeerWatch under DDP
+
+
+class PeerWatch:
+    """This rank's heartbeat in the rendezvous store and its watch on the other ranks. The store lives with
+    `store_ranks`: under torchrun (static rendezvous, --master_addr) node 0's agent hosts it and goes when one of
+    node 0's ranks fails; under SLURM rank 0 hosts it. So when the store stops answering, those are the ranks named. `finish` runs before exiting (rank 0 sets it
+    to wait for its checkpoint writer)."""
+
+    def __init__(self, rank, world, store_ranks=(0,), silent_s=PEER_SILENT_S, exit_s=PEER_EXIT_S):
+        self.rank, self.world, self.silent_s, self.exit_s = rank, world, silent_s, exit_s
+        self.store_ranks = list(store_ranks)
+        self.addr = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                   timeout=datetime.timedelta(seconds=silent_s), wait_for_workers=False)
+        launch = [uuid.uuid4().hex]  # keys of this launch only: torchrun's store outlives a --max-restarts restart
+        dist.broadcast_object_list(launch, src=0)
+        self.key = lambda name, r: f"clip-peers/{launch[0]}/{name}{r}"
+        self.store.set(self.key("host", rank), socket.gethostname())
+        self.store.add(self.key("beat", rank), 1)
+        self.finish, self.exiting, self.closed = (lambda: None), threading.Lock(), threading.Event()
+        threading.Thread(target=self.beat, daemon=True, name="peer-watch").start()
+        sys.excepthook = self.excepthook  # an exception that ends main() asks the store first (excepthook below)
+
+    def count(self, r):
+        return self.store.add(self.key("beat", r), 0)  # rank r's heartbeats so far
+
+    def beat(self):
+        """The thread: beat, exit when another rank named a stopped one, watch the next rank for PEER_SILENT_S."""
+        watched, last, since = (self.rank + 1) % self.world, None, time.monotonic()
+        while not self.closed.wait(HEARTBEAT_S):
+            try:
+                self.store.add(self.key("beat", self.rank), 1)
+                if self.store.check([self.key("stopped", "")]):
+                    self.exit(self.store.get(self.key("stopped", "")).decode())
+                now = self.count(watched)
+                if now != last:
+                    last, since = now, time.monotonic()
+                elif time.monotonic() - since > self.silent_s:
+                    self.stop([watched], f"no heartbeat for {self.silent_s:.0f} s")
+            except Exception as e:  # the store itself stopped answering: its host is gone
+                if not self.closed.is_set():
+                    self.exit(self.store_gone(e))
+
+    def excepthook(self, kind, error, tb):
+        """An exception ended main(). When it came from peers that stopped (their counters stand still for
+        PEER_EXIT_S), one line naming them instead of the collective's traceback; else this rank's own error."""
+        if issubclass(kind, Exception) and not self.closed.is_set():
+            first = (str(error).strip().splitlines() or [""])[0]  # gloo's: "[.../pair.cc:537] Read error ... . This is..."
+            why = kind.__name__ + ": " + re.sub(r"^\[[^]]*\] *", "", first).split(". ")[0][:200]
+            try:
+                before = [self.count(r) for r in range(self.world)]
+                time.sleep(self.exit_s)
+                after = [self.count(r) for r in range(self.world)]
+            except Exception as e:
+                self.exit(f"{self.store_gone(e)}; here: {why}")
+            stopped = [r for r in range(self.world) if r != self.rank and before[r] == after[r]]
+            if stopped:
+                self.stop(stopped, why)
+        sys.__excepthook__(kind, error, tb)
+
+    def stop(self, ranks, why):
+        """Name the stopped ranks to every rank (through the store), then exit."""
+        hosts = [self.store.get(self.key("host", r)).decode() for r in ranks]
+        line = (f"rank{'s' * (len(ranks) > 1)} {', '.join(f'{r} (on {h})' for r, h in zip(ranks, hosts))} stopped "
+                f"({why})")
+        self.store.set(self.key("stopped", ""), line)
+        self.exit(line)
+
+    def store_gone(self, e):
+        r = self.store_ranks
+        who = f"rank {r[0]}" if len(r) == 1 else f"one of node 0's ranks {r[0]}-{r[-1]}, or node 0 itself,"
+        return (f"{who} stopped (the rendezvous store at {self.addr}, which ends with {'it' if len(r) == 1 else 'them'}, "
+                f"stopped answering: {type(e).__name__})")
+
+    def exit(self, line):
+        """One line on stderr, the checkpoint being written completed, then exit at once: a collective stuck on a
+        dead peer cannot be unwound, and the process group's teardown would only add gloo's own errors."""
+        if not self.exiting.acquire(blocking=False):
+            time.sleep(3600)  # another thread of this process is already exiting
+        print(f"error: {line}; rank {self.rank} exits. Checkpoints written so far are kept: relaunch the same command "
+              f"(with --resume auto) to continue", file=sys.stderr, flush=True)
+        try:
+            self.finish()
+        finally:
+            os._exit(1)
+
+    def close(self):
+        """The run ended on every rank (the barrier; the watch still runs while it waits): stop watching, so that a
+        rank leaving (under SLURM rank 0 hosts the store) is no failure."""
+        dist.barrier()
+        self.closed.set()
 
 
 def device_defaults(args, device):
@@ -644,7 +782,7 @@ def claim_folders(out_dir, log_dir, resume, overwrite):
     if resume is not None:
         return [], f"{out_dir} holds another run ({earlier}); --resume {resume} would mix the two: use another --run_name"
     if not overwrite:
-        again = "continue it with --resume latest, " if "checkpoints" in earlier else ""
+        again = "continue it with --resume latest (or --resume auto), " if "checkpoints" in earlier else ""
         return [], (f"{out_dir} already holds a run ({earlier}): {again}give this run another --run_name, or start "
                     f"over with --overwrite (the earlier run is moved aside, not deleted)")
     stamp, moved = time.strftime("%Y%m%d-%H%M%S"), []
@@ -655,7 +793,7 @@ def claim_folders(out_dir, log_dir, resume, overwrite):
                 aside, i = f"{folder}.old-{stamp}-{i}", i + 1
             os.rename(folder, aside)
             moved.append(aside)
-    print(f"--overwrite: moved the earlier run aside to {' and '.join(moved)}")
+    print(f"moved the earlier run aside (not deleted) to {' and '.join(moved)}")
     return claim_folders(out_dir, log_dir, resume, overwrite=False)
 
 
@@ -764,6 +902,15 @@ def load_teacher(args, data, index, tokenizer, device):
 def load_resume(args, out_dir, config, world, data, fingerprint):
     """The --resume checkpoint, after the checks that make a resume exact (else a one-line ValueError)."""
     path = cm.resolve(args.resume, out_dir)
+    if dist.is_initialized():  # every rank continues from rank 0's pick (a shared folder can lag on other nodes)
+        picked = [path]
+        dist.broadcast_object_list(picked, src=0)
+        path = picked[0]
+    if args.resume == "auto" and (not dist.is_initialized() or dist.get_rank() == 0):
+        where = f"continuing from {path}" if path else f"no checkpoint in {os.path.join(out_dir, 'ckpt')}, starting fresh"
+        print(f"--resume auto: {where}")
+    if path is None:
+        return None
     ckpt = cm.load(path, map_location="cpu")
     why = check_resume(ckpt, path, args, world)
     if why is None and ckpt["config"] != config.to_dict():
@@ -779,7 +926,9 @@ def data_change(saved, now, path, data):
     """None, or the line saying that the checkpoint was trained on other data than --data (dataloader.data_fingerprint)."""
     words = {"shards": "shard names", "shard_sizes": "samples per shard", "bytes": "shard sizes in bytes",
              "source_sha256": "prep's source fingerprint"}
-    differ = [w for k, w in words.items() if saved.get(k) != now.get(k)]
+    url = None in (saved.get("bytes"), now.get("bytes"))  # shards at a URL: neither their bytes nor prep's state is known
+    unknown = lambda k: url and k in ("bytes", "source_sha256")
+    differ = [w for k, w in words.items() if saved.get(k) != now.get(k) and not unknown(k)]
     if not differ:
         return None
     count = lambda fp: f"{len(fp['shards'])} shard(s)" + (f" of {sum(fp['shard_sizes'])} samples" if fp.get("shard_sizes") else "")
@@ -832,10 +981,15 @@ def run(argv, held):
     args = parser.parse_args(argv)
     validate(parser, args)
     # processes and devices; what the machine decides (bf16 and compile on CUDA, loader workers from the cores)
-    ddp, rank, world, device = setup_distributed()
+    try:
+        ddp, rank, world, device = setup_distributed()
+    except ValueError as e:  # SLURM without a rendezvous
+        parser.error(str(e))
     master, cuda, quiet = rank == 0, device.startswith("cuda"), args.quiet or rank != 0
 
     def fail(msg):  # after the processes started: one line from rank 0, exit 2 everywhere
+        if PEERS is not None:  # every rank is leaving: none of them is a failure to name
+            PEERS.closed.set()
         if master:
             parser.error(msg)
         sys.exit(2)
@@ -878,7 +1032,11 @@ def run(argv, held):
     # this run's folders, before anything is written: writable, locked while it runs, holding no other run (rank 0 decides)
     why = None
     if master:
-        locks, why = claim_folders(out_dir, log_dir, args.resume, args.overwrite)
+        # --resume auto: as latest when it found a checkpoint; else a fresh start that moves a run killed before its
+        # first checkpoint aside (never deleted), so a scheduler's relaunch is not refused
+        fresh = args.resume == "auto" and ckpt is None
+        resume = None if fresh else "latest" if args.resume == "auto" else args.resume
+        locks, why = claim_folders(out_dir, log_dir, resume, args.overwrite or fresh)
         held.append(lambda: [release_lock(lock) for lock in locks])
     if ddp:
         box = [why]
@@ -908,6 +1066,8 @@ def run(argv, held):
 
     manager = cm.CheckpointManager(out_dir, keep=args.keep) if master else None
     held.append(lambda: manager and manager.wait())  # on any way out, a checkpoint being written is finished
+    if ddp and master:  # a peer that stops while a checkpoint is being written: the write is completed first
+        PEERS.finish = manager.wait
     logger = Logger(log_dir, config={"args": vars(args), "model": config.to_dict(), "world_size": world},
                     resume_step=step if ckpt is not None else None, total_steps=total_steps,
                     print_every=args.log_every, quiet=args.quiet, enabled=master)
@@ -1073,6 +1233,7 @@ def cleanup(loader, logger, bar, ddp, manager=None):
     if bar is not None:
         bar.close()
     if ddp:
+        PEERS.close()
         dist.destroy_process_group()
 
 

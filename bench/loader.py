@@ -5,6 +5,9 @@ anchors measured in the same run on the same shards with the same worker count:
       batched and tokenized in the workers of a torch DataLoader;
   (c) a bare PIL decode loop over the same JPEG bytes in one process, the ceiling for one worker; ShardLoader
       with one worker is measured against it (and num_workers=0, one worker's work free of core contention).
+(d) the same shards from a local HTTP server (python -m http.server, another process) against disk, both in windows
+    of one shard so the URL loader's cache downloads, reads and deletes each shard in turn: target >= 0.9 of disk,
+    with the cache's peak disk use.
 Also: the main process's cost per 1,024-sample batch (CPU time of the receiving thread + the training loop's
 wait when the workers are ahead; pinning is added on a CUDA box), each worker's peak RSS, and the cores needed
 to feed 5,600 samples/s (an H100 step at the seed preset) at the measured per-worker rate.
@@ -28,9 +31,12 @@ import multiprocessing
 import os
 import platform
 import resource
+import socket
+import subprocess
 import sys
 import tarfile
 import time
+import urllib.request
 
 import numpy as np
 import torch
@@ -42,7 +48,7 @@ sys.path.insert(0, ROOT)
 from dataloader import ShardLoader  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
-RATIO_TARGET, PER_WORKER_TARGET, MAIN_MS_TARGET, FEED_RATE = 1.2, 0.9, 15.0, 5600
+RATIO_TARGET, PER_WORKER_TARGET, MAIN_MS_TARGET, FEED_RATE, URL_TARGET = 1.2, 0.9, 15.0, 5600, 0.9
 WORDS = "a red green blue small large cube sphere dog cat photo of on the in near with beach forest city".split()
 
 
@@ -159,6 +165,23 @@ def bare_decode(path, limit):
     return len(jpegs) / (time.perf_counter() - t0)
 
 
+def http_server(path):
+    """`python -m http.server` serving path, in its own process (as a real server would be): (process, URL)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
+                               path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url + "/index.json", timeout=1).read()
+            return server, url
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("the HTTP server did not start")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=2)
@@ -186,8 +209,10 @@ def main():
               "  python3 -m venv bench/.venv-anchors && bench/.venv-anchors/bin/pip install torch==2.14.1 "
               "torchvision==0.29.1 open_clip_torch webdataset -r requirements.txt\n  bench/.venv-anchors/bin/python bench/loader.py")
     # best of --repeats, interleaved, so a burst of load from other processes hits every contender alike
-    bare = single = one_worker = ours = wds_rate = 0.0
-    our_mem = wds_mem = []
+    bare = single = one_worker = ours = wds_rate = disk1 = url1 = 0.0
+    our_mem = wds_mem = url_mem = []
+    server, url = http_server(path)
+    url_peak, url_bound = 0, None
     for _ in range(args.repeats):
         bare = max(bare, bare_decode(path, 500))
         one = ShardLoader(path, "train", batch_size=args.batch, num_workers=0, tokenizer=tok)  # one worker's work
@@ -202,7 +227,17 @@ def main():
         if have_wds:
             rate, wds_mem = webdataset_anchor(path, tok, args.batch, args.workers, args.quiet)
             wds_rate = max(wds_rate, rate)
+        # (d) windows of one shard, from disk and from the HTTP server
+        loader = ShardLoader(path, "train", batch_size=args.batch, num_workers=args.workers, tokenizer=tok, shuffle_shards=1)
+        disk1 = max(disk1, timed(loader, len(loader), args.quiet, "ShardLoader, disk, 1-shard windows")[0])
+        loader.close()
+        loader = ShardLoader(url, "train", batch_size=args.batch, num_workers=args.workers, tokenizer=tok, shuffle_shards=1)
+        rate, url_mem = timed(loader, len(loader), args.quiet, "ShardLoader, HTTP, 1-shard windows")
+        url1, url_peak, url_bound = max(url1, rate), max(url_peak, loader.remote.peak_bytes), loader.remote.bound
+        loader.close()
+    server.terminate()
     wds_rate = wds_rate if have_wds else None
+    shard_mib = os.path.getsize(os.path.join(path, "train-000000.tar")) / 2 ** 20
 
     per_worker = ours / (args.workers * bare)
     take_ms, free_ms = main_thread_cost(path, tok, 1024, args.workers)  # 1,024-sample batches: the seed preset's
@@ -215,6 +250,11 @@ def main():
     if wds_rate is not None:
         print(f"webdataset, {args.workers} workers     : {wds_rate:8.0f} samples/s  workers: {fmt(wds_mem)}")
         print(f"ours / webdataset          : {ours / wds_rate:8.2f}  (target >= {RATIO_TARGET})")
+    print(f"disk, 1-shard windows      : {disk1:8.0f} samples/s")
+    print(f"HTTP, 1-shard windows      : {url1:8.0f} samples/s  workers: {fmt(url_mem)}")
+    print(f"HTTP / disk                : {url1 / disk1:8.2f}  (target >= {URL_TARGET}); the cache's peak disk use "
+          f"{url_peak / 2 ** 20:.0f} MiB = {url_peak / 2 ** 20 / shard_mib:.1f} shards of {shard_mib:.0f} MiB "
+          f"(bound {url_bound} shards)")
     print(f"ShardLoader, 1 worker      : {one_worker:8.0f} samples/s  (1 worker / bare {one_worker / bare:.2f}, "
           f"target >= {PER_WORKER_TARGET})")
     print(f"ours / (workers x bare)    : {per_worker:8.2f}  ({os.cpu_count()} cores, the main process shares them)")
@@ -236,6 +276,12 @@ def main():
            "main_release_ms_per_1024_batch": round(free_ms, 2),
            "pinned": torch.cuda.is_available(), f"cores_for_{FEED_RATE}_per_s": round(cores, 1),
            "ours_worker_peak_rss_mib": [round(h) for h, _ in our_mem],
+           "disk_1shard_windows_samples_per_s": round(disk1, 1), "http_1shard_windows_samples_per_s": round(url1, 1),
+           "http_vs_disk": round(url1 / disk1, 3), "http_cache_peak_mib": round(url_peak / 2 ** 20, 1),
+           "http_cache_bound_shards": url_bound, "shard_mib": round(shard_mib, 1),
+           "http_worker_peak_rss_mib": [round(h) for h, _ in url_mem],
+           "http_worker_private_mib": [round(p) for _, p in url_mem],
+           "ours_worker_private_mib": [round(p) for _, p in our_mem],
            "webdataset_worker_peak_rss_mib": [round(h) for h, _ in wds_mem]}
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
     with open(os.path.join(ROOT, "bench", "results", "loader.jsonl"), "a") as f:
