@@ -209,7 +209,7 @@ def test_a_second_run_into_the_same_folder_is_refused_and_loses_nothing(synth, t
     assert train.main(argv(synth, tmp_path, "a", "--stop_at", "3", "--overwrite")) == 0
     out = capsys.readouterr().out
     moved = [d for d in os.listdir(tmp_path / "out") if d.startswith("a.old-")]
-    assert len(moved) == 1 and f"moved the earlier run aside to {tmp_path / 'out' / moved[0]} and " \
+    assert len(moved) == 1 and f"moved the earlier run aside (not deleted) to {tmp_path / 'out' / moved[0]} and " \
                                f"{tmp_path / 'logs' / moved[0]}" in out
     assert sorted(os.listdir(tmp_path / "out" / moved[0] / "ckpt")) == before[0]
     assert lines(tmp_path / "logs" / moved[0] / "metrics.jsonl") == before[1]
