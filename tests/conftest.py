@@ -1,4 +1,7 @@
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -20,3 +23,33 @@ def synth(tmp_path_factory):
     prep_dataset.main(["synthetic", "--out", str(out), "--num_train", "512", "--num_val", "128",
                        "--img_size", "32", "--shard_size", "256", "--workers", "1", "--quiet"])
     return str(out)
+
+
+# ----------------------------------------------------------------------------- train.py runs, for the test files
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train_argv(data, tmp, run="r", *extra, quiet=True, **flags):
+    """train.py's argv for a short micro run on `data`, writing under tmp/out and tmp/logs/<run>: batch 32, one
+    epoch, no loader workers, no mid-run eval. flags (name=value) replace those values or add options; extra goes
+    last, as given (argparse: the last of a repeated option wins)."""
+    opts = {"preset": "micro", "batch": 32, "epochs": 1, "max_lr": 3e-3, "workers": 0, "eval_every": 0,
+            "ckpt_every": 5, **flags}
+    return (["--data", str(data), *(x for k, v in opts.items() for x in (f"--{k}", str(v)))]
+            + ["--out", str(tmp / "out"), "--log_dir", str(tmp / "logs"), "--run_name", run]
+            + (["--quiet"] if quiet else []) + list(extra))
+
+
+def metrics(tmp, run, split=None):
+    """The records of tmp/logs/<run>/metrics.jsonl, or those of one split."""
+    with open(tmp / "logs" / run / "metrics.jsonl") as f:
+        return [r for r in map(json.loads, f) if split in (None, r["split"])]
+
+
+def usage_error(argv, script="train.py"):
+    """Run a script as a user does; it must refuse with exit 2 and no traceback -> its stderr (the one line)."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    return r.stderr

@@ -21,16 +21,11 @@ import dataloader
 import eval_zeroshot
 import logger
 import train
+from conftest import train_argv as argv  # its defaults are this file's runs
 from dataloader import atomic_write, read_index, save_json, write_tar
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # (HF_*_OFFLINE come from conftest's os.environ)
-
-
-def argv(data, tmp, run="r", *extra):
-    return ["--data", data, "--preset", "micro", "--batch", "32", "--epochs", "1", "--max_lr", "3e-3",
-            "--workers", "0", "--eval_every", "0", "--ckpt_every", "5", "--out", str(tmp / "out"),
-            "--log_dir", str(tmp / "logs"), "--run_name", run, "--quiet", *extra]
 
 
 def lines(path):
