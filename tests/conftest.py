@@ -47,6 +47,26 @@ def metrics(tmp, run, split=None):
         return [r for r in map(json.loads, f) if split in (None, r["split"])]
 
 
+def gloo_ranks(tmp, body, world_size=2):
+    """Run `body` (Python source; `train`, `rank` and `dist` are defined) in world_size processes joined in a gloo
+    group (a file store under tmp) -> each rank's stdout; every process must exit 0."""
+    script = f"""
+import os, signal, sys
+import torch.distributed as dist
+sys.path.insert(0, {ROOT!r})
+import train
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="file://{tmp / 'store'}", rank=rank, world_size={world_size})
+{body}
+dist.destroy_process_group()  # exiting with the group alive can abort in gloo's teardown ("terminate called ...")
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(r)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for r in range(world_size)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * world_size
+    return outs
+
+
 def usage_error(argv, script="train.py"):
     """Run a script as a user does; it must refuse with exit 2 and no traceback -> its stderr (the one line)."""
     r = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], cwd=ROOT, capture_output=True, text=True,

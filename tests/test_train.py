@@ -14,7 +14,7 @@ import torch
 import checkpoint_manager as cm
 import clip
 import train
-from conftest import metrics, usage_error
+from conftest import gloo_ranks, metrics, usage_error
 from conftest import train_argv as argv  # its defaults are this file's runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -351,20 +351,10 @@ def test_compiled_ddp_ignores_distill_proj_by_its_compiled_name(tmp_path):
 
 def test_a_node_that_does_not_see_the_checkpoint_folder_is_named(tmp_path):
     """Two gloo processes whose --out folders differ, as on two nodes without a shared filesystem."""
-    script = f"""
-import os, sys, torch.distributed as dist
-sys.path.insert(0, {ROOT!r})
-import train
-rank = int(sys.argv[1])
-dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=rank, world_size=2)
+    outs = gloo_ranks(tmp_path, f"""
 print(train.unshared_ranks(os.path.join({str(tmp_path)!r}, "node" + str(rank)), rank, 2))
-print(train.unshared_ranks({str(tmp_path / 'shared')!r}, rank, 2))
-dist.destroy_process_group()  # exiting with the group alive can abort in gloo's teardown ("terminate called ...")
-"""
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(r)], stdout=subprocess.PIPE, text=True) for r in (0, 1)]
-    outs = [p.communicate(timeout=120)[0].split("\n") for p in procs]
-    assert all(p.returncode == 0 for p in procs)
-    assert outs[0][:2] == ["[1]", "[]"] and outs[1][:2] == ["[1]", "[]"]
+print(train.unshared_ranks({str(tmp_path / 'shared')!r}, rank, 2))""")
+    assert [o.split("\n")[:2] for o in outs] == [["[1]", "[]"]] * 2
     assert os.listdir(tmp_path / "shared") == []  # the probe file is removed
 
 
