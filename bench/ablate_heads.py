@@ -37,7 +37,8 @@ METRICS = ["zeroshot_top1_seen", "zeroshot_top1_heldout", "i2t_R@1", "t2i_R@1", 
 def get_parser():
     p = common.parser(__doc__)
     a = p.add_argument
-    a("--data", default=os.path.join(common.ROOT, "data", "syn32"), help="labelled synthetic shard set (default: %(default)s)")
+    a("--data", default=os.path.join(common.ROOT, "data", "syn32"),
+      help="labelled synthetic shard set (default: %(default)s)")
     a("--preset", default="tiny", help="model preset (default: %(default)s)")
     a("--batch", type=int, default=64, help="batch per step (default: %(default)s)")
     a("--steps", type=int, default=150, help="optimizer steps per run (default: %(default)s)")
@@ -58,7 +59,7 @@ def run_one(args, head, mode, epochs):
             "--max_lr", str(args.max_lr), "--seed", str(args.seed), "--workers", "0", "--eval_every", "0",
             "--ckpt_every", str(10 ** 9), "--out", os.path.join(args.work, "out"),
             "--log_dir", os.path.join(args.work, "logs"), "--run_name", name, "--head", head, "--head_mode", mode,
-            "--overwrite"] + (["--quiet"] if args.quiet else [])  # --overwrite: an earlier run of this name is moved aside
+            "--overwrite"] + (["--quiet"] if args.quiet else [])  # --overwrite: an earlier run is moved aside
     t0 = time.time()
     common.run_train(argv, args.quiet)
     return read_run(args, name, time.time() - t0)

@@ -197,8 +197,8 @@ def main(argv=None):
             f"interleaved rounds")
     body = []
     for r in rows:
-        cost = ([f"{r['trainable_params']:,}", f"{r['params_vs_full']:.3f}", f"{r['step_s']:.3f}", f"{r['step_vs_full']:.2f}"]
-                if "step_s" in r else ["–"] * 4)  # the starting point: nothing fine-tuned
+        cost = ([f"{r['trainable_params']:,}", f"{r['params_vs_full']:.3f}", f"{r['step_s']:.3f}",
+                 f"{r['step_vs_full']:.2f}"] if "step_s" in r else ["–"] * 4)  # the start: nothing fine-tuned
         body.append([r["method"], f"{r['old_top1']:.1f}", f"{r['new_top1']:.1f}", f"{r['heldout_top1']:.1f}",
                      f"{r['all_top1']:.1f}", *cost])
     lines = common.md_table(["method", "old colours", "new colours", "held-out", "all", "trainable params", "vs full",

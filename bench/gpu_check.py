@@ -376,8 +376,8 @@ def main():
     results = {k: results[k] for k in order}
     a = results["step256"]
     consume = a.get("samples_per_s") if "failed" not in a and "skipped" not in a else None
-    rec = {**common.machine("time", "host"), "device": device, **common.machine("torch", "cpus"), "smoke": args.smoke, "wall_s": round(time.time() - t_start, 1),
-           "results": results}
+    rec = {**common.machine("time", "host"), "device": device, **common.machine("torch", "cpus"), "smoke": args.smoke,
+           "wall_s": round(time.time() - t_start, 1), "results": results}
     out = args.out or (None if args.smoke else os.path.join(common.RESULTS, "gpu.jsonl"))
     if out:
         common.append_jsonl(out, rec)

@@ -160,8 +160,9 @@ def main():
     rows, t_mine = {m: [] for m in args.modes}, []
     for seed in args.seeds:
         flags = ["--preset", args.preset, "--batch", str(args.batch), "--seed", str(seed), "--epochs",
-                  str(common.epochs_for(args.steps, args.num_train // args.batch)), "--max_lr", str(args.lr), "--workers", str(args.workers), "--eval_every",
-                  "0", "--ckpt_every", "100000", "--out", out, "--log_dir", logs, "--quiet"]
+                 str(common.epochs_for(args.steps, args.num_train // args.batch)), "--max_lr", str(args.lr),
+                 "--workers", str(args.workers), "--eval_every", "0", "--ckpt_every", "100000", "--out", out,
+                 "--log_dir", logs, "--quiet"]
         mined_data = os.path.join(args.work, f"data_mined_{seed}")
         for mode in args.modes:
             name = f"{mode}-s{seed}"
@@ -179,12 +180,13 @@ def main():
                 t_mine.append(time.time() - t0)
             print(f"seed {seed}: --hard_negatives {mode}, {args.steps} steps", flush=True)
             data = mined_data if mode in ("mined", "both") else base
-            common.run_train(["--data", data, "--run_name", name, "--hard_negatives", mode, *flags], args.quiet, plots=False)
+            common.run_train(["--data", data, "--run_name", name, "--hard_negatives", mode, *flags], args.quiet,
+                             plots=False)
             r = results(logs, name, args.batch)
             rows[mode].append(r)
             print("  " + ", ".join(f"{k} {v:.3f}" for k, v in r.items() if v is not None), flush=True)
-            common.append_jsonl(jsonl, {**common.machine("time", "host"), "mode": mode, "seed": seed, "steps": args.steps,
-                                        "batch": args.batch, "preset": args.preset, "k": args.k,
+            common.append_jsonl(jsonl, {**common.machine("time", "host"), "mode": mode, "seed": seed,
+                                        "steps": args.steps, "batch": args.batch, "preset": args.preset, "k": args.k,
                                         "num_train": args.num_train, **common.machine("threads", "load"), **r})
             report(args, jsonl, t_mine, t_all, load0)  # after every run: a cut-off benchmark keeps its finished rows
         shutil.rmtree(mined_data, ignore_errors=True)

@@ -113,7 +113,8 @@ def main(argv=None):
     print(f"\nlong-caption i2t R@1: --long {long_r1:.3f} vs base {base_r1:.3f} (anchor): ratio {ratio:.2f}x "
           f"[{wall:.0f}s total]")
 
-    record = {"bench": "longclip", **common.machine("time", "host", "torch", "threads"), "data": os.path.basename(args.data),
+    record = {"bench": "longclip", **common.machine("time", "host", "torch", "threads"),
+              "data": os.path.basename(args.data),
               "preset": args.preset, "batch": args.batch, "base_epochs": args.base_epochs, "ft_epochs": args.ft_epochs,
               "base_lr": args.base_lr, "ft_lr": args.ft_lr, "base_ctx": base_ctx, "long_ctx": long_ctx,
               "long_tokens": {"min": int(lengths.min()), "median": float(lengths.double().median()),
@@ -123,7 +124,8 @@ def main(argv=None):
     if not args.no_write:
         common.append_jsonl(os.path.join(common.RESULTS, "longclip.jsonl"), record)
         header = (f"# Long-CLIP fine-tuning on {os.path.basename(args.data)} ({args.preset} preset)\n\n"
-                  f"`{common.command(argv)}` — {record['time']}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+                  f"`{common.command(argv)}` — {record['time']}, torch {torch.__version__}, "
+                  f"{torch.get_num_threads()} threads, "
                   f"{wall:.0f}s. Base: {args.base_epochs} epoch at lr {args.base_lr}; each fine-tune: "
                   f"{args.ft_epochs} epoch at lr {args.ft_lr}, batch {args.batch}. Val split, R@1.\n\n")
         common.write_text(os.path.join(common.RESULTS, "longclip.md"),

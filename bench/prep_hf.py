@@ -69,9 +69,9 @@ def make_data(root, n):
 
 
 def run(args, source, src, out, *extra):
-    cmd = [sys.executable, os.path.join(common.ROOT, "prep_dataset.py"), source, "--src" if source == "folder" else "--name",
-           src, "--out", out, "--img_size", "32", "--vocab_size", "1024", "--workers", str(args.workers), "--quiet",
-           "--overwrite", *extra]
+    cmd = [sys.executable, os.path.join(common.ROOT, "prep_dataset.py"), source,
+           "--src" if source == "folder" else "--name", src, "--out", out, "--img_size", "32", "--vocab_size", "1024",
+           "--workers", str(args.workers), "--quiet", "--overwrite", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     res = subprocess.run([sys.executable, "-c", TIMED, *cmd], env=env, cwd=common.ROOT, capture_output=True, text=True)
     rc, wall, cpu, rss = res.stdout.strip().splitlines()[-1].split()

@@ -219,7 +219,8 @@ def report(path_jsonl, path_md):
 def main(argv=None):
     p = common.parser(__doc__)
     p.add_argument("--sets", nargs="+", choices=("digits", "synthetic"), default=["digits", "synthetic"])
-    p.add_argument("--rows", nargs="+", default=["old", "new"], help=f"'all', 'old', 'new' or names: {list(ROWS)}")
+    p.add_argument("--rows", nargs="+", default=["old", "new"],
+                   help=f"'all', 'old', 'new' or names: {list(ROWS)}".replace("%", "%%"))  # "warmup 10%" in --help
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=625, help="optimizer steps per run (equal for every row; 625: 16 "
                    "epochs of the 5,000 digits at batch 128, as in issue 15)")

@@ -202,7 +202,8 @@ def main():
 
     flops = clip.estimate_flops_per_sample(config)
     sps = {n: batch / statistics.median(t) for n, t in times.items()}
-    rec = {**common.machine("time", "host", "cpus", "threads"), "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+    rec = {**common.machine("time", "host", "cpus", "threads"),
+           "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
            "preset": args.preset, "batch": batch, "steps": steps, "warmup": args.warmup, "precision": args.precision,
            "compile": args.compile, "torch": torch.__version__,
            "open_clip": getattr(open_clip, "__version__", None), "params": ours.num_params(),

@@ -236,8 +236,9 @@ def report(path):
                 c = [loss[("clip", batch, s)]["zeroshot_top1"] for s in seeds]
                 g = [loss[(variant, batch, s)]["zeroshot_top1"] for s in seeds]
                 wins = sum(y >= x for x, y in zip(c, g))
+                gain = 100 * (statistics.mean(g) - statistics.mean(c))
                 body.append([batch, variant, len(seeds), pct(statistics.mean(g)), pct(statistics.mean(c)),
-                             f"{100 * (statistics.mean(g) - statistics.mean(c)):+.1f}", f"{wins} of {len(seeds)} seeds"])
+                             f"{gain:+.1f}", f"{wins} of {len(seeds)} seeds"])
         lines += ["", *common.md_table(["batch", "loss", "seeds", "zero-shot % (mean)", "clip zero-shot % (mean)",
                                         "minus clip (points)", ">= clip on"], body, "rlrrrrl")]
         lines += ["- in final t / b / steps at collapse: not recorded by the runs that predate those fields.", ""]
@@ -269,7 +270,8 @@ def report(path):
                   *common.md_table(["--grad_ckpt", "saved activations (MiB)", "forward + backward s (median)", "min"],
                                    [[name, f"{r['saved_bytes'] / 2 ** 20:.1f}", f"{r['s_fwd_bwd_median']:.2f}",
                                      f"{r['s_fwd_bwd_min']:.2f}"] for name, r in (("off", off), ("on", on))], "lrrr"),
-                  "", f"Saved activation bytes cut by {pct(cut)}% (target >= 60%: {'met' if cut >= 0.6 else 'not met'}); "
+                  "", f"Saved activation bytes cut by {pct(cut)}% (target >= 60%: "
+                  f"{'met' if cut >= 0.6 else 'not met'}); "
                   f"step time x{on['s_fwd_bwd_median'] / off['s_fwd_bwd_median']:.2f} (one extra forward).", ""]
     out = os.path.splitext(path)[0] + ".md"
     kept = ""  # a hand-written reading below this marker survives a regenerated report
