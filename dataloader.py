@@ -71,7 +71,7 @@ from collections import Counter, OrderedDict
 
 import numpy as np
 import torch
-import torch.multiprocessing as tmp
+import torch.multiprocessing as torch_mp
 from PIL import Image, ImageOps
 
 from tokenizer import Tokenizer
@@ -554,13 +554,6 @@ def load_tokenizer(path):
         return Tokenizer.from_dict(d)
     except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a usable tokenizer file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-
-
-def auto_workers(local_world_size=1, cap=16):
-    """Loader processes per rank when --workers is not given: the cores this process may use, shared by the
-    ranks of this machine, minus one for the rank's own main process (at least 1, at most `cap`)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cap, cores // max(1, local_world_size) - 1))
 
 
 # ---------------------------------------------------------------- shard folders at a URL
@@ -1186,14 +1179,14 @@ def worker_loop(make, tasks, results, current):
             results.put((gen, b, None, [traceback.format_exc()], []))
 
 
+# ---------------------------------------------------------------- the loader (main process)
+
 def auto_workers(local_world_size=1, cap=16):
     """Loader processes per rank when --workers is not given: the cores this process may use, shared by the
     ranks of this machine, minus one for the rank's own main process (at least 1, at most `cap`)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(cap, cores // max(1, local_world_size) - 1))
 
-
-# ---------------------------------------------------------------- the loader (main process)
 
 # loaders with live workers, closed at exit before multiprocessing's own exit hook (registered earlier, so run
 # later) would terminate() and join them: the workers ignore SIGTERM, so that join would wait for ever
@@ -1410,7 +1403,7 @@ class ShardLoader:
         self.close()
         # fork where the OS has it (instant, nothing to re-import), else spawn; queues pass tensors through
         # shared memory (torch.multiprocessing), so a batch costs a file descriptor, not a pickled copy
-        ctx = tmp.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        ctx = torch_mp.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
         self.current = ctx.Value("q", self.generation, lock=False)
         for _ in range(self.num_workers):
             tasks, results = ctx.Queue(), ctx.Queue()

@@ -1,5 +1,8 @@
 """
-Image-caption sources -> webdataset shards + index.json + tokenizer.json (the layout in DESIGN.md "Data on disk").
+Image-caption sources -> webdataset shards + index.json + tokenizer.json, all in one folder:
+    data/<name>/index.json                            splits (shard names, sizes, sample counts), img_size, source, ...
+    data/<name>/tokenizer.json                        the BPE trained on the captions (tokenizer.py)
+    data/<name>/train-000000.tar, val-000000.tar ...  the samples: <key>.jpg, <key>.txt, <key>.json each
 
     python prep_dataset.py synthetic --out data/synthetic                  # 20k/2k procedurally drawn 64 px images
     python prep_dataset.py text-to-image-2m --out data/t2i --limit 100000  # jackyhate/text-to-image-2M, streamed

@@ -19,39 +19,34 @@ step (the fastest step of each run) is the best it can be, not a clean measureme
 Runs write checkpoints and logs under --work (default /tmp/ablate_heads); the data directory is only read.
 """
 
-import argparse
-import contextlib
-import io
 import json
 import math
 import os
-import platform
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import clip  # noqa: E402
-import train  # noqa: E402
-from dataloader import ShardLoader  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
+import common  # first: the repository root goes ahead of bench/ on sys.path
+import clip
+from dataloader import ShardLoader
+from tokenizer import Tokenizer
 
 COMBOS = [("linear", "replace")] + [(h, m) for h in ("simplex", "orthoplex", "cube") for m in ("replace", "after")]
 METRICS = ["zeroshot_top1_seen", "zeroshot_top1_heldout", "i2t_R@1", "t2i_R@1", "loss"]
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p = common.parser(__doc__)
     a = p.add_argument
-    a("--data", default=os.path.join(ROOT, "data", "syn32"), help="labelled synthetic shard set (default: %(default)s)")
+    a("--data", default=os.path.join(common.ROOT, "data", "syn32"),
+      help="labelled synthetic shard set (default: %(default)s)")
     a("--preset", default="tiny", help="model preset (default: %(default)s)")
     a("--batch", type=int, default=64, help="batch per step (default: %(default)s)")
     a("--steps", type=int, default=150, help="optimizer steps per run (default: %(default)s)")
     a("--max_lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
     a("--seed", type=int, default=0, help="(default: %(default)s)")
     a("--work", default="/tmp/ablate_heads", help="checkpoints and logs of the runs (default: %(default)s)")
-    a("--md", default=os.path.join(ROOT, "bench", "results", "heads.md"), help="table (default: %(default)s)")
-    a("--jsonl", default=os.path.join(ROOT, "bench", "results", "heads.jsonl"), help="(default: %(default)s)")
+    a("--md", default=os.path.join(common.RESULTS, "heads.md"), help="table (default: %(default)s)")
+    a("--jsonl", default=os.path.join(common.RESULTS, "heads.jsonl"), help="(default: %(default)s)")
     a("--report", action="store_true", help="no training: rebuild the table and lines from the runs in --work")
     a("--quiet", action="store_true", help="no progress bars")
     return p
@@ -64,27 +59,20 @@ def run_one(args, head, mode, epochs):
             "--max_lr", str(args.max_lr), "--seed", str(args.seed), "--workers", "0", "--eval_every", "0",
             "--ckpt_every", str(10 ** 9), "--out", os.path.join(args.work, "out"),
             "--log_dir", os.path.join(args.work, "logs"), "--run_name", name, "--head", head, "--head_mode", mode,
-            "--overwrite"]  # a fresh run: an earlier one of this name is moved aside
-    quiet = contextlib.redirect_stdout(io.StringIO()) if args.quiet else contextlib.nullcontext()
+            "--overwrite"] + (["--quiet"] if args.quiet else [])  # --overwrite: an earlier run is moved aside
     t0 = time.time()
-    with quiet:
-        code = train.main(argv + (["--quiet"] if args.quiet else []))
-    if code != 0:
-        raise RuntimeError(f"train.py {' '.join(argv)} exited with {code}")
+    common.run_train(argv, args.quiet)
     return read_run(args, name, time.time() - t0)
 
 
 def read_run(args, name, wall=None):
     """A finished run's final val record, fastest step time, last train loss and wall time (from its log)."""
-    with open(os.path.join(args.work, "logs", name, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    steps = [r for r in records if r["split"] == "train"]
-    if len(steps) != args.steps or records[-1]["split"] != "val":
+    steps, val = common.run_log(os.path.join(args.work, "logs"), name)
+    if len(steps) != args.steps or val is None:
         raise RuntimeError(f"{name}: the log in {args.work} has {len(steps)} of {args.steps} steps and no final eval")
-    val = records[-1]
     # the fastest step, as timeit does: on a shared machine the neighbours only ever add time, so the minimum is
     # the head's own cost (the median of a run that shared the cores with another job says more about the job)
-    s_per_step = min(args.batch / r["samples_per_s"] for r in steps)
+    s_per_step = min(common.step_seconds(steps, args.batch))
     return val, s_per_step, [r["loss"] for r in steps], wall if wall is not None else steps[-1]["elapsed_s"]
 
 
@@ -101,7 +89,7 @@ def main(argv=None):
         parser.error(f"--data {args.data} has no classes: zero-shot needs a labelled set (prep_dataset.py synthetic)")
     tok = Tokenizer.load(os.path.join(args.data, "tokenizer.json"))
     batches = len(ShardLoader(args.data, "train", args.batch, tok, 8))  # per epoch (drop_last)
-    epochs = (args.steps - 0.5) / batches  # train.py runs ceil(epochs * batches) = exactly --steps steps
+    epochs = common.epochs_for(args.steps, batches)
     sizes = dict(vocab_size=tok.vocab_size, img_size=index["img_size"])
     print(f"{args.preset} preset on {args.data} ({index['img_size']} px, {index['train']['num_samples']} train / "
           f"{index['val']['num_samples']} val): {args.steps} steps of {args.batch}, max_lr {args.max_lr}, seed {args.seed}")
@@ -110,7 +98,7 @@ def main(argv=None):
     for head, mode in COMBOS:
         row = {"bench": "ablate_heads", "preset": args.preset, "head": head, "head_mode": mode, "steps": args.steps,
                "batch": args.batch, "max_lr": args.max_lr, "seed": args.seed, "data": os.path.basename(args.data),
-               "host": platform.node(), "cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+               **common.machine("host", "cpus", "time")}
         try:
             config = clip.get_config(args.preset, head=head, head_mode=mode, **sizes)
         except ValueError as e:  # the same check train.py turns into its exit-2 error
@@ -142,10 +130,8 @@ def main(argv=None):
               f"t2i {100 * row['t2i_R@1']:.1f}%  {s_per_step:.3f} s/step = {row['step_time_vs_linear']:.2f}x linear "
               f"({wall:.0f} s)", flush=True)
         rows.append(row)
-    os.makedirs(os.path.dirname(args.jsonl) or ".", exist_ok=True)
-    with open(args.jsonl, "a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    for row in rows:
+        common.append_jsonl(args.jsonl, row)
     write_md(args, index, rows, anchor)
     print(f"wrote {args.md} and appended {len(rows)} lines to {args.jsonl}")
     return 0
@@ -164,18 +150,15 @@ def write_md(args, index, rows, anchor):
              "Every run: same seed, data order, schedule (warmup + cosine) and weight decay; only the head differs. "
              "Metrics on the val split after the last step; zero-shot chance is "
              f"{100 / len(index['classes']):.1f}%, R@1 chance {100 / index['val']['num_samples']:.2f}%.",
-             "",
-             "| head | mode | out dim | d | trainable params | val loss | zero-shot seen % | zero-shot held-out % "
-             "| i2t R@1 % | t2i R@1 % | leaves chance at step | s/step | vs linear |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        if r["status"] == "refused":
-            lines.append(f"| {r['head']} | {r['head_mode']} | refused (below) |" + " |" * 10)
-            continue
-        lines.append(f"| {r['head']} | {r['head_mode'] if r['head'] != 'linear' else '-'} | {r['output_dim']} | "
-                     f"{r['polytope_d'] or '-'} | {r['trainable_params']:,} | {r['loss']:.4f} | "
-                     f"{pct(r['zeroshot_top1_seen'])} | {pct(r['zeroshot_top1_heldout'])} | {pct(r['i2t_R@1'])} | "
-                     f"{pct(r['t2i_R@1'])} | {r['leaves_chance_step'] or 'never'} | {r['s_per_step']:.3f} | {r['step_time_vs_linear']:.2f}x |")
+             ""]
+    body = [[r["head"], r["head_mode"], "refused (below)", *[""] * 10] if r["status"] == "refused" else
+            [r["head"], r["head_mode"] if r["head"] != "linear" else "-", r["output_dim"], r["polytope_d"] or "-",
+             f"{r['trainable_params']:,}", f"{r['loss']:.4f}", pct(r["zeroshot_top1_seen"]),
+             pct(r["zeroshot_top1_heldout"]), pct(r["i2t_R@1"]), pct(r["t2i_R@1"]), r["leaves_chance_step"] or "never",
+             f"{r['s_per_step']:.3f}", f"{r['step_time_vs_linear']:.2f}x"] for r in rows]
+    lines += common.md_table(["head", "mode", "out dim", "d", "trainable params", "val loss", "zero-shot seen %",
+                              "zero-shot held-out %", "i2t R@1 %", "t2i R@1 %", "leaves chance at step", "s/step",
+                              "vs linear"], body, "ll" + "r" * 11)
     lines += [f"\n{r['head']} x {r['head_mode']} was not run: the config refuses it (`{r['reason']}`)."
               for r in rows if r["status"] == "refused"]
     after = [r for r in rows if r["status"] == "ok" and r["head_mode"] == "after" and r["head"] != "linear"]
@@ -198,10 +181,7 @@ def write_md(args, index, rows, anchor):
                   "learned width -> d map whose cosines the fixed vertices pass on unchanged. So it changes only the "
                   "width of the shared space (d x width trainable weights per tower instead of embed_dim x width); "
                   "cube, with d = log2(embed_dim), is the one that narrows it a lot."]
-    tmp = args.md + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, args.md)
+    common.write_text(args.md, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ it, and its accuracy() calls float() on a one-element array, an error from numpy
     bench/.venv-cb/bin/python bench/clip_benchmark_parity.py
 """
 
-import argparse
 import datetime
 import io
 import json
@@ -41,9 +40,7 @@ import sys
 import time
 import warnings
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
+import common  # first: the repository root goes ahead of bench/ on sys.path
 import torch  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
@@ -122,14 +119,14 @@ def theirs(model, tokenizer, root, kind, size, batch):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", default=os.path.join(ROOT, "out", "tiny-synthetic", "ckpt", "latest.pt"))
-    p.add_argument("--data", default=os.path.join(ROOT, "data", "synthetic"), help="a labelled shard set")
+    p = common.parser(__doc__)
+    p.add_argument("--ckpt", default=os.path.join(common.ROOT, "out", "tiny-synthetic", "ckpt", "latest.pt"))
+    p.add_argument("--data", default=os.path.join(common.ROOT, "data", "synthetic"), help="a labelled shard set")
     p.add_argument("--split", default="val")
     p.add_argument("--batch", type=int, default=250)
     p.add_argument("--tol", type=float, default=1e-4)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "clip_benchmark_parity.jsonl"))
+    p.add_argument("--out", default=os.path.join(common.ROOT, "bench", "results", "clip_benchmark_parity.jsonl"))
     args = p.parse_args()
     try:
         import clip_benchmark  # noqa: F401
@@ -144,14 +141,14 @@ def main():
     model.eval()
     tokenizer = Tokenizer.from_dict(ckpt["tokenizer"])
     size = model.config.vision.img_size
-    work = os.path.join(ROOT, "bench", ".data", "clip_benchmark_parity")
+    work = os.path.join(common.ROOT, "bench", ".data", "clip_benchmark_parity")
     ctx = model.config.text.context_length
     sizes = write_sets(args.data, args.split, work, lambda c: tuple(tokenizer.tokenize([c], ctx)[0].tolist()))
     rec = {"time": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
-           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=common.ROOT, capture_output=True,
                                     text=True).stdout.strip(),
-           "clip_benchmark": cb_version, "ckpt": os.path.relpath(args.ckpt, ROOT), "step": ckpt.get("step"),
-           "data": os.path.relpath(args.data, ROOT), "split": args.split, "batch": args.batch, "threads": args.threads}
+           "clip_benchmark": cb_version, "ckpt": os.path.relpath(args.ckpt, common.ROOT), "step": ckpt.get("step"),
+           "data": os.path.relpath(args.data, common.ROOT), "split": args.split, "batch": args.batch, "threads": args.threads}
     for kind in sizes:
         root = os.path.join(work, kind)
         t0 = time.perf_counter()
@@ -182,9 +179,8 @@ def main():
                 print(f"{a:<28} {b:<22} {t:9.5f} {o:9.5f} {abs(t - o):9.1e}")
     print(f"\nlargest difference (cls, ret) {rec['max_abs_diff']:.1e}: {'PASS' if rec['pass'] else 'FAIL'} "
           f"(tolerance {args.tol:g}); ret_dups (informational) {rec['ret_dups']['max_abs_diff']:.1e}")
-    with open(args.out, "a") as f:
-        f.write(json.dumps(rec) + "\n")
-    print(f"appended to {os.path.relpath(args.out, ROOT)}")
+    common.append_jsonl(args.out, rec)
+    print(f"appended to {os.path.relpath(args.out, common.ROOT)}")
     return 0 if rec["pass"] else 1
 
 

@@ -10,19 +10,14 @@ Prints the median step time of each (after 2 warm-up steps) and their ratio; app
 bench/results/context_length.jsonl.
 """
 
-import argparse
-import json
 import os
-import platform
 import statistics
-import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import clip  # noqa: E402
+import common  # first: the repository root goes ahead of bench/ on sys.path
+import clip
 
 
 def step_ms(ctx, steps, batch, seed=0):
@@ -48,21 +43,19 @@ def step_ms(ctx, steps, batch, seed=0):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = common.parser(__doc__)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2)
+    common.add_threads(p, default=2)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    common.set_threads(args.threads)
     ms = {ctx: step_ms(ctx, args.steps, args.batch) for ctx in (32, 16)}
-    rec = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": platform.node(), "threads": args.threads,
-           "batch": args.batch, "steps": args.steps, "ms_ctx32": round(ms[32], 1), "ms_ctx16": round(ms[16], 1),
-           "ratio": round(ms[16] / ms[32], 3), "load": os.getloadavg()[0]}
+    rec = {**common.machine("time", "host"), "threads": args.threads, "batch": args.batch, "steps": args.steps,
+           "ms_ctx32": round(ms[32], 1), "ms_ctx16": round(ms[16], 1), "ratio": round(ms[16] / ms[32], 3),
+           **common.machine("load")}
     print(f"tiny step, batch {args.batch}, {args.threads} threads: context 32 {ms[32]:.0f} ms, context 16 "
           f"{ms[16]:.0f} ms (x{ms[16] / ms[32]:.2f})")
-    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench", "results", "context_length.jsonl"), "a") as f:
-        f.write(json.dumps(rec) + "\n")
+    common.append_jsonl(os.path.join(common.RESULTS, "context_length.jsonl"), rec)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ One JSON line goes to bench/results/demo.jsonl.
     python bench/demo_latency.py --images 200 --requests 20 --per_client 5   # a smoke run
 """
 
-import argparse
 import http.client
 import io
 import json
@@ -36,10 +35,10 @@ import urllib.parse
 import numpy as np
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import common  # first: the repository root goes ahead of bench/ on sys.path
+from dataloader import read_tar
 
-from dataloader import read_tar  # noqa: E402
+ROOT = common.ROOT
 
 
 def make_data(work, images, img_size, preset, quiet):
@@ -167,7 +166,7 @@ def concurrent(base, work, clients, per_client, deadline):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = common.parser(__doc__)
     p.add_argument("--images", type=int, default=1000, help="images in the collection (the val split)")
     p.add_argument("--img_size", type=int, default=64)
     p.add_argument("--preset", default="tiny")
@@ -176,9 +175,9 @@ def main():
     p.add_argument("--per_client", type=int, default=40, help="requests each concurrent client sends")
     p.add_argument("--server_threads", type=int, default=8, help="demo.py --threads")
     p.add_argument("--time_limit", type=float, default=600, help="seconds; the loops stop early past it")
-    p.add_argument("--work", default=os.path.join(ROOT, "bench", ".data", "demo_latency"))
+    p.add_argument("--work", default=os.path.join(common.DATA, "demo_latency"))
     p.add_argument("--note", default="", help="a remark stored with the result (e.g. the machine was shared)")
-    p.add_argument("--results", default=os.path.join(ROOT, "bench", "results", "demo.jsonl"))
+    p.add_argument("--results", default=os.path.join(common.RESULTS, "demo.jsonl"))
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
     if min(args.images, args.requests, args.clients, args.per_client, args.server_threads) < 1:
@@ -199,15 +198,14 @@ def main():
     finally:
         proc.kill()
         proc.wait(timeout=10)
-    row = {"bench": "demo_latency", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "preset": args.preset,
+    row = {"bench": "demo_latency", **common.machine("time"), "preset": args.preset,
            "img_size": args.img_size, "images": args.images, "server_threads": args.server_threads,
-           "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count(),
+           "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), **common.machine("cpus"),
            "load_avg_at_start": load, "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
            "python": platform.python_version(),
            "startup_s": round(startup, 1), "serial": one, "concurrent": many,
            "wall_s": round(time.time() - t_start, 1), "note": args.note}
-    with open(args.results, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    common.append_jsonl(args.results, row)
     print(f"appended to {args.results} ({row['wall_s']} s)")
     return 0
 

@@ -19,25 +19,20 @@ JSON line to bench/results/distill.jsonl. No extra packages: the anchor is our o
     python bench/distill.py --teacher_steps 600 --steps 400 --student_preset tiny
 """
 
-import argparse
-import contextlib
-import io
 import json
 import os
 import platform
 import shutil
 import statistics
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import torch
 
-import torch  # noqa: E402
+import common  # first: the repository root goes ahead of bench/ on sys.path
+import prep_dataset
+from dataloader import save_json
 
-import prep_dataset  # noqa: E402
-import train  # noqa: E402
-from dataloader import save_json  # noqa: E402
+ROOT = common.ROOT
 
 MODES = ("none", "kd", "mse", "icl")
 
@@ -57,29 +52,17 @@ def subset(src, dst, train_shards):
     return index
 
 
-def run(argv, quiet):
-    """train.main in this process; its console lines are swallowed with --quiet. The loss PNGs are skipped:
-    matplotlib costs seconds per run on 2 cores and the metrics.jsonl we read are written all the same."""
-    train.Logger.plot = lambda self: None
-    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-        code = train.main(argv)
-    if code != 0:
-        raise SystemExit(f"train.py {' '.join(argv)} exited with {code}")
-
-
 def results(log_dir, run_name, batch):
-    with open(os.path.join(log_dir, run_name, "metrics.jsonl")) as f:
-        recs = [json.loads(line) for line in f]
-    steps = [batch / r["samples_per_s"] for r in recs if r["split"] == "train"][5:]
-    val = [r for r in recs if r["split"] == "val"][-1]
+    train_recs, val = common.run_log(log_dir, run_name)
     return {"zeroshot_top1": val["zeroshot_top1"], "zeroshot_top1_heldout": val.get("zeroshot_top1_heldout"),
-            "i2t_R@1": val["i2t_R@1"], "val_loss": val["loss"], "s_per_step": statistics.median(steps)}
+            "i2t_R@1": val["i2t_R@1"], "val_loss": val["loss"],
+            "s_per_step": statistics.median(common.step_seconds(train_recs, batch, warmup=5))}
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = common.parser(__doc__)
     p.add_argument("--data", default=os.path.join(ROOT, "data", "syn32"), help="a synthetic set (read only)")
-    p.add_argument("--work", default=os.path.join(ROOT, "bench", ".data", "distill"), help="copies, runs, logs")
+    p.add_argument("--work", default=os.path.join(common.DATA, "distill"), help="copies, runs, logs")
     p.add_argument("--train_shards", type=int, default=6, help="train shards copied from --data")
     p.add_argument("--teacher_preset", default="tiny")
     p.add_argument("--teacher_steps", type=int, default=300)
@@ -91,8 +74,7 @@ def main():
     p.add_argument("--distill_weight", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1, help="torch threads in this process (0: torch's default); "
-                   "on a shared 2-core box two spinning threads make small steps many times slower")
+    common.add_threads(p)
     p.add_argument("--reuse_teacher", action="store_true", help="keep a teacher checkpoint already in --work")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
@@ -100,8 +82,7 @@ def main():
         p.error(f"--data {args.data} has no index.json (python prep_dataset.py synthetic --out {args.data} "
                 f"--img_size 32)")
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    common.set_threads(args.threads)
     t_all, load0 = time.time(), os.getloadavg()[0]  # other jobs on the machine slow every row alike
     base, stored = os.path.join(args.work, "data"), os.path.join(args.work, "data_teacher")
     out, logs = os.path.join(args.work, "out"), os.path.join(args.work, "logs")
@@ -110,16 +91,16 @@ def main():
         shutil.rmtree(d, ignore_errors=True)
     index = subset(args.data, base, args.train_shards)
     n_train = index["train"]["num_samples"]
-    epochs = lambda steps: (steps - 0.5) / (n_train // args.batch)  # train.py runs ceil(epochs * batches) steps
-    common = ["--batch", str(args.batch), "--seed", str(args.seed), "--workers", str(args.workers), "--eval_every",
+    epochs = lambda steps: common.epochs_for(steps, n_train // args.batch)
+    flags = ["--batch", str(args.batch), "--seed", str(args.seed), "--workers", str(args.workers), "--eval_every",
               "0", "--ckpt_every", "100000", "--out", out, "--log_dir", logs, "--quiet",
               "--overwrite"]  # with --reuse_teacher the students' earlier runs are still in --work: moved aside
 
     t0 = time.time()
     if not (args.reuse_teacher and os.path.isfile(teacher_ckpt)):
         print(f"teacher: {args.teacher_preset}, {args.teacher_steps} steps of {args.batch} on {n_train} samples")
-        run(["--data", base, "--preset", args.teacher_preset, "--epochs", str(epochs(args.teacher_steps)),
-             "--max_lr", str(args.teacher_lr), "--run_name", "teacher", *common], args.quiet)
+        common.run_train(["--data", base, "--preset", args.teacher_preset, "--epochs", str(epochs(args.teacher_steps)),
+                          "--max_lr", str(args.teacher_lr), "--run_name", "teacher", *flags], args.quiet, plots=False)
         teacher = results(logs, "teacher", args.batch)
     else:
         print(f"teacher: reusing {teacher_ckpt}")
@@ -136,25 +117,21 @@ def main():
     rows = {}
     for mode in MODES:
         print(f"student: {args.student_preset}, --distill {mode}, {args.steps} steps")
-        run(["--data", stored, "--preset", args.student_preset, "--epochs", str(epochs(args.steps)),
-             "--max_lr", str(args.lr), "--run_name", f"student-{mode}", "--distill", mode,
-             "--distill_weight", str(args.distill_weight), *common], args.quiet)
+        common.run_train(["--data", stored, "--preset", args.student_preset, "--epochs", str(epochs(args.steps)),
+                          "--max_lr", str(args.lr), "--run_name", f"student-{mode}", "--distill", mode,
+                          "--distill_weight", str(args.distill_weight), *flags], args.quiet, plots=False)
         rows[mode] = results(logs, f"student-{mode}", args.batch)
 
     anchor = rows["none"]
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
-    lines = ["| model | distill | zero-shot top-1 % | held-out top-1 % | i2t R@1 % | val loss | s/step | "
-             "zero-shot vs none | s/step vs none |", "|---|---|---|---|---|---|---|---|---|"]
-    if teacher:
-        lines.append(f"| teacher ({args.teacher_preset}) | - | {pct(teacher['zeroshot_top1'])} | "
-                     f"{pct(teacher['zeroshot_top1_heldout'])} | {pct(teacher['i2t_R@1'])} | "
-                     f"{teacher['val_loss']:.3f} | {teacher['s_per_step']:.3f} | - | - |")
-    for mode, r in rows.items():
-        lines.append(f"| student ({args.student_preset}) | {mode} | {pct(r['zeroshot_top1'])} | "
-                     f"{pct(r['zeroshot_top1_heldout'])} | {pct(r['i2t_R@1'])} | {r['val_loss']:.3f} | "
-                     f"{r['s_per_step']:.3f} | {r['zeroshot_top1'] / max(anchor['zeroshot_top1'], 1e-9):.2f}x | "
-                     f"{r['s_per_step'] / anchor['s_per_step']:.2f}x |")
-    table = "\n".join(lines)
+    cells = lambda r: [pct(r["zeroshot_top1"]), pct(r["zeroshot_top1_heldout"]), pct(r["i2t_R@1"]),
+                       f"{r['val_loss']:.3f}", f"{r['s_per_step']:.3f}"]
+    body = [[f"teacher ({args.teacher_preset})", "-", *cells(teacher), "-", "-"]] if teacher else []
+    body += [[f"student ({args.student_preset})", mode, *cells(r),
+              f"{r['zeroshot_top1'] / max(anchor['zeroshot_top1'], 1e-9):.2f}x",
+              f"{r['s_per_step'] / anchor['s_per_step']:.2f}x"] for mode, r in rows.items()]
+    table = "\n".join(common.md_table(["model", "distill", "zero-shot top-1 %", "held-out top-1 %", "i2t R@1 %",
+                                        "val loss", "s/step", "zero-shot vs none", "s/step vs none"], body))
     total = time.time() - t_all
     settings = (f"data: {args.train_shards} train shards ({n_train} samples) + val ({index['val']['num_samples']}) "
                 f"of `{os.path.relpath(args.data, ROOT)}` at {index['img_size']} px; batch {args.batch}, seed "
@@ -167,24 +144,20 @@ def main():
                 f"whole benchmark {total:.0f} s.")
     print(table)
     print(settings)
-    md = (f"# Distillation on the synthetic set\n\n`python bench/distill.py "
-          f"{' '.join(sys.argv[1:])}`".rstrip() + f"\n\n{table}\n\n{settings}\n\n"
+    md = (f"# Distillation on the synthetic set\n\n`{common.command()}`\n\n{table}\n\n{settings}\n\n"
           "Zero-shot: top-1 over the 64 colour-shape classes on val; held-out: the same on the 8 combinations never "
           "seen in training; i2t R@1: each val image's own caption ranked first among all val captions; "
           "s/step: median training step time (the stored teacher embeddings cost no teacher forward pass). "
           "Ratios are against the `none` student from the same run. One seed and a few hundred steps: differences of "
           "a few points can be seed noise (rerun with --seed to check).\n")
-    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench", "results", "distill.md"), "w") as f:
-        f.write(md)
-    line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": platform.node(), "cpus": os.cpu_count(),
+    common.write_text(os.path.join(common.RESULTS, "distill.md"), md)
+    line = {**common.machine("time", "host", "cpus"),
             "args": {k: v for k, v in vars(args).items() if k not in ("data", "work", "quiet")},
             "train_samples": n_train, "teacher": teacher, "students": rows,
             "zeroshot_vs_none": {m: r["zeroshot_top1"] / max(anchor["zeroshot_top1"], 1e-9) for m, r in rows.items()},
             "s_per_step_vs_none": {m: r["s_per_step"] / anchor["s_per_step"] for m, r in rows.items()},
             "teacher_s": round(t_teacher, 1), "add_teacher_s": round(t_store, 1), "total_s": round(total, 1)}
-    with open(os.path.join(ROOT, "bench", "results", "distill.jsonl"), "a") as f:
-        f.write(json.dumps(line) + "\n")
+    common.append_jsonl(os.path.join(common.RESULTS, "distill.jsonl"), line)
 
 
 if __name__ == "__main__":

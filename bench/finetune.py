@@ -18,26 +18,22 @@ ratios to it. One JSON line per run goes to bench/results/finetune.jsonl, the ta
     python bench/finetune.py --pre_steps 40 --ft_steps 20   # a smoke run
 """
 
-import argparse
 import contextlib
 import json
 import os
 import shutil
 import statistics
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import torch
 
-import torch  # noqa: E402
-
-import checkpoint_manager as cm  # noqa: E402
-import clip  # noqa: E402
-import eval_zeroshot  # noqa: E402
-import train  # noqa: E402
-from dataloader import ShardLoader, read_tar, write_tar  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
+import common  # first: the repository root goes ahead of bench/ on sys.path
+import checkpoint_manager as cm
+import clip
+import eval_zeroshot
+import train
+from dataloader import ShardLoader, read_tar, write_tar
+from tokenizer import Tokenizer
 
 METHODS = {  # name -> train.py flags on top of --init
     "full": [],
@@ -100,8 +96,7 @@ def run(args, data, name, steps, extra):
             "--ckpt_every", str(10 ** 9), "--seed", str(args.seed), "--out", os.path.join(args.work, "out"),
             "--log_dir", os.path.join(args.work, "logs"), "--run_name", name, "--quiet", *extra]
     t0 = time.time()
-    if train.main(argv) != 0:
-        raise RuntimeError(f"run {name} failed")
+    common.run_train(argv, quiet=False)
     print(f"  {name}: {steps} steps in {time.time() - t0:.0f} s")
     return os.path.join(args.work, "out", name, "ckpt", "latest.pt")
 
@@ -135,10 +130,8 @@ def interleaved_step_times(args, data, pre, rounds=5, steps=4):
 
 def step_time(args, name):
     """Median seconds per optimizer step from the run's metrics (the first 5 steps are warm-up)."""
-    with open(os.path.join(args.work, "logs", name, "metrics.jsonl")) as f:
-        recs = [json.loads(line) for line in f]
-    times = [args.batch / r["samples_per_s"] for r in recs if r["split"] == "train"]
-    return statistics.median(times[5:] or times)
+    train_recs, _ = common.run_log(os.path.join(args.work, "logs"), name)
+    return statistics.median(common.step_seconds(train_recs, args.batch, warmup=5))
 
 
 def measure(args, path, old_colours):
@@ -159,8 +152,8 @@ def measure(args, path, old_colours):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--src", default=os.path.join(ROOT, "data", "syn32"), help="synthetic shard set to split")
+    p = common.parser(__doc__)
+    p.add_argument("--src", default=os.path.join(common.ROOT, "data", "syn32"), help="synthetic shard set to split")
     p.add_argument("--work", default="/tmp/finetune_bench", help="filtered shard sets, checkpoints and logs")
     p.add_argument("--preset", default="micro")
     p.add_argument("--batch", type=int, default=128)
@@ -168,15 +161,14 @@ def main(argv=None):
     p.add_argument("--ft_steps", type=int, default=150, help="fine-tuning steps on the new colours, per method")
     p.add_argument("--max_lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (on a shared 2-core box, 1 is ~10x "
-                   "faster than 2: OpenMP threads spin-wait for each other when the cores are oversubscribed)")
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    common.add_threads(p)
+    p.add_argument("--out", default=common.RESULTS)
     args = p.parse_args(argv)
     if not os.path.isfile(os.path.join(args.src, "index.json")):
         p.error(f"--src {args.src} has no index.json (make it with prep_dataset.py synthetic)")
     if min(args.batch, args.pre_steps, args.ft_steps) < 1 or args.max_lr <= 0:
         p.error("--batch, --pre_steps, --ft_steps and --max_lr must be positive")
-    torch.set_num_threads(args.threads)
+    common.set_threads(args.threads)
     t_start = time.time()
 
     for sub in ("old", "new", "out", "logs"):  # only what this script makes: no stale checkpoint or shard survives
@@ -203,28 +195,25 @@ def main(argv=None):
             f"{torch.get_num_threads()} CPU thread(s); zero-shot top-1 (%) over all 64 classes on the val split, "
             f"mean per class; step = one optimizer step (forward, backward, AdamW) on one batch, best of 5 "
             f"interleaved rounds")
-    lines = ["| method | old colours | new colours | held-out | all | trainable params | vs full | step (s) | vs full |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    body = []
     for r in rows:
-        cost = (f"{r['trainable_params']:,} | {r['params_vs_full']:.3f} | {r['step_s']:.3f} | {r['step_vs_full']:.2f}"
-                if "step_s" in r else "– | – | – | –")  # the starting point: nothing fine-tuned
-        lines.append(f"| {r['method']} | {r['old_top1']:.1f} | {r['new_top1']:.1f} | {r['heldout_top1']:.1f} | "
-                     f"{r['all_top1']:.1f} | {cost} |")
+        cost = ([f"{r['trainable_params']:,}", f"{r['params_vs_full']:.3f}", f"{r['step_s']:.3f}",
+                 f"{r['step_vs_full']:.2f}"] if "step_s" in r else ["–"] * 4)  # the start: nothing fine-tuned
+        body.append([r["method"], f"{r['old_top1']:.1f}", f"{r['new_top1']:.1f}", f"{r['heldout_top1']:.1f}",
+                     f"{r['all_top1']:.1f}", *cost])
+    lines = common.md_table(["method", "old colours", "new colours", "held-out", "all", "trainable params", "vs full",
+                             "step (s)", "vs full"], body, "l" + "r" * 8)
     print("\n" + head + "\n" + "\n".join(lines))
     print("anchor = full fine-tuning, measured in this run: 'vs full' = the method's value / full's")
 
-    record = {"bench": "finetune", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "preset": args.preset,
+    record = {"bench": "finetune", **common.machine("time"), "preset": args.preset,
               "batch": args.batch, "pre_steps": args.pre_steps, "ft_steps": args.ft_steps, "max_lr": args.max_lr,
               "seed": args.seed, "threads": torch.get_num_threads(), "old_colours": old_colours, "anchor": "full",
               "rows": rows, "wall_s": round(time.time() - t_start, 1)}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "finetune.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+    common.append_jsonl(os.path.join(args.out, "finetune.jsonl"), record)
     md = os.path.join(args.out, "finetune.md")
-    with open(md + ".tmp", "w") as f:
-        f.write(f"# Fine-tuning: old vs new classes\n\n`python bench/finetune.py {' '.join(argv or sys.argv[1:])}`"
-                f" ({record['time']}, {record['wall_s']:.0f} s)\n\n{head}.\n\n" + "\n".join(lines) + "\n")
-    os.replace(md + ".tmp", md)
+    common.write_text(md, f"# Fine-tuning: old vs new classes\n\n`{common.command(argv)}` ({record['time']}, "
+                          f"{record['wall_s']:.0f} s)\n\n{head}.\n\n" + "\n".join(lines) + "\n")
     print(f"wrote {md} and appended to finetune.jsonl ({time.time() - t_start:.0f} s)")
 
 

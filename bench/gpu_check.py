@@ -29,7 +29,6 @@ then on the device, before the check:
 import argparse
 import json
 import os
-import platform
 import re
 import signal
 import statistics
@@ -38,8 +37,9 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # before bench/ (this script's folder, on the path too): bench/tokenizer.py is a benchmark
+import common  # first: the repository root goes ahead of bench/ on sys.path (bench/tokenizer.py is a benchmark)
+
+ROOT = common.ROOT
 
 # per part: (seconds it may take at most, what it needs); the budget left decides the rest
 PARTS = [("step256", 150), ("train", 150), ("loader", 45), ("step1024", 120), ("openclip", 60), ("step1024_ckpt", 120),
@@ -326,7 +326,7 @@ def table(results, consume):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = common.parser(__doc__)
     p.add_argument("--smoke", action="store_true", help="tiny sizes: the whole check on a CPU in about a minute")
     p.add_argument("--budget", type=float, default=470, help="seconds for the whole check")
     p.add_argument("--data", default=None, help="224 px shards for (c) and (d) (default: made in a temp folder)")
@@ -376,14 +376,11 @@ def main():
     results = {k: results[k] for k in order}
     a = results["step256"]
     consume = a.get("samples_per_s") if "failed" not in a and "skipped" not in a else None
-    rec = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": platform.node(), "device": device,
-           "torch": torch.__version__, "cpus": os.cpu_count(), "smoke": args.smoke, "wall_s": round(time.time() - t_start, 1),
-           "results": results}
-    out = args.out or (None if args.smoke else os.path.join(ROOT, "bench", "results", "gpu.jsonl"))
+    rec = {**common.machine("time", "host"), "device": device, **common.machine("torch", "cpus"), "smoke": args.smoke,
+           "wall_s": round(time.time() - t_start, 1), "results": results}
+    out = args.out or (None if args.smoke else os.path.join(common.RESULTS, "gpu.jsonl"))
     if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        common.append_jsonl(out, rec)
     print(f"\n=== gpu_check on {device} in {rec['wall_s']:.0f} s" + (f" (appended to {out})" if out else ""))
     print(table(results, consume))
 

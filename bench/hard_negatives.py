@@ -22,45 +22,26 @@ and appends one JSON line per run to bench/results/hard_negatives.jsonl.
     python bench/hard_negatives.py --steps 702              # the README main command's length
 """
 
-import argparse
-import contextlib
-import io
 import json
 import os
 import platform
 import shutil
 import statistics
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import torch
 
-import torch  # noqa: E402
-
-import prep_dataset  # noqa: E402
-import train  # noqa: E402
+import common  # first: the repository root goes ahead of bench/ on sys.path
+import prep_dataset
 
 MODES = ("none", "swaps", "mined", "both")
 METRICS = ("zeroshot_top1", "zeroshot_top1_seen", "zeroshot_top1_heldout", "swap_attribute", "swap_relation", "i2t_R@1", "t2i_R@1")
 
 
-def run(argv, quiet):
-    """train.main in this process; its console lines are swallowed with --quiet, the loss PNGs skipped."""
-    train.Logger.plot = lambda self: None
-    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-        code = train.main(argv)
-    if code != 0:
-        raise SystemExit(f"train.py {' '.join(argv)} exited with {code}")
-
-
 def results(log_dir, run_name, batch):
-    with open(os.path.join(log_dir, run_name, "metrics.jsonl")) as f:
-        recs = [json.loads(line) for line in f]
-    steps = [batch / r["samples_per_s"] for r in recs if r["split"] == "train"]
-    steps = steps[5:] or steps  # after warmup, when the run is long enough
-    val = [r for r in recs if r["split"] == "val"][-1]
-    return {**{k: val.get(k) for k in METRICS}, "val_loss": val["loss"], "s_per_step": statistics.median(steps)}
+    train_recs, val = common.run_log(log_dir, run_name)
+    return {**{k: val.get(k) for k in METRICS}, "val_loss": val["loss"],
+            "s_per_step": statistics.median(common.step_seconds(train_recs, batch, warmup=5))}
 
 
 def jsonl_rows(path, args, steps):
@@ -68,10 +49,9 @@ def jsonl_rows(path, args, steps):
     so seeds added by a later invocation (--seeds 1 2) join the table."""
     same = ("batch", "preset", "k", "num_train")
     latest = {}
-    with open(path) as f:
-        for r in map(json.loads, f):
-            if r["steps"] == steps and all(r.get(k) == getattr(args, k) for k in same):
-                latest[(r["mode"], r["seed"])] = r
+    for r in common.read_jsonl(path):
+        if r["steps"] == steps and all(r.get(k) == getattr(args, k) for k in same):
+            latest[(r["mode"], r["seed"])] = r
     rows = {m: [] for m in MODES}
     for (mode, _), r in sorted(latest.items()):
         rows[mode].append(r)
@@ -86,15 +66,17 @@ def table(rows, seeds, steps):
             return "-"
         s = fmt.format(scale * statistics.mean(vals))
         return s + (f" ± {fmt.format(scale * statistics.stdev(vals))}" if len(vals) > 1 else "")
-    lines = [f"## {steps} steps, seeds {' '.join(map(str, seeds))}", "",
-             "| --hard_negatives | seeds | zero-shot % | zero-shot seen % | zero-shot held-out % | swap_attribute % | "
-             "swap_relation % | i2t R@1 % | t2i R@1 % | val loss | s/step | s/step vs none |", "|---|---|" + "---:|" * 10]
+    body = []
     anchor = {r["seed"]: r["s_per_step"] for r in rows["none"]}  # the machine's load changes between runs:
     for mode in (m for m in MODES if rows[m]):  # each run is compared with the `none` run of its own seed
         ratios = [r["s_per_step"] / anchor[r["seed"]] for r in rows[mode] if r["seed"] in anchor]
         ratio = statistics.mean(ratios) if ratios else None
-        lines.append(f"| {mode} | {' '.join(str(r['seed']) for r in rows[mode])} | " + " | ".join(cell(mode, k) for k in METRICS) + f" | {cell(mode, 'val_loss', 1, '{:.3f}')}"
-                     f" | {cell(mode, 's_per_step', 1, '{:.3f}')} | {'-' if ratio is None else f'{ratio:.2f}x'} |")
+        body.append([mode, " ".join(str(r["seed"]) for r in rows[mode]), *(cell(mode, k) for k in METRICS),
+                     cell(mode, "val_loss", 1, "{:.3f}"), cell(mode, "s_per_step", 1, "{:.3f}"),
+                     "-" if ratio is None else f"{ratio:.2f}x"])
+    head = ["--hard_negatives", "seeds", "zero-shot %", "zero-shot seen %", "zero-shot held-out %", "swap_attribute %",
+            "swap_relation %", "i2t R@1 %", "t2i R@1 %", "val loss", "s/step", "s/step vs none"]
+    lines = [f"## {steps} steps, seeds {' '.join(map(str, seeds))}", "", *common.md_table(head, body, "ll" + "r" * 10)]
     per_seed = "; ".join(f"{mode} " + ", ".join(f"s{r['seed']} {100 * r['swap_attribute']:.0f}/{100 * r['swap_relation']:.0f}"
                                                 for r in rows[mode]) for mode in MODES if rows[mode])
     return lines + ["", f"swap_attribute / swap_relation % per seed: {per_seed}.", ""]
@@ -102,8 +84,7 @@ def table(rows, seeds, steps):
 
 def report(args, jsonl, t_mine, t_all, load0):
     """Write a table per step count of the runs so far, longest first, to bench/results/hard_negatives.md."""
-    with open(jsonl) as f:
-        step_counts = sorted({json.loads(line)["steps"] for line in f}, reverse=True)
+    step_counts = sorted({r["steps"] for r in common.read_jsonl(jsonl)}, reverse=True)
     tables = []
     for steps in step_counts:
         rows, s = jsonl_rows(jsonl, args, steps)
@@ -126,8 +107,7 @@ def report(args, jsonl, t_mine, t_all, load0):
                                                    "threads (1 torch thread, OMP_NUM_THREADS=1) and time are in its line.")
     print(table_md)
     print(settings)
-    md = (f"# Hard negatives on the synthetic set\n\nlast run as `python bench/hard_negatives.py {' '.join(sys.argv[1:])}`".rstrip()
-          + f"\n\n{settings}\n\n{table_md}\n\n"
+    md = (f"# Hard negatives on the synthetic set\n\nlast run as `{common.command()}`\n\n{settings}\n\n{table_md}\n\n"
           "Zero-shot: top-1 over the 64 colour-shape classes on val, split into the 56 combinations seen in training "
           "and the 8 held out of it. swap_attribute / swap_relation: the fraction of val images (two-object ones) "
           "whose own caption scores strictly above its colour-swapped / relation-reversed version (chance 0.5). "
@@ -142,14 +122,12 @@ def report(args, jsonl, t_mine, t_all, load0):
           "With one seed, differences of a few points can be noise. The jsonl keeps every run; the table takes the "
           "latest per (mode, seed) with these settings (an earlier `swaps` run of seed 0, on the set with two "
           "negatives per caption instead of three, is in the jsonl and superseded here).\n")
-    with open(os.path.join(ROOT, "bench", "results", "hard_negatives.md"), "w") as f:
-        f.write(md)
-
+    common.write_text(os.path.join(common.RESULTS, "hard_negatives.md"), md)
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work", default=os.path.join(ROOT, "bench", ".data", "hard_negatives"), help="data, runs, logs")
+    p = common.parser(__doc__)
+    p.add_argument("--work", default=os.path.join(common.DATA, "hard_negatives"), help="data, runs, logs")
     p.add_argument("--num_train", type=int, default=20000, help="the built-in set's size")
     p.add_argument("--num_val", type=int, default=2048, help="a multiple of 64 keeps the classes balanced")
     p.add_argument("--preset", default="tiny")
@@ -161,14 +139,13 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1, help="torch threads in this process (0: torch's default)")
+    common.add_threads(p)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--report_only", action="store_true", help="rewrite the table from the jsonl, run nothing")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    common.set_threads(args.threads)
     t_all, load0 = time.time(), os.getloadavg()[0]
-    jsonl = os.path.join(ROOT, "bench", "results", "hard_negatives.jsonl")
+    jsonl = os.path.join(common.RESULTS, "hard_negatives.jsonl")
     if args.report_only:
         return report(args, jsonl, [], t_all, load0)
     base = os.path.join(args.work, "data")
@@ -179,14 +156,13 @@ def main():
         shutil.rmtree(base, ignore_errors=True)
         prep_dataset.main(["synthetic", "--out", base, "--num_train", str(args.num_train), "--num_val",
                            str(args.num_val), "--img_size", "32", "--workers", "2", "--quiet"])
-    epochs = lambda steps: (steps - 0.5) / (args.num_train // args.batch)  # train.py runs ceil(epochs * batches)
 
     rows, t_mine = {m: [] for m in args.modes}, []
-    os.makedirs(os.path.dirname(jsonl), exist_ok=True)
     for seed in args.seeds:
-        common = ["--preset", args.preset, "--batch", str(args.batch), "--seed", str(seed), "--epochs",
-                  str(epochs(args.steps)), "--max_lr", str(args.lr), "--workers", str(args.workers), "--eval_every",
-                  "0", "--ckpt_every", "100000", "--out", out, "--log_dir", logs, "--quiet"]
+        flags = ["--preset", args.preset, "--batch", str(args.batch), "--seed", str(seed), "--epochs",
+                 str(common.epochs_for(args.steps, args.num_train // args.batch)), "--max_lr", str(args.lr),
+                 "--workers", str(args.workers), "--eval_every", "0", "--ckpt_every", "100000", "--out", out,
+                 "--log_dir", logs, "--quiet"]
         mined_data = os.path.join(args.work, f"data_mined_{seed}")
         for mode in args.modes:
             name = f"{mode}-s{seed}"
@@ -204,15 +180,14 @@ def main():
                 t_mine.append(time.time() - t0)
             print(f"seed {seed}: --hard_negatives {mode}, {args.steps} steps", flush=True)
             data = mined_data if mode in ("mined", "both") else base
-            run(["--data", data, "--run_name", name, "--hard_negatives", mode, *common], args.quiet)
+            common.run_train(["--data", data, "--run_name", name, "--hard_negatives", mode, *flags], args.quiet,
+                             plots=False)
             r = results(logs, name, args.batch)
             rows[mode].append(r)
             print("  " + ", ".join(f"{k} {v:.3f}" for k, v in r.items() if v is not None), flush=True)
-            with open(jsonl, "a") as f:
-                f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": platform.node(),
-                                    "mode": mode, "seed": seed, "steps": args.steps, "batch": args.batch,
-                                    "preset": args.preset, "k": args.k, "num_train": args.num_train,
-                                    "threads": torch.get_num_threads(), "load": os.getloadavg()[0], **r}) + "\n")
+            common.append_jsonl(jsonl, {**common.machine("time", "host"), "mode": mode, "seed": seed,
+                                        "steps": args.steps, "batch": args.batch, "preset": args.preset, "k": args.k,
+                                        "num_train": args.num_train, **common.machine("threads", "load"), **r})
             report(args, jsonl, t_mine, t_all, load0)  # after every run: a cut-off benchmark keeps its finished rows
         shutil.rmtree(mined_data, ignore_errors=True)
 

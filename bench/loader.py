@@ -24,7 +24,6 @@ webdataset is not a dependency of this repo; install it into a separate venv to 
     python bench/loader.py [--workers 2] [--batch 128] [--shards 4] [--per_shard 1000] [--repeats 3] [--quiet]
 """
 
-import argparse
 import io
 import json
 import multiprocessing
@@ -43,10 +42,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from dataloader import ShardLoader  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
+import common  # first: the repository root goes ahead of bench/ on sys.path
+from dataloader import ShardLoader
+from tokenizer import Tokenizer
 
 RATIO_TARGET, PER_WORKER_TARGET, MAIN_MS_TARGET, FEED_RATE, URL_TARGET = 1.2, 0.9, 15.0, 5600, 0.9
 WORDS = "a red green blue small large cube sphere dog cat photo of on the in near with beach forest city".split()
@@ -183,7 +181,7 @@ def http_server(path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--shards", type=int, default=4)
@@ -196,7 +194,7 @@ def main():
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.workers < 1 or args.shards % args.workers:
         parser.error(f"--workers must be >= 1 and divide --shards ({args.shards}) so webdataset splits evenly")
-    path = os.path.join(ROOT, "bench", ".data", "loader")
+    path = os.path.join(common.DATA, "loader")
     make_data(path, args.shards, args.per_shard, args.size, args.quiet)
     tok = Tokenizer.load(os.path.join(path, "tokenizer.json"))
 
@@ -283,9 +281,7 @@ def main():
            "http_worker_private_mib": [round(p) for _, p in url_mem],
            "ours_worker_private_mib": [round(p) for _, p in our_mem],
            "webdataset_worker_peak_rss_mib": [round(h) for h, _ in wds_mem]}
-    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench", "results", "loader.jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
+    common.append_jsonl(os.path.join(common.RESULTS, "loader.jsonl"), row)
 
 
 if __name__ == "__main__":

@@ -13,24 +13,17 @@ The anchor is the base model measured in this run; the ratio printed is long / b
     python bench/longclip.py                       # ~10 min on 2 CPU cores; outputs under /tmp
     python bench/longclip.py --base_epochs 0.1 --ft_epochs 0.05 --quiet   # a smoke run
 """
-import argparse
 import json
 import os
-import platform
-import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import checkpoint_manager as cm  # noqa: E402
-import eval_zeroshot  # noqa: E402
-import train  # noqa: E402
-from dataloader import ShardLoader  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
-
-RESULTS = os.path.join(ROOT, "bench", "results")
+import common  # first: the repository root goes ahead of bench/ on sys.path
+import checkpoint_manager as cm
+import eval_zeroshot
+from dataloader import ShardLoader
+from tokenizer import Tokenizer
 
 
 def token_lengths(data, tokenizer, split="val"):
@@ -57,8 +50,7 @@ def run_train(name, args, extra):
              "--out", os.path.join(args.out, "ckpt"), "--log_dir", os.path.join(args.out, "logs"),
              "--run_name", name, "--overwrite"] + (["--quiet"] if args.quiet else []) + extra  # (a re-run starts over)
     t0 = time.time()
-    if train.main(flags) != 0:
-        raise SystemExit(f"training run {name} failed")
+    common.run_train(flags, quiet=False)
     print(f"{name}: trained in {time.time() - t0:.0f}s")
     return os.path.join(args.out, "ckpt", name, "ckpt", "latest.pt")
 
@@ -69,18 +61,16 @@ def table(rows, lengths, base_ctx, long_ctx):
     lines = [f"Long captions of the val split, tokens with sot/eot: min {int(lengths.min())}, median {q(0.5)}, "
              f"90th percentile {q(0.9)}, max {int(lengths.max())}. Longer than the base context ({base_ctx}): "
              f"{over(base_ctx):.1%}; longer than the stretched context ({long_ctx}): {over(long_ctx):.1%}; "
-             f"longer than 77: {over(77):.1%}.", "",
-             "| model | context | long i2t R@1 | long t2i R@1 | short i2t R@1 | short t2i R@1 |",
-             "|---|---|---|---|---|---|"]
-    for name, ctx, r in rows:
-        lines.append(f"| {name} | {ctx} | {r['long']['i2t_R@1']:.3f} | {r['long']['t2i_R@1']:.3f} | "
-                     f"{r['short']['i2t_R@1']:.3f} | {r['short']['t2i_R@1']:.3f} |")
-    return "\n".join(lines)
+             f"longer than 77: {over(77):.1%}.", ""]
+    body = [[name, ctx, *(f"{r[c][k]:.3f}" for c in ("long", "short") for k in ("i2t_R@1", "t2i_R@1"))]
+            for name, ctx, r in rows]
+    return "\n".join(lines + common.md_table(["model", "context", "long i2t R@1", "long t2i R@1", "short i2t R@1",
+                                                "short t2i R@1"], body))
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=os.path.join(ROOT, "data", "syn32"), help="synthetic shards (read only)")
+    p = common.parser(__doc__, whole=True)
+    p.add_argument("--data", default=os.path.join(common.ROOT, "data", "syn32"), help="synthetic shards (read only)")
     p.add_argument("--out", default="/tmp/bench_longclip", help="checkpoints and logs go here")
     p.add_argument("--preset", default="micro", choices=["micro", "tiny"])
     p.add_argument("--batch", type=int, default=128)
@@ -123,8 +113,8 @@ def main(argv=None):
     print(f"\nlong-caption i2t R@1: --long {long_r1:.3f} vs base {base_r1:.3f} (anchor): ratio {ratio:.2f}x "
           f"[{wall:.0f}s total]")
 
-    record = {"bench": "longclip", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": platform.node(),
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "data": os.path.basename(args.data),
+    record = {"bench": "longclip", **common.machine("time", "host", "torch", "threads"),
+              "data": os.path.basename(args.data),
               "preset": args.preset, "batch": args.batch, "base_epochs": args.base_epochs, "ft_epochs": args.ft_epochs,
               "base_lr": args.base_lr, "ft_lr": args.ft_lr, "base_ctx": base_ctx, "long_ctx": long_ctx,
               "long_tokens": {"min": int(lengths.min()), "median": float(lengths.double().median()),
@@ -132,18 +122,14 @@ def main(argv=None):
                               "frac_over_77": (lengths > 77).double().mean().item()},
               "models": {name: r for name, _, r in rows}, "ratio_long_i2t_R@1": ratio, "wall_s": wall}
     if not args.no_write:
-        os.makedirs(RESULTS, exist_ok=True)
-        with open(os.path.join(RESULTS, "longclip.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-        cmd = "python bench/longclip.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+        common.append_jsonl(os.path.join(common.RESULTS, "longclip.jsonl"), record)
         header = (f"# Long-CLIP fine-tuning on {os.path.basename(args.data)} ({args.preset} preset)\n\n"
-                  f"`{cmd}` — {record['time']}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+                  f"`{common.command(argv)}` — {record['time']}, torch {torch.__version__}, "
+                  f"{torch.get_num_threads()} threads, "
                   f"{wall:.0f}s. Base: {args.base_epochs} epoch at lr {args.base_lr}; each fine-tune: "
                   f"{args.ft_epochs} epoch at lr {args.ft_lr}, batch {args.batch}. Val split, R@1.\n\n")
-        tmp = os.path.join(RESULTS, "longclip.md.tmp")
-        with open(tmp, "w") as f:
-            f.write(header + md + f"\n\nRatio --long / base on long-caption i2t R@1: {ratio:.2f}x\n")
-        os.replace(tmp, os.path.join(RESULTS, "longclip.md"))
+        common.write_text(os.path.join(common.RESULTS, "longclip.md"),
+                          header + md + f"\n\nRatio --long / base on long-caption i2t R@1: {ratio:.2f}x\n")
 
 
 if __name__ == "__main__":

@@ -13,19 +13,18 @@ number of samples (the dataset is never read into memory; only the captions are 
     python bench/prep_hf.py [--n 10000] [--workers 2] [--repeats 2] [--quiet]
 """
 
-import argparse
 import io
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import common  # first: the repository root goes ahead of bench/ on sys.path
+
 TARGET = 1.5
 COLOURS = "red green blue yellow orange purple pink brown black white grey cyan".split()
 THINGS = "cube ball cone ring star dog cat car boat tree house lamp".split()
@@ -70,11 +69,11 @@ def make_data(root, n):
 
 
 def run(args, source, src, out, *extra):
-    cmd = [sys.executable, os.path.join(ROOT, "prep_dataset.py"), source, "--src" if source == "folder" else "--name",
-           src, "--out", out, "--img_size", "32", "--vocab_size", "1024", "--workers", str(args.workers), "--quiet",
-           "--overwrite", *extra]
+    cmd = [sys.executable, os.path.join(common.ROOT, "prep_dataset.py"), source,
+           "--src" if source == "folder" else "--name", src, "--out", out, "--img_size", "32", "--vocab_size", "1024",
+           "--workers", str(args.workers), "--quiet", "--overwrite", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, "-c", TIMED, *cmd], env=env, cwd=ROOT, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-c", TIMED, *cmd], env=env, cwd=common.ROOT, capture_output=True, text=True)
     rc, wall, cpu, rss = res.stdout.strip().splitlines()[-1].split()
     if rc != "0":
         sys.exit(f"{source} failed:\n{res.stderr[-2000:]}")
@@ -85,11 +84,11 @@ def run(args, source, src, out, *extra):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--data", default=os.path.join(ROOT, "bench", ".data", "prep_hf"),
+    parser.add_argument("--data", default=os.path.join(common.DATA, "prep_hf"),
                         help="where the images are made once (git-ignored)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
@@ -106,8 +105,8 @@ def main():
     assert best["hf"]["samples"] == best["folder"]["samples"] == args.n, best
     ratio = best["hf"]["wall_s"] / best["folder"]["wall_s"]
     cpu = {s: min(x["cpu_s"] for x in v) for s, v in runs.items()}  # less disturbed by other jobs than wall time
-    row = {"bench": "prep_hf", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "images": args.n, "img_size": 32,
-           "workers": args.workers, "repeats": args.repeats, "load_avg_1m": round(os.getloadavg()[0], 2),
+    row = {"bench": "prep_hf", **common.machine("time"), "images": args.n, "img_size": 32,
+           "workers": args.workers, "repeats": args.repeats, **common.machine("load_avg_1m"),
            "folder_s": round(best["folder"]["wall_s"], 2), "hf_s": round(best["hf"]["wall_s"], 2),
            "ratio_hf_vs_folder": round(ratio, 3), "target": TARGET, "pass": ratio <= TARGET,
            "folder_cpu_s": round(cpu["folder"], 2), "hf_cpu_s": round(cpu["hf"], 2),
@@ -120,9 +119,7 @@ def main():
           f"(target <= {TARGET}: {'pass' if row['pass'] else 'FAIL'}), CPU time ratio "
           f"{row['cpu_ratio_hf_vs_folder']}; peak RSS hf {row['hf_peak_rss_mb']} MB, "
           f"folder {row['folder_peak_rss_mb']} MB, hf on a quarter of the images {row['hf_quarter_peak_rss_mb']} MB")
-    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench", "results", "prep_hf.jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
+    common.append_jsonl(os.path.join(common.RESULTS, "prep_hf.jsonl"), row)
 
 
 if __name__ == "__main__":

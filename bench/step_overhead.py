@@ -18,22 +18,19 @@ steps (epoch starts, where the loader restarts its worker, are in the mean and p
 Appends one JSON line per run to bench/results/step_overhead.jsonl.
 """
 
-import argparse
 import importlib.util
-import json
 import os
-import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import prep_dataset  # noqa: E402
+import common  # first: the repository root goes ahead of bench/ on sys.path
+import prep_dataset
+
+ROOT = common.ROOT
 
 
 def load_train(path):
@@ -45,13 +42,13 @@ def load_train(path):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = common.parser(__doc__)
     p.add_argument("--train_py", default=os.path.join(ROOT, "train.py"))
     p.add_argument("--label", default="after")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--num_train", type=int, default=2048)
     p.add_argument("--epochs", type=float, default=3)
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "step_overhead.jsonl"))
+    p.add_argument("--out", default=os.path.join(common.RESULTS, "step_overhead.jsonl"))
     args = p.parse_args()
     torch.set_num_threads(1)
     train = load_train(args.train_py)
@@ -107,21 +104,19 @@ def main():
     loader = [sum(d for t, d in waits if a <= t < b) for a, b in zip(starts, starts[1:])]
     loop = [o - w for o, w in zip(over, loader)]
     ms = lambda xs: round(1000 * statistics.median(xs), 3)
-    rec = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "label": args.label, "train_py": os.path.relpath(args.train_py, ROOT)
+    rec = {**common.machine("time"), "label": args.label, "train_py": os.path.relpath(args.train_py, ROOT)
            if args.train_py.startswith(ROOT) else args.train_py,
            "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
-           "host": platform.node(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+           **common.machine("host", "torch", "threads"),
            "preset": "micro", "batch": args.batch, "steps": len(starts),
            "step_ms_median": ms(interval), "compute_ms_median": ms(compute), "overhead_ms_median": ms(over),
            "loader_ms_median": ms(loader), "loop_ms_median": ms(loop), "overhead_ms_mean": round(1000 * statistics.mean(over), 3),
            "overhead_ms_p90": round(1000 * sorted(over)[int(0.9 * len(over))], 3), "wall_s": round(wall, 1),
-           "load_avg_1m": round(os.getloadavg()[0], 2)}
+           **common.machine("load_avg_1m")}
     print(f"{args.label}: {rec['steps']} steps, step {rec['step_ms_median']} ms, compute {rec['compute_ms_median']} ms, "
           f"host overhead {rec['overhead_ms_median']} ms median ({rec['overhead_ms_mean']} mean, "
           f"{rec['overhead_ms_p90']} p90); of it the loader {rec['loader_ms_median']} ms, the loop itself {rec['loop_ms_median']} ms")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+    common.append_jsonl(args.out, rec)
 
 
 if __name__ == "__main__":

@@ -9,18 +9,15 @@ the word cache. No external anchor is needed: tokenizer.py has no dependency bey
     python bench/tokenizer.py [--captions 100000] [--merges 8000] [--quiet]
 """
 
-import argparse
-import json
 import os
 import random
-import sys
 import time
 from collections import Counter
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tokenizer import SPLIT, Tokenizer, clean, merge  # noqa: E402
+import common  # first: the repository root goes ahead of bench/ on sys.path (this file is bench/tokenizer.py)
+from tokenizer import SPLIT, Tokenizer, clean, merge
 
 TRAIN_TARGET_S, ENCODE_TARGET = 60.0, 20_000
 
@@ -85,7 +82,7 @@ class NoCacheTokenizer(Tokenizer):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(__doc__, whole=True)
     parser.add_argument("--captions", type=int, default=100_000)
     parser.add_argument("--merges", type=int, default=8000)
     parser.add_argument("--anchor_captions", type=int, default=5000, help="subset size for the naive anchor")
@@ -139,16 +136,14 @@ def main():
     print(f"target train < {TRAIN_TARGET_S:.0f}s: {'PASS' if train_ok else 'FAIL'} ({train_s:.2f}s)")
     print(f"target encode >= {ENCODE_TARGET:,} captions/s: {'PASS' if enc_ok else 'FAIL'} ({enc_rate:,.0f}/s)")
 
-    os.makedirs(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), exist_ok=True)
-    row = {"bench": "tokenizer", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "captions": len(captions),
+    row = {"bench": "tokenizer", **common.machine("time"), "captions": len(captions),
            "merges": len(tok.merges), "train_s": round(train_s, 3), "train_target_s": TRAIN_TARGET_S,
            "train_pass": train_ok, "train_anchor_naive_s": round(naive_s, 3),
            "train_anchor_ours_s": round(ours_sub_s, 3), "train_speedup_vs_naive": round(train_speedup, 2),
            "encode_captions_per_s": round(enc_rate), "encode_target": ENCODE_TARGET, "encode_pass": enc_ok,
            "encode_anchor_nocache_per_s": round(anchor_rate), "encode_speedup_vs_nocache":
            round(enc_rate / anchor_rate, 2), "tokens_per_caption": round(lengths.mean().item(), 2)}
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tokenizer.jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
+    common.append_jsonl(os.path.join(common.RESULTS, "tokenizer.jsonl"), row)
 
 
 if __name__ == "__main__":

@@ -27,22 +27,17 @@ Without open_clip the script says so and times ours alone.
                                [--compile] [--device cpu|cuda] [--profile] [--quiet]
 """
 
-import argparse
 import contextlib
-import json
 import math
 import os
-import platform
 import statistics
-import sys
 import time
 
 import torch
 from tqdm import tqdm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import clip  # noqa: E402
+import common  # first: the repository root goes ahead of bench/ on sys.path
+import clip
 
 try:
     import open_clip
@@ -129,7 +124,7 @@ def resident_bytes(model, optimizer):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(__doc__, whole=True)
     parser.add_argument("--preset", default="tiny", choices=["tiny", "seed"])
     parser.add_argument("--batch", type=int, default=None, help="default: 64 tiny / 8 seed on CPU, 256 / 128 on CUDA")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per side (default: 20 tiny / 5 seed on CPU)")
@@ -138,7 +133,7 @@ def main():
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of one step per side")
-    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "train_step.jsonl"))
+    parser.add_argument("--out", default=os.path.join(common.RESULTS, "train_step.jsonl"))
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -207,13 +202,13 @@ def main():
 
     flops = clip.estimate_flops_per_sample(config)
     sps = {n: batch / statistics.median(t) for n, t in times.items()}
-    rec = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": platform.node(), "cpus": os.cpu_count(),
-           "threads": torch.get_num_threads(), "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+    rec = {**common.machine("time", "host", "cpus", "threads"),
+           "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
            "preset": args.preset, "batch": batch, "steps": steps, "warmup": args.warmup, "precision": args.precision,
            "compile": args.compile, "torch": torch.__version__,
            "open_clip": getattr(open_clip, "__version__", None), "params": ours.num_params(),
            "flops_per_sample": flops, "equivalence_max_abs_diff": max_diff,
-           "load_avg_1m": round(os.getloadavg()[0], 2)}
+           **common.machine("load_avg_1m")}
     for n in names:
         rec[f"{n}_samples_per_s"] = round(sps[n], 2)
         rec[f"{n}_step_ms_median"] = round(1000 * statistics.median(times[n]), 1)
@@ -239,10 +234,8 @@ def main():
         r = rec["ratio_vs_openclip"]
         print(f"ours / openclip: {r:.3f}  (target >= {RATIO_TARGET}: {'met' if r >= RATIO_TARGET else 'NOT met'})")
 
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write(json.dumps(rec) + "\n")
-    log(f"appended to {os.path.relpath(args.out, ROOT)}")
+    common.append_jsonl(args.out, rec)
+    log(f"appended to {os.path.relpath(args.out, common.ROOT)}")
 
 
 if __name__ == "__main__":

@@ -22,34 +22,26 @@ of each measurement, so the parts can run separately (the machine is shared):
     OMP_NUM_THREADS=1 python bench/trainer_options.py ckpt
     python bench/trainer_options.py report
 """
-import argparse
 import contextlib
 import json
 import math
 import os
-import platform
 import statistics
-import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import clip  # noqa: E402
-import train  # noqa: E402
+import common  # first: the repository root goes ahead of bench/ on sys.path
+import clip
+import train
 
-RESULTS = os.path.join(ROOT, "bench", "results")
 READING_MARK = "<!-- reading: hand-written, kept when the tables above are regenerated -->"
-JSONL = os.path.join(RESULTS, "trainer_options.jsonl")
+JSONL = os.path.join(common.RESULTS, "trainer_options.jsonl")
 
 
 def write(args, record):
-    record = {"bench": "trainer_options", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": platform.node(),
-              "torch": torch.__version__, "threads": torch.get_num_threads(), **record}
-    os.makedirs(os.path.dirname(args.jsonl), exist_ok=True)
-    with open(args.jsonl, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    record = {"bench": "trainer_options", **common.machine("time", "host", "torch", "threads"), **record}
+    common.append_jsonl(args.jsonl, record)
     print(json.dumps(record))
 
 
@@ -65,17 +57,13 @@ def train_run(args, name, batch, seed, extra):
              "--ckpt_every", "100000", "--out", os.path.join(args.out, "ckpt"), "--log_dir", os.path.join(args.out, "logs"),
              "--run_name", run, "--quiet"] + extra
     t0 = time.time()
-    if train.main(flags) != 0:
-        raise SystemExit(f"training run {run} failed")
-    with open(os.path.join(args.out, "logs", run, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    train_rows = [r for r in rows if r["split"] == "train"]
-    steps = [batch / r["samples_per_s"] for r in train_rows][2:]  # the first steps warm up
-    val = [r for r in rows if r["split"] == "val"][-1]
+    common.run_train(flags, quiet=False)
+    train_rows, val = common.run_log(os.path.join(args.out, "logs"), run)
+    steps = common.step_seconds(train_rows, batch, warmup=2)  # the first steps warm up
     keys = ("zeroshot_top1", "zeroshot_top1_seen", "zeroshot_top1_heldout", "i2t_R@1", "t2i_R@1")
     # SigLIP only: steps whose train loss sat at the collapsed value (every cosine equal; see report)
     plateau = sum(abs(r["loss"] - min_collapsed(batch)) < 0.01 for r in train_rows) if "siglip" in name else None
-    return {"steps": len(steps) + 2, "s_step_median": statistics.median(steps), "s_step_min": min(steps),
+    return {"steps": len(train_rows), "s_step_median": statistics.median(steps), "s_step_min": min(steps),
             "plateau_steps": plateau,
             "wall_s": time.time() - t0, "val_loss": val["loss"], "final_logit_scale": train_rows[-1]["logit_scale"],
             "final_logit_bias": train_rows[-1].get("logit_bias"), **{k: val[k] for k in keys}}
@@ -213,8 +201,7 @@ def min_collapsed(B):
 
 
 def report(path):
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = common.read_jsonl(path)
     pct = lambda x: f"{100 * x:.1f}"
     lines = ["# Trainer options: --loss siglip, --patch_dropout, --grad_ckpt", "",
              "`bench/trainer_options.py` (parts run separately; settings per row below). CPU, a 2-core machine shared with "
@@ -228,20 +215,19 @@ def report(path):
                   "that is no train.py option: the bias starts at -log(B - 1), the log prior odds that a pair matches "
                   "(-10 is that prior at B = 22k). A sigmoid model can also reach its prior by making every cosine equal; "
                   "that collapsed state has loss softplus(-x) + (B - 1) softplus(x) at x = -log(B - 1): "
-                  + ", ".join(f"{min_collapsed(b):.3f} at B = {b}" for b in sorted({k[1] for k in loss})) + ".", "",
-                  "| batch | seed | loss | b init | zero-shot top-1 % | seen % | held-out % | i2t R@1 % | t2i R@1 % | "
-                  "val loss | final t | final b | steps at collapse | s/step (median) |",
-                  "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  + ", ".join(f"{min_collapsed(b):.3f} at B = {b}" for b in sorted({k[1] for k in loss})) + ".", ""]
         fmt = lambda x: "-" if x is None else f"{x:.2f}"
+        body = []
         for (name, batch, seed), r in sorted(loss.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
             b0 = r.get("bias_init", -10.0 if name == "siglip" else None)  # records from before the field: train.py's -10
-            lines.append(f"| {batch} | {seed} | {name} | {fmt(b0)} | {pct(r['zeroshot_top1'])} | "
-                         f"{pct(r['zeroshot_top1_seen'])} | {pct(r['zeroshot_top1_heldout'])} | {pct(r['i2t_R@1'])} | "
-                         f"{pct(r['t2i_R@1'])} | {r['val_loss']:.3f} | {fmt(r.get('final_logit_scale'))} | "
-                         f"{fmt(r.get('final_logit_bias'))} | {r.get('plateau_steps', '-') if name != 'clip' else '-'} | "
-                         f"{r['s_step_median']:.3f} |")
-        lines += ["", "| batch | loss | seeds | zero-shot % (mean) | clip zero-shot % (mean) | minus clip (points) | >= clip on |",
-                  "|---:|---|---:|---:|---:|---:|---|"]
+            body.append([batch, seed, name, fmt(b0), *(pct(r[k]) for k in ("zeroshot_top1", "zeroshot_top1_seen",
+                         "zeroshot_top1_heldout", "i2t_R@1", "t2i_R@1")), f"{r['val_loss']:.3f}",
+                         fmt(r.get("final_logit_scale")), fmt(r.get("final_logit_bias")),
+                         r.get("plateau_steps", "-") if name != "clip" else "-", f"{r['s_step_median']:.3f}"])
+        lines += common.md_table(["batch", "seed", "loss", "b init", "zero-shot top-1 %", "seen %", "held-out %",
+                                  "i2t R@1 %", "t2i R@1 %", "val loss", "final t", "final b", "steps at collapse",
+                                  "s/step (median)"], body, "rrl" + "r" * 11)
+        body = []
         for batch in sorted({k[1] for k in loss}):
             for variant in ("siglip", "siglip_prior"):
                 seeds = sorted(s for (n, b, s) in loss if b == batch and n == variant and ("clip", b, s) in loss)
@@ -250,42 +236,42 @@ def report(path):
                 c = [loss[("clip", batch, s)]["zeroshot_top1"] for s in seeds]
                 g = [loss[(variant, batch, s)]["zeroshot_top1"] for s in seeds]
                 wins = sum(y >= x for x, y in zip(c, g))
-                lines.append(f"| {batch} | {variant} | {len(seeds)} | {pct(statistics.mean(g))} | {pct(statistics.mean(c))} | "
-                             f"{100 * (statistics.mean(g) - statistics.mean(c)):+.1f} | {wins} of {len(seeds)} seeds |")
-        lines.append("- in final t / b / steps at collapse: not recorded by the runs that predate those fields.")
-        lines.append("")
+                gain = 100 * (statistics.mean(g) - statistics.mean(c))
+                body.append([batch, variant, len(seeds), pct(statistics.mean(g)), pct(statistics.mean(c)),
+                             f"{gain:+.1f}", f"{wins} of {len(seeds)} seeds"])
+        lines += ["", *common.md_table(["batch", "loss", "seeds", "zero-shot % (mean)", "clip zero-shot % (mean)",
+                                        "minus clip (points)", ">= clip on"], body, "rlrrrrl")]
+        lines += ["- in final t / b / steps at collapse: not recorded by the runs that predate those fields.", ""]
     drop = latest(records, "dropout_train", "patch_dropout")
     tower = latest(records, "dropout_tower", "img_size")
     if drop or tower:
         lines += ["## 2. Patch dropout (FLIP)", ""]
     if drop:
         r0 = next(iter(drop.values()))
+        body = [[p, *(pct(r[k]) for k in ("zeroshot_top1", "zeroshot_top1_seen", "zeroshot_top1_heldout", "i2t_R@1")),
+                 f"{r['s_step_median']:.3f}", f"{r['s_step_min']:.3f}"] for (p,), r in sorted(drop.items())]
         lines += [f"Training: tiny preset, 32 px (16 patches), batch {r0['batch']}, {r0['steps']} steps, seed 0.", "",
-                  "| patch_dropout | zero-shot top-1 % | seen % | held-out % | i2t R@1 % | s/step (median) | s/step (min) |",
-                  "|---:|---:|---:|---:|---:|---:|---:|"]
-        for (p,), r in sorted(drop.items()):
-            lines.append(f"| {p} | {pct(r['zeroshot_top1'])} | {pct(r['zeroshot_top1_seen'])} | {pct(r['zeroshot_top1_heldout'])} | "
-                         f"{pct(r['i2t_R@1'])} | {r['s_step_median']:.3f} | {r['s_step_min']:.3f} |")
-        lines.append("")
+                  *common.md_table(["patch_dropout", "zero-shot top-1 %", "seen %", "held-out %", "i2t R@1 %",
+                                    "s/step (median)", "s/step (min)"], body, "r" * 7), ""]
     if tower:
         lines += ["Vision tower alone (tiny, forward + backward of the tower only, no data loading, median of "
                   f"{next(iter(tower.values())).get('reps', 20)} interleaved repeats; target: >= 35% less):", "",
-                  "| image | patches kept | batch | s (all patches) | s (dropout 0.5) | time cut | target met |",
-                  "|---|---|---:|---:|---:|---:|---|"]
-        for (size,), r in sorted(tower.items()):
-            lines.append(f"| {size} px | {r['kept']} of {r['patches']} | {r['batch']} | {r['s_full']:.4f} | "
-                         f"{r['s_dropout']:.4f} | {pct(r['cut'])}% | {'yes' if r['cut'] >= 0.35 else 'no'} |")
-        lines.append("")
+                  *common.md_table(["image", "patches kept", "batch", "s (all patches)", "s (dropout 0.5)", "time cut",
+                                    "target met"],
+                                   [[f"{size} px", f"{r['kept']} of {r['patches']}", r["batch"], f"{r['s_full']:.4f}",
+                                     f"{r['s_dropout']:.4f}", f"{pct(r['cut'])}%", "yes" if r["cut"] >= 0.35 else "no"]
+                                    for (size,), r in sorted(tower.items())], "llrrrrl"), ""]
     ck = latest(records, "ckpt", "grad_ckpt")
     if len(ck) == 2:
         off, on = ck[(False,)], ck[(True,)]
         cut = 1 - on["saved_bytes"] / off["saved_bytes"]
         lines += [f"## 3. Activation checkpointing: seed preset (224 px, ctx 77), batch {off['batch']}, fp32, "
                   f"{off['threads']} thread(s)", "",
-                  "| --grad_ckpt | saved activations (MiB) | forward + backward s (median) | min |", "|---|---:|---:|---:|"]
-        for name, r in (("off", off), ("on", on)):
-            lines.append(f"| {name} | {r['saved_bytes'] / 2 ** 20:.1f} | {r['s_fwd_bwd_median']:.2f} | {r['s_fwd_bwd_min']:.2f} |")
-        lines += ["", f"Saved activation bytes cut by {pct(cut)}% (target >= 60%: {'met' if cut >= 0.6 else 'not met'}); "
+                  *common.md_table(["--grad_ckpt", "saved activations (MiB)", "forward + backward s (median)", "min"],
+                                   [[name, f"{r['saved_bytes'] / 2 ** 20:.1f}", f"{r['s_fwd_bwd_median']:.2f}",
+                                     f"{r['s_fwd_bwd_min']:.2f}"] for name, r in (("off", off), ("on", on))], "lrrr"),
+                  "", f"Saved activation bytes cut by {pct(cut)}% (target >= 60%: "
+                  f"{'met' if cut >= 0.6 else 'not met'}); "
                   f"step time x{on['s_fwd_bwd_median'] / off['s_fwd_bwd_median']:.2f} (one extra forward).", ""]
     out = os.path.splitext(path)[0] + ".md"
     kept = ""  # a hand-written reading below this marker survives a regenerated report
@@ -293,16 +279,14 @@ def report(path):
         with open(out) as f:
             text = f.read()
         kept = text[text.index(READING_MARK):] if READING_MARK in text else ""
-    with open(out + ".tmp", "w") as f:
-        f.write("\n".join(lines) + ("\n" + kept if kept else ""))
-    os.replace(out + ".tmp", out)
+    common.write_text(out, "\n".join(lines) + ("\n" + kept if kept else ""))
     print("\n".join(lines))
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__, whole=True)
     p.add_argument("part", choices=("loss", "dropout", "tower", "ckpt", "report"), help="tower: dropout's timing only")
-    p.add_argument("--data", default=os.path.join(ROOT, "bench", ".data", "syn32"), help="synthetic shards (read only)")
+    p.add_argument("--data", default=os.path.join(common.DATA, "syn32"), help="synthetic shards (read only)")
     p.add_argument("--out", default="/tmp/bench_trainer_options", help="checkpoints and logs go here")
     p.add_argument("--steps", type=int, default=300, help="steps per training run")
     p.add_argument("--max_lr", type=float, default=2e-3)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import checkpoint_manager as cm
 import clip
+import conftest
 import dataloader
 import prep_dataset
 import train
@@ -109,14 +110,7 @@ def test_kd_minimum_is_the_teacher_entropy():
 # ----------------------------------------------------------------------------- data and teachers
 
 def train_argv(data, tmp, run, *extra):
-    return ["--data", data, "--preset", "micro", "--batch", "32", "--epochs", "1", "--max_lr", "3e-3",
-            "--workers", "0", "--eval_every", "0", "--ckpt_every", "1000", "--out", str(tmp / "out"),
-            "--log_dir", str(tmp / "logs"), "--run_name", run, "--quiet", *extra]
-
-
-def train_records(tmp, run):
-    with open(tmp / "logs" / run / "metrics.jsonl") as f:
-        return [r for r in map(json.loads, f) if r["split"] == "train"]
+    return conftest.train_argv(data, tmp, run, *extra, ckpt_every=1000)
 
 
 def copy_data(src, dst):
@@ -252,7 +246,7 @@ def test_stored_teacher_costs_no_forward_pass(stored, teacher, tmp_path, monkeyp
     monkeypatch.setattr(cm, "load_model", no_teacher)
     for mode in ("kd", "mse", "icl"):
         assert train.main(train_argv(stored, tmp_path, mode, "--distill", mode, "--teacher", teacher)) == 0
-        recs = train_records(tmp_path, mode)
+        recs = conftest.metrics(tmp_path, mode, "train")
         assert len(recs) == 4 and all(math.isfinite(r["loss_distill"]) and r["loss_distill"] > 0 for r in recs)
         # total = (1 - w) * clip + w * distill, w = 0.5
         assert all(r["loss"] == pytest.approx(0.5 * (r["loss_clip"] + r["loss_distill"]), rel=1e-5) for r in recs)
@@ -301,7 +295,7 @@ def test_online_teacher_with_its_own_tokenizer(base, teacher, tmp_path, monkeypa
     assert not any(id(p) in in_opt or p.requires_grad for p in t.model.parameters())
     saved = cm.load_model(teacher)[0].state_dict()
     assert all(torch.equal(v, saved[k]) for k, v in t.model.state_dict().items())  # the teacher never moved
-    d = [r["loss_distill"] for r in train_records(tmp_path, "online")]
+    d = [r["loss_distill"] for r in conftest.metrics(tmp_path, "online", "train")]
     assert len(d) == 16 and all(math.isfinite(x) for x in d)
     assert sum(d[-4:]) < sum(d[:4])
 

@@ -8,6 +8,7 @@ import torch
 import checkpoint_manager as cm
 import clip
 import train
+from conftest import train_argv
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -23,10 +24,7 @@ def fast():
 
 
 def argv(data, tmp, run, *extra, quiet=True):
-    return ["--data", data, "--preset", "micro", "--batch", "32", "--epochs", "1", "--max_lr", "3e-3",
-            "--workers", "0", "--eval_every", "0", "--eval_batches", "1", "--ckpt_every", "100",
-            "--out", str(tmp / "out"), "--log_dir", str(tmp / "logs"), "--run_name", run,
-            *(["--quiet"] if quiet else []), *extra]
+    return train_argv(data, tmp, run, *extra, quiet=quiet, eval_batches=1, ckpt_every=100)
 
 
 def ckpt_path(tmp, run):

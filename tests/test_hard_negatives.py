@@ -17,6 +17,7 @@ import clip
 import eval_zeroshot
 import prep_dataset
 import train
+from conftest import metrics, train_argv
 from dataloader import ShardLoader, read_tar, write_tar
 from tokenizer import Tokenizer
 
@@ -122,14 +123,11 @@ def test_accumulation_gives_the_big_batch_gradient():
 
 
 def argv(data, tmp, run, *extra):
-    return ["--data", data, "--preset", "micro", "--batch", "32", "--epochs", "0.5", "--max_lr", "1e-3",
-            "--workers", "0", "--eval_every", "0", "--ckpt_every", "100", "--out", str(tmp / "out"),
-            "--log_dir", str(tmp / "logs"), "--run_name", run, "--quiet", *extra]
+    return train_argv(data, tmp, run, *extra, epochs=0.5, max_lr=1e-3, ckpt_every=100)
 
 
 def losses(tmp, run):
-    with open(tmp / "logs" / run / "metrics.jsonl") as f:
-        return [r["loss"] for r in map(json.loads, f) if r["split"] == "train"]
+    return [r["loss"] for r in metrics(tmp, run, "train")]
 
 
 def test_ddp_two_processes_match_one(synth, tmp_path):

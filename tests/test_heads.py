@@ -15,6 +15,7 @@ import torch.nn as nn
 import checkpoint_manager as cm
 import clip
 import train
+from conftest import metrics, train_argv
 from dataloader import ShardLoader
 from simplex import FixedPolytopeHead, polytope_vertices
 from tokenizer import Tokenizer
@@ -26,9 +27,7 @@ MICRO = [("linear", "replace"), ("simplex", "replace"), ("simplex", "after"), ("
 
 
 def argv(data, tmp, run, *extra):  # 512 train samples / batch 16 x 0.625 epochs = 20 steps
-    return ["--data", data, "--preset", "micro", "--batch", "16", "--epochs", "0.625", "--max_lr", "3e-3",
-            "--workers", "0", "--eval_every", "0", "--ckpt_every", "100", "--out", str(tmp / "out"),
-            "--log_dir", str(tmp / "logs"), "--run_name", run, "--quiet", *extra]
+    return train_argv(data, tmp, run, *extra, batch=16, epochs=0.625, ckpt_every=100)
 
 
 def heads(model):
@@ -69,8 +68,7 @@ def runs(synth, tmp_path_factory):
         finally:
             train.build_model, clip.configure_optimizers = build_model, configure
             train.Logger.plot, train.zero_shot = plot, zero_shot
-        with open(tmp / "logs" / run / "metrics.jsonl") as f:
-            got["metrics"] = [json.loads(line) for line in f]
+        got["metrics"] = metrics(tmp, run)
         got["ckpt"] = str(tmp / "out" / run / "ckpt" / "latest.pt")
         done[(head, mode)] = got
         return got

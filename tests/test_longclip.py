@@ -1,6 +1,5 @@
 """Long-CLIP (Zhang et al. 2024): the positional stretch, frozen first positions, the PCA coarse feature,
 truncation vs long context, and `train.py --long --init` end to end."""
-import json
 
 import pytest
 import torch
@@ -8,6 +7,7 @@ import torch
 import checkpoint_manager as cm
 import clip
 import train
+from conftest import metrics, train_argv
 from tokenizer import Tokenizer
 
 
@@ -107,32 +107,25 @@ def test_caption_past_77_tokens_changes_long_model_only():
     assert (e248[0] - e248[1]).abs().max() > 1e-4
 
 
-def read_metrics(tmp, run):
-    with open(tmp / "logs" / run / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f]
-
-
 def test_train_long_init_end_to_end(synth, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train.Logger, "plot", lambda self: None)  # PNGs are logger.py's to test; here they cost ~10 s
-    common = ["--data", synth, "--preset", "micro", "--batch", "32", "--max_lr", "3e-3", "--workers", "0",
-              "--eval_every", "0", "--ckpt_every", "100", "--out", str(tmp_path / "out"),
-              "--log_dir", str(tmp_path / "logs"), "--quiet"]
+    argv = lambda run, *extra: train_argv(synth, tmp_path, run, "--epochs", "0.125", *extra, ckpt_every=100)
     # the synthetic captions fit in 16 tokens, which train.py would pick; Long-CLIP needs more than its 20 kept
-    assert train.main(common + ["--run_name", "short", "--epochs", "0.125"]) == 0
+    assert train.main(argv("short")) == 0
     short_path = str(tmp_path / "out" / "short" / "ckpt" / "latest.pt")
     assert cm.load_model(short_path)[0].config.text.context_length == 16
     with pytest.raises(SystemExit) as e:
-        train.main(common + ["--run_name", "refused", "--long", "--init", short_path])
+        train.main(argv("refused", "--long", "--init", short_path))
     assert e.value.code == 2 and "context over 20 tokens; this one has 16" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:  # the --init model's position table fixes its context
-        train.main(common + ["--run_name", "refused", "--init", short_path, "--context_length", "32"])
+        train.main(argv("refused", "--init", short_path, "--context_length", "32"))
     assert e.value.code == 2 and "the --init model's text context is 16 tokens" in capsys.readouterr().err
-    assert train.main(common + ["--run_name", "base", "--epochs", "0.125", "--context_length", "32"]) == 0
+    assert train.main(argv("base", "--context_length", "32")) == 0
     base_path = str(tmp_path / "out" / "base" / "ckpt" / "latest.pt")
     base_model, _ = cm.load_model(base_path)
     assert base_model.config.text.context_length == 32
-    assert train.main(common + ["--run_name", "long", "--epochs", "0.125", "--long", "--init", base_path]) == 0
-    train_rows = [m for m in read_metrics(tmp_path, "long") if m["split"] == "train"]
+    assert train.main(argv("long", "--long", "--init", base_path)) == 0
+    train_rows = metrics(tmp_path, "long", "train")
     assert train_rows and all("loss_long" in m and "loss_short" in m for m in train_rows)
     for m in train_rows:  # total = fine (long caption) + coarse (short caption vs PCA image feature)
         assert m["loss"] == pytest.approx(m["loss_long"] + m["loss_short"], rel=1e-5)

@@ -21,16 +21,12 @@ import dataloader
 import eval_zeroshot
 import logger
 import train
+from conftest import gloo_ranks
+from conftest import train_argv as argv  # its defaults are this file's runs
 from dataloader import atomic_write, read_index, save_json, write_tar
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # (HF_*_OFFLINE come from conftest's os.environ)
-
-
-def argv(data, tmp, run="r", *extra):
-    return ["--data", data, "--preset", "micro", "--batch", "32", "--epochs", "1", "--max_lr", "3e-3",
-            "--workers", "0", "--eval_every", "0", "--ckpt_every", "5", "--out", str(tmp / "out"),
-            "--log_dir", str(tmp / "logs"), "--run_name", run, "--quiet", *extra]
 
 
 def lines(path):
@@ -354,24 +350,14 @@ def test_a_second_signal_stops_at_once(monkeypatch, capsys):
 
 def test_ddp_ranks_agree_to_stop_at_the_same_step(tmp_path):
     """Only rank 1 was signalled; at the log step both ranks stop (an all-reduced flag)."""
-    script = f"""
-import os, sys, signal, torch.distributed as dist
-sys.path.insert(0, {ROOT!r})
-import train
-rank = int(sys.argv[1])
-dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=rank, world_size=2)
+    outs = gloo_ranks(tmp_path, """
 p = train.Preemption()
 print(p.agreed(True, "cpu"))
 if rank == 1:
     os.kill(os.getpid(), signal.SIGTERM)
 print(p.agreed(True, "cpu"))
-p.restore()
-dist.destroy_process_group()
-"""
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(r)], stdout=subprocess.PIPE, text=True, env=ENV)
-             for r in (0, 1)]
-    outs = [p.communicate(timeout=120)[0].split() for p in procs]
-    assert outs == [["None", str(int(signal.SIGTERM))]] * 2
+p.restore()""")
+    assert [o.split() for o in outs] == [["None", str(int(signal.SIGTERM))]] * 2
 
 
 # -----------------------------------------------------------------------------
