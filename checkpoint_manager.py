@@ -285,20 +285,104 @@ def diff_configs(a, b, prefix=""):
     return ", ".join(x for x in out if x)
 
 
+# -----------------------------------------------------------------------------
+# the original CLIP / OpenCLIP state dict, both ways (what --init reads; bench/ compares against OpenCLIP with it)
+
+# ours <-> theirs; block keys are handled by BLOCK_KEYS, projections are transposed (they store x @ proj)
+OPENAI_KEYS = {
+    "visual.patch_embed.weight": "visual.conv1.weight",
+    "visual.cls_token": "visual.class_embedding",
+    "visual.pos_embed": "visual.positional_embedding",
+    "visual.ln_pre.weight": "visual.ln_pre.weight", "visual.ln_pre.bias": "visual.ln_pre.bias",
+    "visual.ln_post.weight": "visual.ln_post.weight", "visual.ln_post.bias": "visual.ln_post.bias",
+    "visual.proj.weight": "visual.proj",
+    "text.token_embed.weight": "token_embedding.weight",
+    "text.pos_embed": "positional_embedding",
+    "text.ln_final.weight": "ln_final.weight", "text.ln_final.bias": "ln_final.bias",
+    "text.proj.weight": "text_projection",
+    "logit_scale": "logit_scale",
+}
+BLOCK_KEYS = {
+    "ln_1.weight": "ln_1.weight", "ln_1.bias": "ln_1.bias", "ln_2.weight": "ln_2.weight", "ln_2.bias": "ln_2.bias",
+    "attn.qkv.weight": "attn.in_proj_weight", "attn.qkv.bias": "attn.in_proj_bias",
+    "attn.proj.weight": "attn.out_proj.weight", "attn.proj.bias": "attn.out_proj.bias",
+    "mlp.c_fc.weight": "mlp.c_fc.weight", "mlp.c_fc.bias": "mlp.c_fc.bias",
+    "mlp.c_proj.weight": "mlp.c_proj.weight", "mlp.c_proj.bias": "mlp.c_proj.bias",
+}
+TOWER_PREFIX = {"visual.blocks.": "visual.transformer.resblocks.", "text.blocks.": "transformer.resblocks."}
+
+def to_openai_state_dict(model):
+    """Our CLIP model's weights under the original CLIP / OpenCLIP names (linear heads, the softmax loss only)."""
+    if model.config.head != "linear":
+        raise ValueError("only head='linear' models have an original-CLIP equivalent")
+    if model.config.loss != "clip":
+        raise ValueError("a SigLIP model (loss='siglip') has a learned logit bias that original CLIP has not, "
+                         "and its logit scale means something else; it has no original-CLIP equivalent")
+    out = {}
+    for k, v in model.state_dict().items():
+        if k in OPENAI_KEYS:
+            out[OPENAI_KEYS[k]] = v.t() if k.endswith("proj.weight") else v
+            continue
+        m = re.match(r"(visual\.blocks\.|text\.blocks\.)(\d+)\.(.+)", k)
+        if m is None or m.group(3) not in BLOCK_KEYS:
+            raise ValueError(f"no original-CLIP name for {k!r} (adapters and polytope heads have none)")
+        out[TOWER_PREFIX[m.group(1)] + m.group(2) + "." + BLOCK_KEYS[m.group(3)]] = v
+    return out
+
+def from_openai_state_dict(sd, quick_gelu=True, vision_heads=None, text_heads=None, pool="eot"):
+    """Our CLIP model from an original CLIP / OpenCLIP ViT state dict, the config inferred from the shapes.
+    Head counts are not in the shapes: CLIP's rule is width // 64 (override with vision_heads/text_heads)."""
+    from clip import CLIP, CLIPConfig, TextConfig, VisionConfig  # lazy, as in load_model
+    sd = {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+    if "visual.conv1.weight" not in sd:
+        raise ValueError("not a CLIP ViT state dict: 'visual.conv1.weight' is missing (ResNet towers are not supported)")
+    count = lambda prefix: len({k.split(".")[len(prefix.split(".")) - 1] for k in sd if k.startswith(prefix)})
+
+    def heads(given, width, tower):  # width // 64 only where it divides: 0 heads is not what went wrong
+        if not given and width % 64:
+            raise ValueError(f"cannot infer the {tower} tower's head count from its width {width} (CLIP's rule, "
+                             f"width // 64, needs a multiple of 64): give {tower}_heads")
+        return given or width // 64
+    vw, _, patch, _ = sd["visual.conv1.weight"].shape
+    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    ctx, tw = sd["positional_embedding"].shape
+    config = CLIPConfig(
+        VisionConfig(img_size=grid * patch, patch_size=patch, width=vw,
+                     layers=count("visual.transformer.resblocks."), heads=heads(vision_heads, vw, "vision")),
+        TextConfig(vocab_size=sd["token_embedding.weight"].shape[0], context_length=ctx, width=tw,
+                   layers=count("transformer.resblocks."), heads=heads(text_heads, tw, "text"), pool=pool),
+        embed_dim=sd["text_projection"].shape[1], quick_gelu=quick_gelu)
+    model = CLIP(config)
+    ours = {}
+    theirs_to_ours = {v: k for k, v in OPENAI_KEYS.items()}
+    block_back = {v: k for k, v in BLOCK_KEYS.items()}
+    for k, v in sd.items():
+        if k in theirs_to_ours:
+            ours[theirs_to_ours[k]] = v.t() if theirs_to_ours[k].endswith("proj.weight") else v
+            continue
+        m = re.match(r"(visual\.transformer\.resblocks\.|transformer\.resblocks\.)(\d+)\.(.+)", k)
+        if m is None or m.group(3) not in block_back:
+            raise ValueError(f"unexpected key in the original state dict: {k!r}")
+        prefix = {v: k for k, v in TOWER_PREFIX.items()}[m.group(1)]
+        ours[prefix + m.group(2) + "." + block_back[m.group(3)]] = v
+    model.load_state_dict(ours, strict=True)  # every tensor is loaded, or this raises
+    return model
+
+
 # Head counts are not in a state dict's shapes. CLIP's towers have heads of width 64, except OpenCLIP's ViT-H/g/bigG/e-14
 # image towers (widths 1280, 1408, 1664, 1792: 16 heads of width 80-112); their text towers keep width 64
 WIDE_VISION_HEADS = {1280: 16, 1408: 16, 1664: 16, 1792: 16}
 
 def load_init(path, quick_gelu, heads=None, quiet=False):
     """--init file -> (state dict, config dict, tokenizer dict or None): our checkpoint, or an original CLIP /
-    OpenCLIP ViT state dict (converted by clip.py). heads: (image, text) head counts for the latter (--init_heads);
-    None infers them from the widths and prints what it assumed, or raises when a width cannot say."""
-    from clip import CLIP  # lazy, as in load_model
+    OpenCLIP ViT state dict (converted by from_openai_state_dict). heads: (image, text) head counts for the latter
+    (--init_heads); None infers them from the widths and prints what it assumed, or raises when a width cannot say."""
     sd = load(path)
     if "model" in sd and "config" in sd:
         return strip_prefixes(sd["model"]), sd["config"], sd.get("tokenizer")
     sd = strip_prefixes(sd.get("state_dict", sd))
-    if heads is None and {"visual.conv1.weight", "positional_embedding"} <= sd.keys():  # else clip.py says what is missing
+    # (a state dict without these keys: from_openai_state_dict says what is missing)
+    if heads is None and {"visual.conv1.weight", "positional_embedding"} <= sd.keys():
         vw, tw = sd["visual.conv1.weight"].shape[0], sd["positional_embedding"].shape[1]
         odd = [f"{tower} width {w}" for tower, w in (("image", vw), ("text", tw)) if w % 64]
         if odd:
@@ -310,7 +394,7 @@ def load_init(path, quick_gelu, heads=None, quiet=False):
             print(f"--init {path}: an original CLIP state dict has no head counts; assumed {heads[0]} image heads (width "
                   f"{vw}) and {heads[1]} text heads (width {tw}); if wrong, give them with --init_heads IMAGE TEXT")
     vision_heads, text_heads = heads or (None, None)
-    model = CLIP.from_openai_state_dict(sd, quick_gelu=quick_gelu, vision_heads=vision_heads, text_heads=text_heads)
+    model = from_openai_state_dict(sd, quick_gelu=quick_gelu, vision_heads=vision_heads, text_heads=text_heads)
     return model.state_dict(), model.config.to_dict(), None
 
 
