@@ -18,16 +18,24 @@ save_async() takes the write off the training loop: the state is copied to the C
 on changing), then a background thread writes it exactly as save() does. At most one write is in flight; the
 next save waits for it, and wait() (call it before exiting) re-raises a failed write.
 
+Also here, because they are about what is on disk rather than about training: loading (weights_only, partial
+loads for --init, the original CLIP / OpenCLIP layout both ways), a run's folders (claim_folders: a lock while a run
+writes there, and no earlier run mixed in), the RNG state, and adapters saved alone.
+
 Left out on purpose: sharded (FSDP) checkpoints, cloud storage. Only the master process of a DDP run saves.
 """
 
+import contextlib
 import glob
+import json
 import os
 import pickle
 import random
 import re
 import shutil
+import socket
 import threading
+import time
 from typing import NamedTuple
 
 import numpy as np
@@ -410,6 +418,105 @@ def load_model(path, map_location="cpu"):
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)
     return model.eval(), ckpt
+
+# -----------------------------------------------------------------------------
+# a run's folders (<out>/<run>, <log_dir>/<run>) belong to one run: a lock while it runs, no earlier run mixed in
+
+LOCK = "run.lock"  # in each of a run's folders while it runs: {"pid", "host", "since"}
+
+def earlier_run(out_dir, log_dir):
+    """What an earlier run left in these folders, in words ('' when nothing): checkpoints, logged metrics."""
+    manager, found = CheckpointManager(out_dir), []
+    if manager.step_files():
+        found.append(f"checkpoints up to {os.path.basename(manager.step_files()[-1])}")
+    elif manager.latest() or os.path.exists(os.path.join(manager.dir, "best.pt")):
+        found.append("checkpoints")
+    metrics = os.path.join(log_dir, "metrics.jsonl")
+    if os.path.isfile(metrics) and os.path.getsize(metrics):
+        found.append(f"metrics in {metrics}")
+    return " and ".join(found)
+
+def read_lock(path):
+    """A lock file's {"pid", "host", "since"}, or None when it is missing, being written or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lock = json.load(f)
+        return lock if isinstance(lock, dict) and isinstance(lock.get("pid"), int) else None
+    except (OSError, ValueError):
+        return None
+
+def take_lock(folder):
+    """Create <folder>/run.lock naming this process; None, or the line saying which live run holds it. A lock whose
+    holder is dead (this host, its pid gone: killed, out of memory) is taken over. Raises OSError when the folder
+    cannot be written (read-only, full): found now, not at the first checkpoint."""
+    path, host = os.path.join(folder, LOCK), socket.gethostname()
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # fails when it exists: one winner
+        except FileExistsError:
+            holder = read_lock(path)
+            if holder is None or holder.get("host") != host or pid_alive(holder["pid"]):
+                who = f"pid {holder['pid']} on {holder.get('host')}, since {holder.get('since')}" if holder else "unreadable lock"
+                gone = "" if holder and holder.get("host") == host else f"; if no run uses it, delete {path}"
+                return f"{folder} is in use by another run ({who}): wait for it to end or use another --run_name{gone}"
+            # a dead holder: move its lock aside under our own name (one taker wins), then try again
+            aside = f"{path}.stale{os.getpid()}"
+            try:
+                os.rename(path, aside)
+            except FileNotFoundError:
+                continue  # another run moved it first
+            if read_lock(aside) != holder:  # a live run's fresh lock moved by mistake: put it back
+                with contextlib.suppress(FileExistsError):
+                    os.link(aside, path)
+            os.unlink(aside)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "host": host, "since": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+        return None
+    return f"{folder}: could not take {path} (other runs are starting there)"
+
+def release_lock(path):
+    if (read_lock(path) or {}).get("pid") == os.getpid():
+        os.unlink(path)
+
+def claim_folders(out_dir, log_dir, resume, overwrite):
+    """Make this run's folders its own: made, writable and locked, and holding no earlier run unless this one
+    continues it (--resume latest, or a checkpoint inside <out>/<run>); --overwrite moves an earlier run aside
+    (never deletes it). Returns (lock files to release at the end, None) or ([], the line saying why not)."""
+    folders, locks = list(dict.fromkeys(os.path.abspath(f) for f in (out_dir, log_dir))), []
+    for folder in folders:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            why = take_lock(folder)
+        except OSError as e:
+            why = f"cannot write in {folder} ({e.strerror}): choose --out and --log_dir folders this run can write"
+        if why:
+            for lock in locks:
+                release_lock(lock)
+            return [], why
+        locks.append(os.path.join(folder, LOCK))
+    inside = resume is not None and os.path.abspath(resume).startswith(os.path.abspath(out_dir) + os.sep)
+    earlier = "" if resume == "latest" or inside else earlier_run(out_dir, log_dir)
+    if not earlier:
+        return locks, None
+    for lock in locks:
+        release_lock(lock)
+    if resume is not None:
+        return [], f"{out_dir} holds another run ({earlier}); --resume {resume} would mix the two: use another --run_name"
+    if not overwrite:
+        again = "continue it with --resume latest (or --resume auto), " if "checkpoints" in earlier else ""
+        return [], (f"{out_dir} already holds a run ({earlier}): {again}give this run another --run_name, or start "
+                    f"over with --overwrite (the earlier run is moved aside, not deleted)")
+    stamp, moved = time.strftime("%Y%m%d-%H%M%S"), []
+    for folder in folders:
+        if os.path.isdir(folder) and os.listdir(folder):
+            aside, i = f"{folder}.old-{stamp}", 1
+            while os.path.exists(aside):
+                aside, i = f"{folder}.old-{stamp}-{i}", i + 1
+            os.rename(folder, aside)
+            moved.append(aside)
+    print(f"moved the earlier run aside (not deleted) to {' and '.join(moved)}")
+    return claim_folders(out_dir, log_dir, resume, overwrite=False)
 
 # -----------------------------------------------------------------------------
 # RNG state, in weights_only-safe form (tensors, lists, numbers, strings)

@@ -259,7 +259,7 @@ def test_the_lock_names_this_process_while_the_run_trains(synth, tmp_path, monke
     real = train.forward_backward
 
     def peek(*a, **k):
-        seen.append([train.read_lock(str(tmp_path / d / "k" / "run.lock")) for d in ("out", "logs")])
+        seen.append([cm.read_lock(str(tmp_path / d / "k" / "run.lock")) for d in ("out", "logs")])
         return real(*a, **k)
     monkeypatch.setattr(train, "forward_backward", peek)
     assert train.main(argv(synth, tmp_path, "k", "--stop_at", "1")) == 0
