@@ -514,6 +514,7 @@ class CLIP(nn.Module):
                 for p in m.parameters():
                     p.requires_grad_(True)
 
+    # LiT: a fully frozen tower stays in eval mode
     def train(self, mode=True):
         """Fully frozen towers stay in eval mode (they behave as the pretrained model did)."""
         super().train(mode)

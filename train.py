@@ -542,6 +542,7 @@ def ddp_ignored(model):
 # distillation's teacher (--distill): embeddings stored in the shards, or a model run online
 
 
+# distillation: the teacher, when --distill asks for one
 def load_teacher(args, data, index, tokenizer, device):
     """(online teacher or None, teacher embedding size): stored in the shards (checked for every sample now, not
     discovered mid-run), else --teacher run online; (None, 0) without --distill."""
@@ -657,6 +658,7 @@ def make_loss(args, model, teacher=None):
     return loss_fn
 
 
+# FLIP: which patches each image keeps this step
 def patch_keep(config, seed, step, rank, batch, device):
     """FLIP patch dropout: this rank's (batch, K) kept-patch indices for this step, or None without it. A fresh
     generator seeded from (seed, step, rank) alone: a resumed run drops the same patches, and nothing else that
@@ -681,18 +683,23 @@ def model_inputs(batch, long, keep=None):
 
 def forward_backward(model, inputs, accum, autocast, loss_fn, batch=None):
     """One optimizer step's gradients; returns (loss, terms). inputs: the model's batched inputs (images, tokens,
-    short tokens or None, kept patches or None). With accum > 1 (GradCache, Gao et al. 2021): 1) embed every
-    micro-batch without gradients, 2) compute the whole batch's loss on those cached embeddings and its gradient w.r.t. them,
-    3) re-embed each micro-batch with gradients and backpropagate the cached gradients. Exactly the big batch's
-    gradient, at the activation memory of one micro-batch, for one extra forward pass. An input may be None
-    (no short captions, no patch dropout); a tensor input such as the kept-patch indices is split like the images,
-    so both passes over a micro-batch see the same patches."""
-    if accum == 1:
-        with autocast:
-            outs = model(*inputs)  # CLIPOutput: image (B, E), text (B, E), logit_scale () ...
-        loss, terms = loss_fn(as_float(outs), batch)
-        loss.backward()
-        return loss.detach(), terms
+    short tokens or None, kept patches or None, negative captions or None). --accum > 1: grad_cache."""
+    if accum > 1:
+        return grad_cache(model, inputs, accum, autocast, loss_fn, batch)
+    with autocast:
+        outs = model(*inputs)  # CLIPOutput: image (B, E), text (B, E), logit_scale () ...
+    loss, terms = loss_fn(as_float(outs), batch)
+    loss.backward()
+    return loss.detach(), terms
+
+
+def grad_cache(model, inputs, accum, autocast, loss_fn, batch=None):
+    """forward_backward over accum micro-batches (GradCache, Gao et al. 2021): 1) embed every micro-batch without
+    gradients, 2) compute the whole batch's loss on those cached embeddings and its gradient w.r.t. them, 3) re-embed
+    each micro-batch with gradients and backpropagate the cached gradients. Exactly the big batch's gradient, at the
+    activation memory of one micro-batch, for one extra forward pass. An input may be None (no short captions, no
+    patch dropout); a tensor input such as the kept-patch indices is split like the images, so both passes over a
+    micro-batch see the same patches."""
     chunks = list(zip(*(x.chunk(accum) if x is not None else [None] * accum for x in inputs)))
     with torch.no_grad(), autocast:
         cached = [model(*c) for c in chunks]
@@ -961,6 +968,7 @@ def main(argv=None):
 
 
 def run(argv, held):
+    """The setup (the functions above, each once, in this order), then the training loop; returns the exit code."""
     parser = get_parser()
     args = parser.parse_args(argv)
     validate(parser, args)
