@@ -13,6 +13,10 @@ References:
 Order: configs and presets -> building blocks (MLP, attention, block) -> VisionTransformer ->
 TextTransformer -> CLIP -> losses -> FLOPs/MFU and the optimizer.
 
+Experiments live inline, where the tensors are; a statement that belongs to one alone is fenced by a comment line
+`# NAME: ...` (SigLIP, FLIP, Long-CLIP, hard negatives, adapters, distillation, LiT), so the plain CLIP path reads
+by skipping those. Weight conversion to and from the original CLIP / OpenCLIP layout is in checkpoint_manager.py.
+
 Left out on purpose: the ResNet image towers, dropout (CLIP trains without it), attention pooling, and any
 model registry: presets are plain functions returning a config.
 """
@@ -407,7 +411,7 @@ class CLIP(nn.Module):
         self.config = config
         self.visual = VisionTransformer(config)
         self.text = TextTransformer(config)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # the inverse temperature, learned in log space
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # the inverse temperature, in log space
         # SigLIP: scale 10 and a bias of -10, so that at init every pair's logit is about -10 (most pairs are negatives:
         # starting there avoids a first phase spent only pushing all the sigmoids down). Only a SigLIP model holds the
         # bias, so a CLIP checkpoint is unchanged

@@ -49,10 +49,11 @@ def launch_env(env):
 
 # A rank that stops (killed, out of memory, its node lost) must not leave the others waiting for the process group's
 # timeout (train.py's PG_TIMEOUT). Every rank bumps a counter in the rendezvous store each HEARTBEAT_S from a thread,
-# which beats on while the main thread waits in a collective or evaluates. When a collective fails (a dead rank's connections close at once), the ranks
-# whose counter stood still for PEER_EXIT_S are the dead ones; when none fails (a hung rank, a node gone silent),
-# the next rank's counter standing still for PEER_SILENT_S names it. Either way every other rank prints one line
-# naming it and exits (1) within that time, after the checkpoint being written (if any) is complete.
+# which beats on while the main thread waits in a collective or evaluates. When a collective fails (a dead rank's
+# connections close at once), the ranks whose counter stood still for PEER_EXIT_S are the dead ones; when none fails
+# (a hung rank, a node gone silent), the next rank's counter standing still for PEER_SILENT_S names it. Either way
+# every other rank prints one line naming it and exits (1) within that time, after the checkpoint being written (if
+# any) is complete.
 HEARTBEAT_S, PEER_EXIT_S, PEER_SILENT_S = 0.5, 5.0, 60.0
 
 

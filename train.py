@@ -589,8 +589,7 @@ def teacher_features(batch, teacher, device):
 
 
 # -----------------------------------------------------------------------------
-# the step: the learning rate, the loss across micro-batches (across ranks: clip.gather), forward and
-# backward
+# the step: the learning rate, the loss over the global batch (across ranks: clip.gather), forward and backward
 
 
 def lr_at(step, total, max_lr, warmup_frac, min_lr_frac):
@@ -615,7 +614,8 @@ def make_loss(args, model, teacher=None):
     def contrastive(img, txt, outs, all_img=None, all_txt=None, offset=0):
         """(b, E) local rows against the (N, E) global batch; row i's own caption is column offset + i."""
         if args.loss == "clip":  # CLIP's softmax over the batch, image -> caption and caption -> image
-            return clip.clip_loss(img, txt, outs.logit_scale, smoothing, all_img=all_img, all_txt=all_txt, offset=offset)
+            return clip.clip_loss(img, txt, outs.logit_scale, smoothing, all_img=all_img, all_txt=all_txt,
+                                  offset=offset)
         # SigLIP: a sigmoid per pair, each image against every caption (the reverse direction is the same pairs)
         return clip.siglip_loss(img, txt, outs.logit_scale, outs.logit_bias, all_txt=all_txt, offset=offset)
 
@@ -876,7 +876,8 @@ def stop_bad(what, value, at, manager, master):
     returns the exit code, 1."""
     last = manager.newest_finite() if manager else None
     if master:
-        print(f"error: {what} is {value} at step {at}; stopping. Last good checkpoint: {last or 'none'}", file=sys.stderr)
+        print(f"error: {what} is {value} at step {at}; stopping. Last good checkpoint: {last or 'none'}",
+              file=sys.stderr)
     return 1
 
 
@@ -949,7 +950,7 @@ def summary(metrics, index, log_dir, timing, zeroshot_data=None, zs_source=None)
 
 
 # -----------------------------------------------------------------------------
-# main: the setup (the functions above, in this order), then the training loop
+# main and run: the setup, then the training loop
 
 
 def main(argv=None):
@@ -968,7 +969,7 @@ def main(argv=None):
 
 
 def run(argv, held):
-    """The setup (the functions above, each once, in this order), then the training loop; returns the exit code."""
+    """The setup (the named functions above), then the training loop; returns the exit code."""
     parser = get_parser()
     args = parser.parse_args(argv)
     validate(parser, args)

@@ -175,10 +175,11 @@ def main():
         if stray:
             print(f"warning: {f}: fence comment(s) at line(s) {stray} precede no statement (not skipped)")
     git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True).stdout.strip()
-    commit, dirty = git("rev-parse", "--short", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+    commit = git("rev-parse", "--short", "HEAD") or None  # (None: not a git checkout, e.g. a `git archive` copy)
+    dirty = bool(commit and git("status", "--porcelain", "--untracked-files=no"))
     total = {k: sum(r[k] for r in result.values()) for k in ("lines", "code", "fenced")}
-    print(f"plain path of {root} ({commit}{' + changes' if dirty else ''}): {total['lines']} lines, {total['code']} "
-          f"of them code; {total['fenced']} fenced experiment lines skipped")
+    print(f"plain path of {root} ({args.tag or commit}{' + changes' if dirty else ''}): {total['lines']} lines, "
+          f"{total['code']} of them code; {total['fenced']} fenced experiment lines skipped")
     for f, r in result.items():
         print(f"  {f:<14} {r['lines']:>5} lines {r['code']:>5} code {r['fenced']:>4} fenced  "
               f"({len(r['functions'])} functions)")
