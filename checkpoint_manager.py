@@ -18,16 +18,24 @@ save_async() takes the write off the training loop: the state is copied to the C
 on changing), then a background thread writes it exactly as save() does. At most one write is in flight; the
 next save waits for it, and wait() (call it before exiting) re-raises a failed write.
 
+Also here, because they are about what is on disk rather than about training: loading (weights_only, partial
+loads for --init, the original CLIP / OpenCLIP layout both ways), a run's folders (claim_folders: a lock while a run
+writes there, and no earlier run mixed in), the RNG state, and adapters saved alone.
+
 Left out on purpose: sharded (FSDP) checkpoints, cloud storage. Only the master process of a DDP run saves.
 """
 
+import contextlib
 import glob
+import json
 import os
 import pickle
 import random
 import re
 import shutil
+import socket
 import threading
+import time
 from typing import NamedTuple
 
 import numpy as np
@@ -285,20 +293,104 @@ def diff_configs(a, b, prefix=""):
     return ", ".join(x for x in out if x)
 
 
+# -----------------------------------------------------------------------------
+# the original CLIP / OpenCLIP state dict, both ways (what --init reads; bench/ compares against OpenCLIP with it)
+
+# ours <-> theirs; block keys are handled by BLOCK_KEYS, projections are transposed (they store x @ proj)
+OPENAI_KEYS = {
+    "visual.patch_embed.weight": "visual.conv1.weight",
+    "visual.cls_token": "visual.class_embedding",
+    "visual.pos_embed": "visual.positional_embedding",
+    "visual.ln_pre.weight": "visual.ln_pre.weight", "visual.ln_pre.bias": "visual.ln_pre.bias",
+    "visual.ln_post.weight": "visual.ln_post.weight", "visual.ln_post.bias": "visual.ln_post.bias",
+    "visual.proj.weight": "visual.proj",
+    "text.token_embed.weight": "token_embedding.weight",
+    "text.pos_embed": "positional_embedding",
+    "text.ln_final.weight": "ln_final.weight", "text.ln_final.bias": "ln_final.bias",
+    "text.proj.weight": "text_projection",
+    "logit_scale": "logit_scale",
+}
+BLOCK_KEYS = {
+    "ln_1.weight": "ln_1.weight", "ln_1.bias": "ln_1.bias", "ln_2.weight": "ln_2.weight", "ln_2.bias": "ln_2.bias",
+    "attn.qkv.weight": "attn.in_proj_weight", "attn.qkv.bias": "attn.in_proj_bias",
+    "attn.proj.weight": "attn.out_proj.weight", "attn.proj.bias": "attn.out_proj.bias",
+    "mlp.c_fc.weight": "mlp.c_fc.weight", "mlp.c_fc.bias": "mlp.c_fc.bias",
+    "mlp.c_proj.weight": "mlp.c_proj.weight", "mlp.c_proj.bias": "mlp.c_proj.bias",
+}
+TOWER_PREFIX = {"visual.blocks.": "visual.transformer.resblocks.", "text.blocks.": "transformer.resblocks."}
+
+def to_openai_state_dict(model):
+    """Our CLIP model's weights under the original CLIP / OpenCLIP names (linear heads, the softmax loss only)."""
+    if model.config.head != "linear":
+        raise ValueError("only head='linear' models have an original-CLIP equivalent")
+    if model.config.loss != "clip":
+        raise ValueError("a SigLIP model (loss='siglip') has a learned logit bias that original CLIP has not, "
+                         "and its logit scale means something else; it has no original-CLIP equivalent")
+    out = {}
+    for k, v in model.state_dict().items():
+        if k in OPENAI_KEYS:
+            out[OPENAI_KEYS[k]] = v.t() if k.endswith("proj.weight") else v
+            continue
+        m = re.match(r"(visual\.blocks\.|text\.blocks\.)(\d+)\.(.+)", k)
+        if m is None or m.group(3) not in BLOCK_KEYS:
+            raise ValueError(f"no original-CLIP name for {k!r} (adapters and polytope heads have none)")
+        out[TOWER_PREFIX[m.group(1)] + m.group(2) + "." + BLOCK_KEYS[m.group(3)]] = v
+    return out
+
+def from_openai_state_dict(sd, quick_gelu=True, vision_heads=None, text_heads=None, pool="eot"):
+    """Our CLIP model from an original CLIP / OpenCLIP ViT state dict, the config inferred from the shapes.
+    Head counts are not in the shapes: CLIP's rule is width // 64 (override with vision_heads/text_heads)."""
+    from clip import CLIP, CLIPConfig, TextConfig, VisionConfig  # lazy, as in load_model
+    sd = {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+    if "visual.conv1.weight" not in sd:
+        raise ValueError("not a CLIP ViT state dict: 'visual.conv1.weight' is missing (ResNet towers are not supported)")
+    count = lambda prefix: len({k.split(".")[len(prefix.split(".")) - 1] for k in sd if k.startswith(prefix)})
+
+    def heads(given, width, tower):  # width // 64 only where it divides: 0 heads is not what went wrong
+        if not given and width % 64:
+            raise ValueError(f"cannot infer the {tower} tower's head count from its width {width} (CLIP's rule, "
+                             f"width // 64, needs a multiple of 64): give {tower}_heads")
+        return given or width // 64
+    vw, _, patch, _ = sd["visual.conv1.weight"].shape
+    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    ctx, tw = sd["positional_embedding"].shape
+    config = CLIPConfig(
+        VisionConfig(img_size=grid * patch, patch_size=patch, width=vw,
+                     layers=count("visual.transformer.resblocks."), heads=heads(vision_heads, vw, "vision")),
+        TextConfig(vocab_size=sd["token_embedding.weight"].shape[0], context_length=ctx, width=tw,
+                   layers=count("transformer.resblocks."), heads=heads(text_heads, tw, "text"), pool=pool),
+        embed_dim=sd["text_projection"].shape[1], quick_gelu=quick_gelu)
+    model = CLIP(config)
+    ours = {}
+    theirs_to_ours = {v: k for k, v in OPENAI_KEYS.items()}
+    block_back = {v: k for k, v in BLOCK_KEYS.items()}
+    for k, v in sd.items():
+        if k in theirs_to_ours:
+            ours[theirs_to_ours[k]] = v.t() if theirs_to_ours[k].endswith("proj.weight") else v
+            continue
+        m = re.match(r"(visual\.transformer\.resblocks\.|transformer\.resblocks\.)(\d+)\.(.+)", k)
+        if m is None or m.group(3) not in block_back:
+            raise ValueError(f"unexpected key in the original state dict: {k!r}")
+        prefix = {v: k for k, v in TOWER_PREFIX.items()}[m.group(1)]
+        ours[prefix + m.group(2) + "." + block_back[m.group(3)]] = v
+    model.load_state_dict(ours, strict=True)  # every tensor is loaded, or this raises
+    return model
+
+
 # Head counts are not in a state dict's shapes. CLIP's towers have heads of width 64, except OpenCLIP's ViT-H/g/bigG/e-14
 # image towers (widths 1280, 1408, 1664, 1792: 16 heads of width 80-112); their text towers keep width 64
 WIDE_VISION_HEADS = {1280: 16, 1408: 16, 1664: 16, 1792: 16}
 
 def load_init(path, quick_gelu, heads=None, quiet=False):
     """--init file -> (state dict, config dict, tokenizer dict or None): our checkpoint, or an original CLIP /
-    OpenCLIP ViT state dict (converted by clip.py). heads: (image, text) head counts for the latter (--init_heads);
-    None infers them from the widths and prints what it assumed, or raises when a width cannot say."""
-    from clip import CLIP  # lazy, as in load_model
+    OpenCLIP ViT state dict (converted by from_openai_state_dict). heads: (image, text) head counts for the latter
+    (--init_heads); None infers them from the widths and prints what it assumed, or raises when a width cannot say."""
     sd = load(path)
     if "model" in sd and "config" in sd:
         return strip_prefixes(sd["model"]), sd["config"], sd.get("tokenizer")
     sd = strip_prefixes(sd.get("state_dict", sd))
-    if heads is None and {"visual.conv1.weight", "positional_embedding"} <= sd.keys():  # else clip.py says what is missing
+    # (a state dict without these keys: from_openai_state_dict says what is missing)
+    if heads is None and {"visual.conv1.weight", "positional_embedding"} <= sd.keys():
         vw, tw = sd["visual.conv1.weight"].shape[0], sd["positional_embedding"].shape[1]
         odd = [f"{tower} width {w}" for tower, w in (("image", vw), ("text", tw)) if w % 64]
         if odd:
@@ -310,7 +402,7 @@ def load_init(path, quick_gelu, heads=None, quiet=False):
             print(f"--init {path}: an original CLIP state dict has no head counts; assumed {heads[0]} image heads (width "
                   f"{vw}) and {heads[1]} text heads (width {tw}); if wrong, give them with --init_heads IMAGE TEXT")
     vision_heads, text_heads = heads or (None, None)
-    model = CLIP.from_openai_state_dict(sd, quick_gelu=quick_gelu, vision_heads=vision_heads, text_heads=text_heads)
+    model = from_openai_state_dict(sd, quick_gelu=quick_gelu, vision_heads=vision_heads, text_heads=text_heads)
     return model.state_dict(), model.config.to_dict(), None
 
 
@@ -326,6 +418,105 @@ def load_model(path, map_location="cpu"):
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)
     return model.eval(), ckpt
+
+# -----------------------------------------------------------------------------
+# a run's folders (<out>/<run>, <log_dir>/<run>) belong to one run: a lock while it runs, no earlier run mixed in
+
+LOCK = "run.lock"  # in each of a run's folders while it runs: {"pid", "host", "since"}
+
+def earlier_run(out_dir, log_dir):
+    """What an earlier run left in these folders, in words ('' when nothing): checkpoints, logged metrics."""
+    manager, found = CheckpointManager(out_dir), []
+    if manager.step_files():
+        found.append(f"checkpoints up to {os.path.basename(manager.step_files()[-1])}")
+    elif manager.latest() or os.path.exists(os.path.join(manager.dir, "best.pt")):
+        found.append("checkpoints")
+    metrics = os.path.join(log_dir, "metrics.jsonl")
+    if os.path.isfile(metrics) and os.path.getsize(metrics):
+        found.append(f"metrics in {metrics}")
+    return " and ".join(found)
+
+def read_lock(path):
+    """A lock file's {"pid", "host", "since"}, or None when it is missing, being written or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lock = json.load(f)
+        return lock if isinstance(lock, dict) and isinstance(lock.get("pid"), int) else None
+    except (OSError, ValueError):
+        return None
+
+def take_lock(folder):
+    """Create <folder>/run.lock naming this process; None, or the line saying which live run holds it. A lock whose
+    holder is dead (this host, its pid gone: killed, out of memory) is taken over. Raises OSError when the folder
+    cannot be written (read-only, full): found now, not at the first checkpoint."""
+    path, host = os.path.join(folder, LOCK), socket.gethostname()
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # fails when it exists: one winner
+        except FileExistsError:
+            holder = read_lock(path)
+            if holder is None or holder.get("host") != host or pid_alive(holder["pid"]):
+                who = f"pid {holder['pid']} on {holder.get('host')}, since {holder.get('since')}" if holder else "unreadable lock"
+                gone = "" if holder and holder.get("host") == host else f"; if no run uses it, delete {path}"
+                return f"{folder} is in use by another run ({who}): wait for it to end or use another --run_name{gone}"
+            # a dead holder: move its lock aside under our own name (one taker wins), then try again
+            aside = f"{path}.stale{os.getpid()}"
+            try:
+                os.rename(path, aside)
+            except FileNotFoundError:
+                continue  # another run moved it first
+            if read_lock(aside) != holder:  # a live run's fresh lock moved by mistake: put it back
+                with contextlib.suppress(FileExistsError):
+                    os.link(aside, path)
+            os.unlink(aside)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "host": host, "since": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+        return None
+    return f"{folder}: could not take {path} (other runs are starting there)"
+
+def release_lock(path):
+    if (read_lock(path) or {}).get("pid") == os.getpid():
+        os.unlink(path)
+
+def claim_folders(out_dir, log_dir, resume, overwrite):
+    """Make this run's folders its own: made, writable and locked, and holding no earlier run unless this one
+    continues it (--resume latest, or a checkpoint inside <out>/<run>); --overwrite moves an earlier run aside
+    (never deletes it). Returns (lock files to release at the end, None) or ([], the line saying why not)."""
+    folders, locks = list(dict.fromkeys(os.path.abspath(f) for f in (out_dir, log_dir))), []
+    for folder in folders:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            why = take_lock(folder)
+        except OSError as e:
+            why = f"cannot write in {folder} ({e.strerror}): choose --out and --log_dir folders this run can write"
+        if why:
+            for lock in locks:
+                release_lock(lock)
+            return [], why
+        locks.append(os.path.join(folder, LOCK))
+    inside = resume is not None and os.path.abspath(resume).startswith(os.path.abspath(out_dir) + os.sep)
+    earlier = "" if resume == "latest" or inside else earlier_run(out_dir, log_dir)
+    if not earlier:
+        return locks, None
+    for lock in locks:
+        release_lock(lock)
+    if resume is not None:
+        return [], f"{out_dir} holds another run ({earlier}); --resume {resume} would mix the two: use another --run_name"
+    if not overwrite:
+        again = "continue it with --resume latest (or --resume auto), " if "checkpoints" in earlier else ""
+        return [], (f"{out_dir} already holds a run ({earlier}): {again}give this run another --run_name, or start "
+                    f"over with --overwrite (the earlier run is moved aside, not deleted)")
+    stamp, moved = time.strftime("%Y%m%d-%H%M%S"), []
+    for folder in folders:
+        if os.path.isdir(folder) and os.listdir(folder):
+            aside, i = f"{folder}.old-{stamp}", 1
+            while os.path.exists(aside):
+                aside, i = f"{folder}.old-{stamp}-{i}", i + 1
+            os.rename(folder, aside)
+            moved.append(aside)
+    print(f"moved the earlier run aside (not deleted) to {' and '.join(moved)}")
+    return claim_folders(out_dir, log_dir, resume, overwrite=False)
 
 # -----------------------------------------------------------------------------
 # RNG state, in weights_only-safe form (tensors, lists, numbers, strings)

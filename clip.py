@@ -13,12 +13,15 @@ References:
 Order: configs and presets -> building blocks (MLP, attention, block) -> VisionTransformer ->
 TextTransformer -> CLIP -> losses -> FLOPs/MFU and the optimizer.
 
+Experiments live inline, where the tensors are; a statement that belongs to one alone is fenced by a comment line
+`# NAME: ...` (SigLIP, FLIP, Long-CLIP, hard negatives, adapters, distillation, LiT), so the plain CLIP path reads
+by skipping those. Weight conversion to and from the original CLIP / OpenCLIP layout is in checkpoint_manager.py.
+
 Left out on purpose: the ResNet image towers, dropout (CLIP trains without it), attention pooling, and any
 model registry: presets are plain functions returning a config.
 """
 
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple, Optional
 
@@ -255,13 +258,12 @@ class Block(nn.Module):
         self.attn = Attention(width, heads, causal)
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = MLP(width, quick_gelu)
-        self.adapter_attn = self.adapter_mlp = None  # set by CLIP.add_adapters
+        # identities (no parameters, so no state dict keys) until CLIP.add_adapters puts bottleneck adapters here
+        self.adapter_attn, self.adapter_mlp = nn.Identity(), nn.Identity()
 
     def forward(self, x):  # (B, T, C) -> (B, T, C)
-        a = self.attn(self.ln_1(x))
-        x = x + (self.adapter_attn(a) if self.adapter_attn is not None else a)
-        m = self.mlp(self.ln_2(x))
-        return x + (self.adapter_mlp(m) if self.adapter_mlp is not None else m)
+        x = x + self.adapter_attn(self.attn(self.ln_1(x)))
+        return x + self.adapter_mlp(self.mlp(self.ln_2(x)))
 
 
 def run_blocks(blocks, x, grad_ckpt):
@@ -328,6 +330,7 @@ class VisionTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (B, g*g, C)
         pos = self.pos_embed.to(x.dtype)  # (g*g + 1, C)
         x = x + pos[1:]  # positions first, so a kept patch still knows where it was
+        # FLIP: only the kept patches go on
         if patch_keep is not None:
             x = x.gather(1, patch_keep[..., None].expand(-1, -1, x.shape[2]))  # (B, K, C) the kept patches only
         cls = (self.cls_token.to(x.dtype) + pos[0]).expand(x.shape[0], 1, -1)  # (B, 1, C) always kept
@@ -346,9 +349,9 @@ class TextTransformer(nn.Module):
         tc = config.text
         self.pool, self.pool_layers = tc.pool, tc.pool_layers
         self.token_embed = nn.Embedding(tc.vocab_size, tc.width)
-        # Long-CLIP keeps the first freeze_positions rows fixed: a buffer, so no optimizer (or decay) can move them
-        self.freeze_positions = tc.freeze_positions
+        self.freeze_positions = tc.freeze_positions  # 0 but in Long-CLIP
         self.pos_embed = nn.Parameter(torch.zeros(tc.context_length - tc.freeze_positions, tc.width))
+        # Long-CLIP: the first freeze_positions rows stay fixed: a buffer, so no optimizer (or decay) can move them
         if tc.freeze_positions:
             self.register_buffer("pos_fixed", torch.zeros(tc.freeze_positions, tc.width))
         self.blocks = nn.ModuleList(Block(tc.width, tc.heads, True, config.quick_gelu) for _ in range(tc.layers))
@@ -408,21 +411,23 @@ class CLIP(nn.Module):
         self.config = config
         self.visual = VisionTransformer(config)
         self.text = TextTransformer(config)
-        # the inverse temperature, learned in log space: CLIP starts at 1/0.07; SigLIP at 10 with a bias of -10, so
-        # that at init every pair's logit is about -10 (most pairs are negatives: starting there avoids a first
-        # phase spent only pushing all the sigmoids down)
-        siglip = config.loss == "siglip"
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0 if siglip else 1 / 0.07)))
-        if siglip:  # the model holds the bias only when its loss uses it (so a CLIP checkpoint is unchanged)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # the inverse temperature, in log space
+        # SigLIP: scale 10 and a bias of -10, so that at init every pair's logit is about -10 (most pairs are negatives:
+        # starting there avoids a first phase spent only pushing all the sigmoids down). Only a SigLIP model holds the
+        # bias, so a CLIP checkpoint is unchanged
+        if config.loss == "siglip":
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
             self.logit_bias = nn.Parameter(torch.tensor(-10.0))
         # CLIP's image statistics (1, 3, 1, 1) on the model's device, so forward normalises uint8 images with no host
         # tensors per call (inside the compiled graph); not persistent, so checkpoint keys do not change
         self.register_buffer("image_mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
         self.init_weights()
+        # adapters: bottleneck adapters in every block of the chosen towers (VL-Adapter)
         if config.adapters:
             self.add_adapters(config.adapters, config.adapter_towers)
-        if config.teacher_dim and config.teacher_dim != config.output_dim:  # student -> teacher space (distillation)
+        # distillation: a learned projection from the student's space to the teacher's when their sizes differ
+        if config.teacher_dim and config.teacher_dim != config.output_dim:
             self.distill_proj = nn.Linear(config.output_dim, config.teacher_dim, bias=False)
 
     def init_weights(self):
@@ -445,6 +450,7 @@ class CLIP(nn.Module):
         nn.init.normal_(self.visual.pos_embed, std=scale)
         nn.init.normal_(self.text.token_embed.weight, std=0.02)
         nn.init.normal_(self.text.pos_embed, std=0.01)
+        # Long-CLIP: the frozen first positions
         if self.text.freeze_positions:
             nn.init.normal_(self.text.pos_fixed, std=0.01)
 
@@ -461,9 +467,12 @@ class CLIP(nn.Module):
             images = (images.float() / 255.0 - self.image_mean) / self.image_std
         img = F.normalize(self.encode_image(images, patch_keep=patch_keep), dim=-1)  # (B, E) on the unit sphere
         txt = F.normalize(self.encode_text(tokens), dim=-1)  # (B, E)
-        short = None if tokens_short is None else F.normalize(self.encode_text(tokens_short), dim=-1)  # (B, E)
-        neg = None if tokens_neg is None else self.encode_negatives(tokens_neg)  # (B, K, E)
-        bias = self.logit_bias if self.config.loss == "siglip" else None  # () SigLIP only
+        # Long-CLIP: the short captions' embeddings (B, E)
+        short = None if tokens_short is None else F.normalize(self.encode_text(tokens_short), dim=-1)
+        # hard negatives: the negative captions' embeddings (B, K, E)
+        neg = None if tokens_neg is None else self.encode_negatives(tokens_neg)
+        # SigLIP: the learned bias ()
+        bias = self.logit_bias if self.config.loss == "siglip" else None
         return CLIPOutput(img, txt, self.logit_scale.exp(), logit_bias=bias, text_short=short, text_neg=neg)
 
     def encode_negatives(self, tokens_neg):
@@ -509,6 +518,7 @@ class CLIP(nn.Module):
                 for p in m.parameters():
                     p.requires_grad_(True)
 
+    # LiT: a fully frozen tower stays in eval mode
     def train(self, mode=True):
         """Fully frozen towers stay in eval mode (they behave as the pretrained model did)."""
         super().train(mode)
@@ -519,87 +529,6 @@ class CLIP(nn.Module):
 
     def num_params(self, trainable_only=False):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
-
-    # --- the original CLIP / OpenCLIP state dict, both ways -------------------------------------------------
-
-    # ours <-> theirs; block keys are handled by BLOCK_KEYS, projections are transposed (they store x @ proj)
-    OPENAI_KEYS = {
-        "visual.patch_embed.weight": "visual.conv1.weight",
-        "visual.cls_token": "visual.class_embedding",
-        "visual.pos_embed": "visual.positional_embedding",
-        "visual.ln_pre.weight": "visual.ln_pre.weight", "visual.ln_pre.bias": "visual.ln_pre.bias",
-        "visual.ln_post.weight": "visual.ln_post.weight", "visual.ln_post.bias": "visual.ln_post.bias",
-        "visual.proj.weight": "visual.proj",
-        "text.token_embed.weight": "token_embedding.weight",
-        "text.pos_embed": "positional_embedding",
-        "text.ln_final.weight": "ln_final.weight", "text.ln_final.bias": "ln_final.bias",
-        "text.proj.weight": "text_projection",
-        "logit_scale": "logit_scale",
-    }
-    BLOCK_KEYS = {
-        "ln_1.weight": "ln_1.weight", "ln_1.bias": "ln_1.bias", "ln_2.weight": "ln_2.weight", "ln_2.bias": "ln_2.bias",
-        "attn.qkv.weight": "attn.in_proj_weight", "attn.qkv.bias": "attn.in_proj_bias",
-        "attn.proj.weight": "attn.out_proj.weight", "attn.proj.bias": "attn.out_proj.bias",
-        "mlp.c_fc.weight": "mlp.c_fc.weight", "mlp.c_fc.bias": "mlp.c_fc.bias",
-        "mlp.c_proj.weight": "mlp.c_proj.weight", "mlp.c_proj.bias": "mlp.c_proj.bias",
-    }
-    TOWER_PREFIX = {"visual.blocks.": "visual.transformer.resblocks.", "text.blocks.": "transformer.resblocks."}
-
-    def to_openai_state_dict(self):
-        if self.config.head != "linear":
-            raise ValueError("only head='linear' models have an original-CLIP equivalent")
-        if self.config.loss != "clip":
-            raise ValueError("a SigLIP model (loss='siglip') has a learned logit bias that original CLIP has not, "
-                             "and its logit scale means something else; it has no original-CLIP equivalent")
-        out = {}
-        for k, v in self.state_dict().items():
-            if k in self.OPENAI_KEYS:
-                out[self.OPENAI_KEYS[k]] = v.t() if k.endswith("proj.weight") else v
-                continue
-            m = re.match(r"(visual\.blocks\.|text\.blocks\.)(\d+)\.(.+)", k)
-            if m is None or m.group(3) not in self.BLOCK_KEYS:
-                raise ValueError(f"no original-CLIP name for {k!r} (adapters and polytope heads have none)")
-            out[self.TOWER_PREFIX[m.group(1)] + m.group(2) + "." + self.BLOCK_KEYS[m.group(3)]] = v
-        return out
-
-    @classmethod
-    def from_openai_state_dict(cls, sd, quick_gelu=True, vision_heads=None, text_heads=None, pool="eot"):
-        """Build a model from an original CLIP / OpenCLIP ViT state dict, inferring the config from the shapes.
-        Head counts are not in the shapes: CLIP's rule is width // 64 (override with vision_heads/text_heads)."""
-        sd = {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
-        if "visual.conv1.weight" not in sd:
-            raise ValueError("not a CLIP ViT state dict: 'visual.conv1.weight' is missing (ResNet towers are not supported)")
-        count = lambda prefix: len({k.split(".")[len(prefix.split(".")) - 1] for k in sd if k.startswith(prefix)})
-
-        def heads(given, width, tower):  # width // 64 only where it divides: 0 heads is not what went wrong
-            if not given and width % 64:
-                raise ValueError(f"cannot infer the {tower} tower's head count from its width {width} (CLIP's rule, "
-                                 f"width // 64, needs a multiple of 64): give {tower}_heads")
-            return given or width // 64
-        vw, _, patch, _ = sd["visual.conv1.weight"].shape
-        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-        ctx, tw = sd["positional_embedding"].shape
-        config = CLIPConfig(
-            VisionConfig(img_size=grid * patch, patch_size=patch, width=vw,
-                         layers=count("visual.transformer.resblocks."), heads=heads(vision_heads, vw, "vision")),
-            TextConfig(vocab_size=sd["token_embedding.weight"].shape[0], context_length=ctx, width=tw,
-                       layers=count("transformer.resblocks."), heads=heads(text_heads, tw, "text"), pool=pool),
-            embed_dim=sd["text_projection"].shape[1], quick_gelu=quick_gelu)
-        model = cls(config)
-        ours = {}
-        theirs_to_ours = {v: k for k, v in cls.OPENAI_KEYS.items()}
-        block_back = {v: k for k, v in cls.BLOCK_KEYS.items()}
-        for k, v in sd.items():
-            if k in theirs_to_ours:
-                ours[theirs_to_ours[k]] = v.t() if theirs_to_ours[k].endswith("proj.weight") else v
-                continue
-            m = re.match(r"(visual\.transformer\.resblocks\.|transformer\.resblocks\.)(\d+)\.(.+)", k)
-            if m is None or m.group(3) not in block_back:
-                raise ValueError(f"unexpected key in the original state dict: {k!r}")
-            prefix = {v: k for k, v in cls.TOWER_PREFIX.items()}[m.group(1)]
-            ours[prefix + m.group(2) + "." + block_back[m.group(3)]] = v
-        model.load_state_dict(ours, strict=True)  # every tensor is loaded, or this raises
-        return model
 
 
 # -----------------------------------------------------------------------------

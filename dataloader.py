@@ -1081,7 +1081,8 @@ class BatchMaker:
         except Exception:
             raise BadSample("bad_image") from None
         caption, short = txt, ""
-        if self.long_captions:  # Long-CLIP: the long caption is the text, the short one its summary
+        # Long-CLIP: the long caption is the text, the short one its summary
+        if self.long_captions:
             caption, short = meta.get("long"), meta.get("short")
             if not isinstance(caption, str) or not isinstance(short, str):
                 raise BadSample("missing_long_caption")
@@ -1109,7 +1110,8 @@ class BatchMaker:
         notes, bad, n, S = [], [], len(pairs), self.img_size
         image = np.empty((n, 3, S, S), dtype=np.uint8)  # (B, 3, S, S), filled in place
         captions, shorts, labels = [""] * n, [""] * n, [-1] * n
-        arrays = {f: [None] * n for f in self.fields}
+        arrays = {f: [None] * n for f in self.fields}  # stored arrays (distillation's teacher embeddings)
+        # hard negatives: each sample's negative captions
         negs = [[] for _ in range(n)]
         # visit shards in order of first use, so a batch straddling two windows evicts the older one first
         for s in dict.fromkeys(pairs[:, 0].tolist()):
@@ -1120,6 +1122,7 @@ class BatchMaker:
                     try:
                         image[i], captions[i], shorts[i], labels[i], a = self.read(data, samples[k], epoch,
                                                                                    int(positions[i]))
+                        # hard negatives: read with the sample, so a sample without them is bad as a whole
                         negs[i] = self.read_negatives(data, samples[k]) if self.negatives else []
                         break
                     except BadSample as e:
@@ -1136,11 +1139,13 @@ class BatchMaker:
                     arrays[f][i] = a[f]
         batch = {"image": torch.from_numpy(image),
                  "text": self.tokenizer.tokenize(captions, self.context_length)}  # int64 (B, ctx)
+        # Long-CLIP: the short captions
         if self.long_captions:
             batch["text_short"] = self.tokenizer.tokenize(shorts, self.context_length)  # int64 (B, ctx)
         if self.labels:
             batch["label"] = torch.tensor(labels, dtype=torch.int64)  # (B,)
-        if self.negatives:  # fixed slots per sample; an empty slot is an all-zero row (no sot), masked in the loss
+        # hard negatives: fixed slots per sample; an empty slot is an all-zero row (no sot), masked in the loss
+        if self.negatives:
             tok = torch.zeros(n * self.num_negatives, self.context_length, dtype=torch.int64)  # (B*K, ctx)
             flat = [(i * self.num_negatives + j, c) for i, cs in enumerate(negs) for j, c in enumerate(cs)]
             if flat:

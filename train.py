@@ -13,6 +13,13 @@ The loop never waits for the GPU except on log steps (every --log_every steps, a
 loss, grad norm and logit scale stay on the device until then, the next batch is copied to the device while the
 current step runs, and checkpoints are written by a background thread.
 
+Reading order: run() at the bottom is the spine (the setup, then the training loop); above it, the command line,
+the setup functions in the order run() calls them, the step (loss, forward and backward), the evaluation, and the
+loop's machinery. Experiment lines are fenced: a comment `# NAME: ...` (Long-CLIP, distillation, hard negatives,
+SigLIP, FLIP, adapters, LiT) starts the one statement that belongs to that experiment alone, so the plain CLIP path
+reads by skipping them. launch.py holds the DDP machinery (torchrun/SLURM, the dead-rank watch); checkpoint_manager.py
+the run folders' locks.
+
 Left out on purpose: FSDP/tensor parallelism (CLIP at these sizes fits one GPU per replica), gradient scaling
 (bf16 needs none), EMA weights, and wandb (metrics.jsonl + PNGs in logs/<run>/ instead).
 """
@@ -20,17 +27,14 @@ Left out on purpose: FSDP/tensor parallelism (CLIP at these sizes fits one GPU p
 import argparse
 import contextlib
 import datetime
-import json
 import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import uuid
 
 
 def exit_now(signum, message):
@@ -53,7 +57,8 @@ from tqdm import tqdm
 import checkpoint_manager as cm
 import clip
 from dataloader import (CROP_AREA, CROP_RATIO, ShardLoader, auto_workers, data_fingerprint, is_url, load_tokenizer,
-                        negative_slots, pid_alive, read_index, teacher_embedding_dim)
+                        negative_slots, read_index, teacher_embedding_dim)
+from launch import LAUNCHERS, PeerWatch, launch_env, unshared_ranks
 from logger import Logger
 from tokenizer import Tokenizer
 
@@ -69,7 +74,10 @@ PLOT_EVERY_S = 300  # redraw the PNGs after an eval at most this often (drawing 
 NEGATIVE_KEYS = {"none": (), "swaps": ("negatives",), "mined": ("mined",), "both": ("negatives", "mined")}
 # a sane bound: 4x Long-CLIP's 248 tokens holds any caption; past it only the text attention's cost (T^2) grows
 MAX_CONTEXT = 1024
-LOCK = "run.lock"  # in each of a run's folders while it runs: {"pid", "host", "since"}
+
+
+# -----------------------------------------------------------------------------
+# the command line
 
 
 def get_parser():
@@ -220,6 +228,234 @@ def validate(parser, args):
                      "or --loss siglip")
 
 
+# -----------------------------------------------------------------------------
+# setup, in the order run() calls it: processes and devices, defaults, data, the model's config, resume, loaders,
+# the model
+
+
+def setup_distributed():
+    """One code path for CPU, one GPU, torchrun and SLURM's srun: (ddp, rank, world, device, peers). Rank 0 prints the
+    launcher it saw; under DDP every rank watches the others (peers: a launch.PeerWatch, else None)."""
+    launcher, rank, local_rank, world, local_world = launch_env(os.environ)
+    if launcher == "slurm":  # what init_process_group("env://"), device_defaults and the loader read
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
+                          LOCAL_WORLD_SIZE=str(local_world))
+    ddp, peers = world > 1, None
+    if rank == 0 and launcher is not None:  # (a plain `python train.py` has nothing to say here)
+        where = f", rendezvous {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}" if ddp else ""
+        print(f"launcher: {LAUNCHERS[launcher]}, {world} process{'es' * ddp}{where}", flush=True)
+    # modulo: srun --gpus-per-task shows each task only its own GPU, as cuda:0
+    device = f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    if ddp:  # device_id binds NCCL to this GPU at once; the timeout outlasts rank 0's work alone (PG_TIMEOUT)
+        extra = {"device_id": torch.device(device)} if device.startswith("cuda") else {}
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=PG_TIMEOUT, **extra)
+        peers = PeerWatch(rank, world, [0] if launcher == "slurm" else list(range(local_world)))
+    return ddp, rank, world, device, peers
+
+
+def run_defaults(args, cuda):
+    """Fill --data and --preset when not given, from the machine: on CUDA the real run, the seed preset on GPU_DATA
+    once it holds a prepared set (so the design card's `python train.py --batch 1024 --max_lr 3e-4` is it), else the
+    demo, the tiny preset on the built-in synthetic set (args.data stays None for it). A flag given always wins; an
+    unset --preset follows the data: seed for real data on CUDA, tiny for a synthetic set and on a CPU. A resumed
+    run resolves the same way on the same machine, so it finds its own run folder (run names are preset-data).
+    Returns (the start line's words for it, a hint line when CUDA falls back to the demo, else None)."""
+    unset = [flag for flag, v in (("--preset", args.preset), ("--data", args.data)) if v is None]
+    why = None
+    if args.data is None and cuda:
+        try:
+            read_index(GPU_DATA, "train")  # a prepared set: index.json readable, its train shards on disk
+            args.data = GPU_DATA
+        except (OSError, ValueError) as e:
+            why = f"{GPU_DATA} holds no prepared set yet: {e}" if os.path.exists(GPU_DATA) else f"there is no {GPU_DATA}"
+    if args.preset is None:  # seed for real data on CUDA, tiny for a synthetic set and on a CPU
+        try:
+            real = cuda and args.data is not None and read_index(args.data).get("source") != "synthetic"
+        except (OSError, ValueError):  # a broken --data: load_data says what is wrong with it
+            real = False
+        args.preset = "seed" if real else "tiny"
+    said = f"{args.preset} preset on {args.data or DEFAULT_DATA}"
+    if unset:
+        said += f" ({' and '.join(unset)}: the default{'s' * (len(unset) > 1)} on {'CUDA' if cuda else 'a CPU'})"
+    hint = None if why is None else (
+        f"note: {why}, so this CUDA run is the demo ({args.preset} preset, built-in synthetic set). The real run: "
+        f"bash setup_gpu.sh --prep t2i 200000 (or python prep_dataset.py text-to-image-2m --out {GPU_DATA} --limit "
+        f"200000), then this command again; --preset and --data choose explicitly")
+    return said, hint
+
+
+def device_defaults(args, device):
+    """Fill the flags left to the machine: bf16 where CUDA supports it, compile on CUDA, loader workers from the
+    cores this machine's ranks share. Returns how the start line describes them."""
+    cuda = device.startswith("cuda")
+    said = []
+    if args.precision == "auto":
+        args.precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+        said.append(f"{args.precision} (auto)")
+    else:
+        said.append(args.precision if cuda or args.precision == "fp32" else "fp32 (bf16 needs CUDA)")
+    if args.compile is None:
+        args.compile = cuda
+    said.append("compiled" if args.compile else "not compiled")
+    auto = args.workers is None
+    if auto:
+        args.workers = auto_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    said.append(f"{args.workers} loader worker{'s' * (args.workers != 1)} per rank{' (auto)' * auto}")
+    return ", ".join(said)
+
+
+def ensure_synthetic(path, quiet, master):
+    """The built-in dataset: made on first use (about a minute on 2 cores)."""
+    if master and not os.path.isfile(os.path.join(path, "index.json")):
+        print(f"no --data given and {path} does not exist yet: creating the built-in synthetic dataset there")
+        prep = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prep_dataset.py")  # its CLI, not its helpers
+        if subprocess.run([sys.executable, prep, "synthetic", "--out", path] + (["--quiet"] if quiet else [])).returncode:
+            raise ValueError(f"making the built-in synthetic dataset in {path} failed (see above)")
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_data(args, master):
+    """(data dir, its index.json, its tokenizer, checkpoint dir, log dir): --data, else the built-in synthetic set."""
+    data = args.data or DEFAULT_DATA
+    if args.data is None:
+        ensure_synthetic(data, args.quiet, master)
+    index = read_index(data, "train")  # checked: one clear line for any problem
+    run = args.run_name or f"{args.preset}-{os.path.basename(os.path.normpath(data))}"
+    return data, index, load_tokenizer(os.path.join(data, "tokenizer.json")), os.path.join(args.out, run), \
+        os.path.join(args.log_dir, run)
+
+
+def build_config(args, index, tokenizer, teacher_dim, master=True):
+    """The run's model config (and tokenizer): the preset sized to the data, or --init's architecture with the
+    pooling/adapter flags on top; --long with --init stretches the text positions (Long-CLIP)."""
+    init_sd = None
+    if args.init:
+        init_sd, cfg, tok = cm.load_init(args.init, args.quick_gelu, args.init_heads, quiet=not master)
+        if tok is not None:  # the model's token embeddings go with its own tokenizer
+            tokenizer = Tokenizer.from_dict(tok)
+        if cfg["vision"]["img_size"] != index["img_size"]:
+            raise ValueError(f"--init model takes {cfg['vision']['img_size']} px images but the data has {index['img_size']} px")
+        if args.context_length not in (None, cfg["text"]["context_length"]):  # its position table fixes it
+            raise ValueError(f"--context_length {args.context_length}: the --init model's text context is "
+                             f"{cfg['text']['context_length']} tokens (--long stretches it; leave --context_length out)")
+        cfg["text"].update(pool=args.pool, pool_layers=args.pool_layers)
+        if args.head != "linear" and (cfg["head"], cfg["head_mode"]) != (args.head, args.head_mode):
+            raise ValueError(f"--head {args.head}/{args.head_mode}: the --init model has {cfg['head']}/{cfg['head_mode']}")
+        config = clip.CLIPConfig.from_dict(cfg)
+    else:
+        ctx, longest = args.context_length, index.get("caption_tokens")
+        if ctx is None and longest and not args.long:  # padding costs text-tower time and changes nothing else
+            ctx = min(clip.get_config(args.preset).text.context_length, -(-longest // 8) * 8)
+        config = clip.get_config(args.preset, vocab_size=tokenizer.vocab_size, img_size=index["img_size"],
+                                 context_length=ctx, pool=args.pool, pool_layers=args.pool_layers,
+                                 head=args.head, head_mode=args.head_mode, quick_gelu=args.quick_gelu)
+    # the flags below also apply over an --init model's own
+    # adapters: their reduction and towers
+    config.adapters, config.adapter_towers = args.adapters, tuple(args.adapter_towers)
+    # distillation: the teacher's embedding size (the model projects to it when it differs)
+    config.teacher_dim = teacher_dim
+    # SigLIP: the sigmoid loss (the model then holds a learned bias)
+    config.loss = args.loss
+    # FLIP: the fraction of patches dropped while training
+    config.vision.patch_dropout = args.patch_dropout
+    # Long-CLIP: trained from scratch, the context stays as it is
+    if args.long and not args.init:
+        print(f"note: --long without --init trains at context {config.text.context_length} from scratch "
+              f"(no stretching); longer captions are truncated")
+    # Long-CLIP: an --init model keeps its first 20 positions and stretches the rest 4x (77 -> 248)
+    if args.long and args.init and config.text.freeze_positions == 0:
+        n = config.text.context_length
+        if n <= 20:
+            raise ValueError(f"--long --init needs a model with a text context over 20 tokens; this one has {n} "
+                             f"(train it with --context_length 32 or more)")
+        config.text.context_length, config.text.freeze_positions = 20 + 4 * (n - 20), 20
+    return clip.CLIPConfig.from_dict(config.to_dict()), tokenizer, init_sd  # re-validated
+
+
+def load_resume(args, out_dir, config, world, data, fingerprint):
+    """The --resume checkpoint, after the checks that make a resume exact (else a one-line ValueError)."""
+    path = cm.resolve(args.resume, out_dir)
+    if dist.is_initialized():  # every rank continues from rank 0's pick (a shared folder can lag on other nodes)
+        picked = [path]
+        dist.broadcast_object_list(picked, src=0)
+        path = picked[0]
+    if args.resume == "auto" and (not dist.is_initialized() or dist.get_rank() == 0):
+        where = f"continuing from {path}" if path else f"no checkpoint in {os.path.join(out_dir, 'ckpt')}, starting fresh"
+        print(f"--resume auto: {where}")
+    if path is None:
+        return None
+    ckpt = cm.load(path, map_location="cpu")
+    why = check_resume(ckpt, path, args, world)
+    if why is None and ckpt["config"] != config.to_dict():
+        why = f"--resume: the checkpoint's model differs from these flags: {cm.diff_configs(ckpt['config'], config.to_dict())}"
+    if why is None and "data_fingerprint" in ckpt:  # (checkpoints from before the fingerprint resume unchecked)
+        why = data_change(ckpt["data_fingerprint"], fingerprint, path, data)
+    if why:
+        raise ValueError(why)
+    return ckpt
+
+
+def check_resume(ckpt, path, args, world):
+    """None, or the one line saying why this checkpoint cannot continue exactly with these flags."""
+    missing = [k for k in ("model", "optimizer", "config", "step", "loader", "rng") if k not in ckpt]
+    if missing:
+        return (f"--resume {path} is not a train.py checkpoint (it has no {', '.join(missing)}); "
+                f"to start from its weights use --init {path}")
+    saved = ckpt.get("args") or {}
+    was = {"batch": saved.get("batch"), "accum": saved.get("accum"), "epochs": saved.get("epochs"),
+           "processes": ckpt.get("world_size")}
+    now = {"batch": args.batch, "accum": args.accum, "epochs": args.epochs, "processes": world}
+    changed = [f"{k} {was[k]} -> {now[k]}" for k in now if was[k] is not None and was[k] != now[k]]
+    if changed:  # they set the data order per step and the schedule's length: a resume would be silently inexact
+        return (f"--resume continues a run exactly, so --batch, --accum, --epochs and the process count must match "
+                f"the checkpoint's; changed: {', '.join(changed)} (to change them, start a new run with --init {path})")
+    return None
+
+
+def data_change(saved, now, path, data):
+    """None, or the line saying that the checkpoint was trained on other data than --data (dataloader.data_fingerprint)."""
+    words = {"shards": "shard names", "shard_sizes": "samples per shard", "bytes": "shard sizes in bytes",
+             "source_sha256": "prep's source fingerprint"}
+    url = None in (saved.get("bytes"), now.get("bytes"))  # shards at a URL: neither their bytes nor prep's state is known
+    unknown = lambda k: url and k in ("bytes", "source_sha256")
+    differ = [w for k, w in words.items() if saved.get(k) != now.get(k) and not unknown(k)]
+    if not differ:
+        return None
+    count = lambda fp: f"{len(fp['shards'])} shard(s)" + (f" of {sum(fp['shard_sizes'])} samples" if fp.get("shard_sizes") else "")
+    return (f"--resume: {path} was trained on other data than {data} ({', '.join(differ)} differ; {count(saved)} then, "
+            f"{count(now)} now): resume on its own data, or start a new run from its weights with --init {path}")
+
+
+def make_loaders(args, data, index, tokenizer, config, rank, world, cuda, master):
+    """This rank's training loader (disjoint samples; each batch is a whole step: --accum micro-batches, pinned for
+    the copy to the GPU; augmented as augment_policy says) and, on rank 0, the val loader (never augmented)."""
+    step_batch, train_split = args.batch * args.accum, index["train"]["num_samples"]
+    if step_batch * world > train_split:
+        raise ValueError(f"--batch {args.batch} x --accum {args.accum} x {world} processes = {step_batch * world} "
+                         f"is larger than the {train_split} training samples")
+    keys, slots = NEGATIVE_KEYS[args.hard_negatives], 0
+    # hard negatives: every sample's json must carry the lists (checked now, not mid-run); slots per sample
+    if keys:
+        slots = negative_slots(data, index["train"]["shards"], keys)
+    augment, why = augment_policy(args, index)
+    if master:  # even with --quiet: what the data did to the recipe is worth one line
+        crop = f" (area {args.crop_area[0]:g}-{args.crop_area[1]:g}, aspect {args.crop_ratio[0]:.3g}-{args.crop_ratio[1]:.3g})"
+        print(f"augmentation: {'random-resized-crop' + crop if augment else 'none'}, from {why}")
+    ctx = config.text.context_length
+    loader = ShardLoader(data, "train", step_batch, tokenizer, ctx, seed=args.seed, rank=rank, world_size=world,
+                         num_workers=args.workers, augment=augment, long_captions=args.long, pin_memory=cuda,
+                         crop_area=tuple(args.crop_area), crop_ratio=tuple(args.crop_ratio), negatives=keys,
+                         num_negatives=slots)
+    # (read_index counts a split whose index.json entry has no num_samples; `index` was read for train only)
+    n_val = read_index(data, "val")["val"]["num_samples"] if rank == 0 and index.get("val", {}).get("shards") else 0
+    val_loader = ShardLoader(data, "val", min(args.batch, n_val), tokenizer, ctx, num_workers=args.workers,
+                             long_captions=args.long, augment=False) if rank == 0 and n_val else None
+    return loader, val_loader
+
+
 def augment_policy(args, index):
     """(augment?, why): --augment/--no-augment, else what the data says about itself (index.json
     "layout_in_captions": crops would make "on the left" false), else off only for the synthetic set (made
@@ -233,6 +469,129 @@ def augment_policy(args, index):
     return not synthetic, f"index.json has no layout_in_captions; source {index.get('source')!r}"
 
 
+def open_zeroshot_data(src, max_images, img_size):
+    """--zeroshot_data -> eval_zeroshot's Source, checked now (labelled, with class names, images the model can
+    take) rather than at the first eval; one ValueError line otherwise."""
+    import eval_zeroshot
+    source = eval_zeroshot.open_source(src, None, max_images)
+    if not (source.labelled and source.classes):
+        raise ValueError(f"--zeroshot_data {src}: no classes to classify (it needs labels with class names: class "
+                         f"folders, a CLIP_benchmark classification set, a hub set with a ClassLabel column)")
+    if source.img_size not in (None, img_size):
+        raise ValueError(f"--zeroshot_data {src} has {source.img_size} px images but the model takes {img_size} px")
+    return source
+
+
+def build_model(args, config, init_sd, quiet):
+    """The model, initialised from --init (stretched for --long), with the fine-tuning freezes applied."""
+    model = clip.CLIP(config)
+    # Long-CLIP: an --init model with the shorter context is loaded as it was, then its positions stretched
+    if init_sd is not None and config.text.freeze_positions and "text.pos_fixed" not in init_sd:
+        cfg = clip.CLIPConfig.from_dict(config.to_dict())
+        cfg.text.context_length = init_sd["text.pos_embed"].shape[0]
+        cfg.text.freeze_positions = 0
+        base = clip.CLIP(cfg)
+        cm.load_partial(base, init_sd, args.ignore_keys, quiet=quiet)
+        model, init_sd = clip.stretch_text_model(base), None  # (loaded)
+    if init_sd is not None:
+        cm.load_partial(model, init_sd, args.ignore_keys, quiet=quiet)
+    # LiT: the image tower frozen, but for its last --unlocked_layers blocks
+    if args.lock_image:
+        model.lock("visual", args.unlocked_layers)
+    # LiT: the text tower, the same
+    if args.lock_text:
+        model.lock("text", args.unlocked_layers)
+    model.set_grad_checkpointing(args.grad_ckpt)
+    # adapters: only the adapters train (plus the heads with --train_heads)
+    if args.adapters:
+        for name, p in model.named_parameters():
+            head = name.startswith(("visual.proj", "text.proj", "logit_scale", "logit_bias", "distill_proj"))
+            p.requires_grad_("adapter_" in name or (head and args.train_heads) or name.startswith("distill_proj"))
+    return model
+
+
+def claim_run_folders(args, ckpt, out_dir, log_dir):
+    """Rank 0 makes this run's folders its own, before anything is written (cm.claim_folders: writable, locked while it
+    runs, holding no other run): (lock files to release at the end, None) or ([], the line saying why not). --resume
+    auto is --resume latest when it found a checkpoint; else a fresh start that moves a run killed before its first
+    checkpoint aside (never deleted), so a scheduler's relaunch is not refused."""
+    fresh = args.resume == "auto" and ckpt is None
+    resume = None if fresh else "latest" if args.resume == "auto" else args.resume
+    return cm.claim_folders(out_dir, log_dir, resume, args.overwrite or fresh)
+
+
+def wrap_model(args, raw_model, ddp, device):
+    """torch.compile, then DDP. The distillation projection is used in the loss, outside forward: DDP must not wait
+    for its gradient (the loop averages it by hand), and DDP knows it by its name after compile's _orig_mod. prefix."""
+    model = torch.compile(raw_model) if args.compile else raw_model
+    if ddp:
+        DDP = torch.nn.parallel.DistributedDataParallel
+        DDP._set_params_and_buffers_to_ignore_for_model(model, ddp_ignored(model))
+        # no buffer broadcast each step: the buffers (image statistics, frozen positions) never change
+        model = DDP(model, device_ids=[torch.device(device)] if device.startswith("cuda") else None,
+                    broadcast_buffers=False)
+    return model
+
+
+def ddp_ignored(model):
+    """The parameter names DDP must leave alone, as the (possibly compiled) model names them."""
+    return [n for n in dict(model.named_parameters()) if list(cm.strip_prefixes({n: 0})) == ["distill_proj.weight"]]
+
+
+# -----------------------------------------------------------------------------
+# distillation's teacher (--distill): embeddings stored in the shards, or a model run online
+
+
+# distillation: the teacher, when --distill asks for one
+def load_teacher(args, data, index, tokenizer, device):
+    """(online teacher or None, teacher embedding size): stored in the shards (checked for every sample now, not
+    discovered mid-run), else --teacher run online; (None, 0) without --distill."""
+    if args.distill == "none":
+        return None, 0
+    try:
+        return None, teacher_embedding_dim(data, index["train"]["shards"])
+    except ValueError:
+        if args.teacher is None:
+            raise
+    teacher = OnlineTeacher(args.teacher, tokenizer, device)
+    return teacher, teacher.dim
+
+
+class OnlineTeacher:
+    """A frozen teacher run in-process when the shards hold no stored embeddings. It reads the captions with its
+    own tokenizer: our tokens are decoded back to text (lossless after clean()) and re-tokenized."""
+
+    def __init__(self, path, tokenizer, device):
+        self.model, ckpt = cm.load_model(path, map_location=device)
+        self.model.requires_grad_(False)  # never in the optimizer
+        self.tokenizer, self.own = tokenizer, Tokenizer.from_dict(ckpt["tokenizer"])
+        self.dim, self.size = self.model.config.output_dim, self.model.config.vision.img_size
+
+    @torch.no_grad()
+    def __call__(self, batch):
+        device = next(self.model.parameters()).device
+        images = clip.normalize_images(batch["image"].to(device))  # (B, 3, S, S)
+        if images.shape[-1] != self.size:
+            images = F.interpolate(images, size=(self.size, self.size), mode="bicubic", antialias=True)
+        eot = self.tokenizer.eot  # the ids between sot and eot: the zero padding after eot is not text
+        # (reading the tokens back is a host sync each step: the price of re-tokenizing for the teacher)
+        texts = [self.tokenizer.decode(row[1:row.index(eot)]) for row in batch["text"].tolist()]
+        tokens = self.own.tokenize(texts, self.model.config.text.context_length).to(device)
+        outs = self.model(images, tokens)
+        return outs.image.float(), outs.text.float()
+
+
+def teacher_features(batch, teacher, device):
+    """Stored embeddings from the shards, else the online teacher (no gradient, never in the optimizer)."""
+    if "teacher_image" in batch:
+        return batch["teacher_image"].to(device).float(), batch["teacher_text"].to(device).float()
+    return teacher(batch)
+
+
+# -----------------------------------------------------------------------------
+# the step: the learning rate, the loss over the global batch (across ranks: clip.gather), forward and backward
+
+
 def lr_at(step, total, max_lr, warmup_frac, min_lr_frac):
     """Linear warmup for warmup_frac of the steps, then cosine from max_lr down to min_lr_frac * max_lr."""
     warmup = int(warmup_frac * total)
@@ -243,40 +602,44 @@ def lr_at(step, total, max_lr, warmup_frac, min_lr_frac):
     return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-# -----------------------------------------------------------------------------
-# the loss across micro-batches (across ranks: clip.gather)
-
-
 def make_loss(args, model, teacher=None):
     """loss_fn(outs, batch) -> (total, terms). outs = the model's CLIPOutput in fp32 for the step's whole batch on
-    this rank. Extra terms are computed on the gathered global batch on every rank (identical values; DDP's
-    gradient average then gives exactly the global loss's gradient). --loss siglip replaces every contrastive
-    term (the main one and Long-CLIP's coarse one) with the sigmoid loss; the distillation terms stay as they are
-    (kd and icl are softmaxes over the student's logits, which a shared bias does not change)."""
+    this rank. Every term is computed on the global batch gathered from every rank (identical values on each; DDP's
+    gradient average then gives exactly the global loss's gradient). The contrastive loss comes first, then one block
+    per experiment: --loss siglip replaces every contrastive term (the main one and Long-CLIP's coarse one) with the
+    sigmoid loss; the distillation terms stay as they are (kd and icl are softmaxes over the student's logits, which a
+    shared bias does not change)."""
     smoothing = args.label_smoothing if args.label_smoothing is not None else 0.1 if args.long else 0.0
 
     def contrastive(img, txt, outs, all_img=None, all_txt=None, offset=0):
-        if args.loss == "siglip":  # each image against every caption; the reverse direction is the same pairs
-            return clip.siglip_loss(img, txt, outs.logit_scale, outs.logit_bias, all_txt=all_txt, offset=offset)
-        return clip.clip_loss(img, txt, outs.logit_scale, smoothing, all_img=all_img, all_txt=all_txt, offset=offset)
+        """(b, E) local rows against the (N, E) global batch; row i's own caption is column offset + i."""
+        if args.loss == "clip":  # CLIP's softmax over the batch, image -> caption and caption -> image
+            return clip.clip_loss(img, txt, outs.logit_scale, smoothing, all_img=all_img, all_txt=all_txt,
+                                  offset=offset)
+        # SigLIP: a sigmoid per pair, each image against every caption (the reverse direction is the same pairs)
+        return clip.siglip_loss(img, txt, outs.logit_scale, outs.logit_bias, all_txt=all_txt, offset=offset)
 
     def loss_fn(outs, batch):
         img, txt, scale = outs.image, outs.text, outs.logit_scale  # (b, E), (b, E), ()
         all_img, all_txt = clip.gather(img), clip.gather(txt)  # (N, E): every rank's rows, gathered once per step
-        rank = dist.get_rank() if dist.is_initialized() else 0
+        offset = (dist.get_rank() if dist.is_initialized() else 0) * img.shape[0]  # this rank's first row of the N
+        terms = {}
         # this rank's rows against the global batch, as if one big batch
-        if args.hard_negatives != "none":  # images also against every negative caption of the global batch
+        if args.hard_negatives == "none":
+            loss = contrastive(img, txt, outs, all_img, all_txt, offset)
+        # hard negatives: the softmax of NegCLIP instead, where images also meet every negative caption of the batch
+        if args.hard_negatives != "none":
             all_neg = clip.gather(outs.text_neg)  # (N, K, E); empty slots are zero vectors
             loss = clip.negclip_loss(img, txt, all_neg, all_neg.abs().sum(-1) > 0, scale, all_img=all_img,
-                                     all_txt=all_txt, offset=rank * img.shape[0])
-        else:
-            loss = contrastive(img, txt, outs, all_img, all_txt, offset=rank * img.shape[0])
-        terms = {}
-        if args.long:  # fine: long caption vs image; coarse: short caption vs the image's top principal components
+                                     all_txt=all_txt, offset=offset)
+        # Long-CLIP: the loss above is the fine one (long caption vs image); coarse: short caption vs the image's top
+        # principal components
+        if args.long:
             short = clip.gather(outs.text_short)  # (N, E)
             coarse = F.normalize(clip.pca_reconstruct(all_img, args.long_pca), dim=-1)  # (N, E)
             terms["loss_long"], terms["loss_short"] = loss, contrastive(coarse, short, outs)
             loss = loss + terms["loss_short"]
+        # distillation: the student's global batch against the teacher's, mixed in with --distill_weight
         if args.distill != "none":
             t_img, t_txt = teacher_features(batch, teacher, img.device)  # (b, Et) each, normalised
             t_img, t_txt = clip.gather(t_img), clip.gather(t_txt)  # (N, Et)
@@ -295,6 +658,7 @@ def make_loss(args, model, teacher=None):
     return loss_fn
 
 
+# FLIP: which patches each image keeps this step
 def patch_keep(config, seed, step, rank, batch, device):
     """FLIP patch dropout: this rank's (batch, K) kept-patch indices for this step, or None without it. A fresh
     generator seeded from (seed, step, rank) alone: a resumed run drops the same patches, and nothing else that
@@ -311,27 +675,31 @@ def as_float(outs):
     return outs._replace(**{k: v.float() for k, v in outs._asdict().items() if v is not None})
 
 
-def teacher_features(batch, teacher, device):
-    """Stored embeddings from the shards, else the online teacher (no gradient, never in the optimizer)."""
-    if "teacher_image" in batch:
-        return batch["teacher_image"].to(device).float(), batch["teacher_text"].to(device).float()
-    return teacher(batch)
+def model_inputs(batch, long, keep=None):
+    """The model's inputs from a batch on the device: uint8 images (the model normalises them), tokens, short tokens
+    (--long, else None), the kept patches (--patch_dropout, else None), negative captions (--hard_negatives)."""
+    return batch["image"], batch["text"], batch["text_short"] if long else None, keep, batch.get("text_neg")
 
 
 def forward_backward(model, inputs, accum, autocast, loss_fn, batch=None):
     """One optimizer step's gradients; returns (loss, terms). inputs: the model's batched inputs (images, tokens,
-    short tokens or None, kept patches or None). With accum > 1 (GradCache, Gao et al. 2021): 1) embed every
-    micro-batch without gradients, 2) compute the whole batch's loss on those cached embeddings and its gradient w.r.t. them,
-    3) re-embed each micro-batch with gradients and backpropagate the cached gradients. Exactly the big batch's
-    gradient, at the activation memory of one micro-batch, for one extra forward pass. An input may be None
-    (no short captions, no patch dropout); a tensor input such as the kept-patch indices is split like the images,
-    so both passes over a micro-batch see the same patches."""
-    if accum == 1:
-        with autocast:
-            outs = model(*inputs)  # CLIPOutput: image (B, E), text (B, E), logit_scale () ...
-        loss, terms = loss_fn(as_float(outs), batch)
-        loss.backward()
-        return loss.detach(), terms
+    short tokens or None, kept patches or None, negative captions or None). --accum > 1: grad_cache."""
+    if accum > 1:
+        return grad_cache(model, inputs, accum, autocast, loss_fn, batch)
+    with autocast:
+        outs = model(*inputs)  # CLIPOutput: image (B, E), text (B, E), logit_scale () ...
+    loss, terms = loss_fn(as_float(outs), batch)
+    loss.backward()
+    return loss.detach(), terms
+
+
+def grad_cache(model, inputs, accum, autocast, loss_fn, batch=None):
+    """forward_backward over accum micro-batches (GradCache, Gao et al. 2021): 1) embed every micro-batch without
+    gradients, 2) compute the whole batch's loss on those cached embeddings and its gradient w.r.t. them, 3) re-embed
+    each micro-batch with gradients and backpropagate the cached gradients. Exactly the big batch's gradient, at the
+    activation memory of one micro-batch, for one extra forward pass. An input may be None (no short captions, no
+    patch dropout); a tensor input such as the kept-patch indices is split like the images, so both passes over a
+    micro-batch see the same patches."""
     chunks = list(zip(*(x.chunk(accum) if x is not None else [None] * accum for x in inputs)))
     with torch.no_grad(), autocast:
         cached = [model(*c) for c in chunks]
@@ -372,10 +740,11 @@ def val_loss(model, batches, device, autocast):
         with autocast:  # uint8 images: the model normalises them
             outs = model(batch["image"].to(device, non_blocking=True), batch["text"].to(device, non_blocking=True))
         img, txt, scale = outs.image.float(), outs.text.float(), outs.logit_scale.float()
-        if outs.logit_bias is not None:  # a SigLIP model: its own loss, so best.pt follows what it trains on
-            loss = clip.siglip_loss(img, txt, scale, outs.logit_bias.float())
-        else:
+        if outs.logit_bias is None:
             loss = clip.clip_loss(img, txt, scale)
+        # SigLIP: its own loss, so best.pt follows what it trains on
+        if outs.logit_bias is not None:
+            loss = clip.siglip_loss(img, txt, scale, outs.logit_bias.float())
         total += loss * outs.image.shape[0]
         n += outs.image.shape[0]
     model.train()
@@ -402,247 +771,39 @@ def zero_shot(model, tokenizer, data_dir, device, precision):
         model.train()
 
 
-def open_zeroshot_data(src, max_images, img_size):
-    """--zeroshot_data -> eval_zeroshot's Source, checked now (labelled, with class names, images the model can
-    take) rather than at the first eval; one ValueError line otherwise."""
-    import eval_zeroshot
-    source = eval_zeroshot.open_source(src, None, max_images)
-    if not (source.labelled and source.classes):
-        raise ValueError(f"--zeroshot_data {src}: no classes to classify (it needs labels with class names: class "
-                         f"folders, a CLIP_benchmark classification set, a hub set with a ClassLabel column)")
-    if source.img_size not in (None, img_size):
-        raise ValueError(f"--zeroshot_data {src} has {source.img_size} px images but the model takes {img_size} px")
-    return source
+class Evaluator:
+    """Rank 0's evaluation during training; each call -> (metrics, seconds of it spent on zero-shot): the val loss over
+    the first --eval_batches val batches (read once and kept in host memory when they fit in VAL_CACHE_BYTES),
+    zero-shot and retrieval on --data's val split when it has classes, zero-shot on --zeroshot_data."""
+
+    def __init__(self, model, val_loader, zs_source, args, index, tokenizer, data, device, autocast):
+        self.model, self.val_loader, self.zs_source, self.args = model, val_loader, zs_source, args
+        self.index, self.tokenizer, self.data, self.device, self.autocast = index, tokenizer, data, device, autocast
+        self.val_cache = None
+
+    def __call__(self):
+        args, val_loader, metrics = self.args, self.val_loader, {}
+        if val_loader is not None and self.val_cache is None and args.eval_batches and \
+                args.eval_batches * val_loader.batch_size * 3 * self.model.config.vision.img_size ** 2 <= VAL_CACHE_BYTES:
+            self.val_cache = list(val_batches(val_loader, args.eval_batches))
+            val_loader.close()  # its workers are not needed again
+        if val_loader is not None:
+            val_data = self.val_cache or val_batches(val_loader, args.eval_batches)
+            metrics["loss"] = val_loss(self.model, val_data, self.device, self.autocast)
+        t0 = time.time()
+        if "classes" in self.index and val_loader is not None:
+            results = zero_shot(self.model, self.tokenizer, self.data, self.device, args.precision)
+            metrics.update({k: x for k, x in results.items() if isinstance(x, (int, float))})
+        if self.zs_source is not None:  # the classifier is re-encoded from the current weights each time
+            import eval_zeroshot
+            r = eval_zeroshot.evaluate_checkpoint(self.model, self.tokenizer, self.zs_source, device=self.device,
+                                                  workers=args.workers, precision=args.precision, retrieval=False)
+            metrics.update(zeroshot_data_top1=r["zeroshot_top1"], zeroshot_data_top5=r["zeroshot_top5"])
+        return metrics, time.time() - t0
 
 
 # -----------------------------------------------------------------------------
-# setup: processes and devices, defaults, resume checks, the model wrappers, batches on the device
-
-
-LAUNCHERS = {"torchrun": "torchrun (RANK/LOCAL_RANK/WORLD_SIZE)",
-             "slurm": "SLURM srun (SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS; no torchrun variables)"}
-
-
-def launch_env(env):
-    """Who started this process, from its environment: (launcher, rank, local rank, world size, ranks on this node).
-    torchrun sets RANK/LOCAL_RANK/WORLD_SIZE/LOCAL_WORLD_SIZE. SLURM's srun (one task per GPU) sets SLURM_PROCID/
-    SLURM_LOCALID/SLURM_NTASKS, read when torchrun's are absent (as OpenCLIP does); the rendezvous is then
-    MASTER_ADDR/MASTER_PORT, which the sbatch script exports: without them, one ValueError line."""
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return ("torchrun", int(env["RANK"]), int(env.get("LOCAL_RANK", "0")), int(env["WORLD_SIZE"]),
-                int(env.get("LOCAL_WORLD_SIZE", "1")))
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
-        if missing:
-            raise ValueError(f"SLURM started {env['SLURM_NTASKS']} tasks but {' and '.join(missing)} "
-                             f"{'are' if len(missing) > 1 else 'is'} not set: export the rendezvous in the sbatch script "
-                             f"(README, \"On a cluster\")")
-        world = int(env["SLURM_NTASKS"])
-        per_node = int(re.match(r"\d*", env.get("SLURM_NTASKS_PER_NODE", "")).group() or
-                       world // int(env.get("SLURM_NNODES", "1")))
-        return "slurm", int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", "0")), world, per_node
-    return None, 0, 0, 1, 1
-
-
-def setup_distributed():
-    """One code path for CPU, one GPU, torchrun and SLURM's srun: (ddp, rank, world, device). Rank 0 prints the
-    launcher it saw; under DDP every rank watches the others (PeerWatch)."""
-    global PEERS
-    launcher, rank, local_rank, world, local_world = launch_env(os.environ)
-    if launcher == "slurm":  # what init_process_group("env://"), device_defaults and the loader read
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
-                          LOCAL_WORLD_SIZE=str(local_world))
-    ddp = world > 1
-    if rank == 0 and launcher is not None:  # (a plain `python train.py` has nothing to say here)
-        where = f", rendezvous {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}" if ddp else ""
-        print(f"launcher: {LAUNCHERS[launcher]}, {world} process{'es' * ddp}{where}", flush=True)
-    # modulo: srun --gpus-per-task shows each task only its own GPU, as cuda:0
-    device = f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
-    if ddp:  # device_id binds NCCL to this GPU at once; the timeout outlasts rank 0's work alone (PG_TIMEOUT)
-        extra = {"device_id": torch.device(device)} if device.startswith("cuda") else {}
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=PG_TIMEOUT, **extra)
-        PEERS = PeerWatch(rank, world, [0] if launcher == "slurm" else list(range(local_world)))
-    return ddp, rank, world, device
-
-
-# A rank that stops (killed, out of memory, its node lost) must not leave the others waiting PG_TIMEOUT. Every rank
-# bumps a counter in the rendezvous store each HEARTBEAT_S from a thread, which beats on while the main thread
-# waits in a collective or evaluates. When a collective fails (a dead rank's connections close at once), the ranks
-# whose counter stood still for PEER_EXIT_S are the dead ones; when none fails (a hung rank, a node gone silent),
-# the next rank's counter standing still for PEER_SILENT_S names it. Either way every other rank prints one line
-# naming it and exits (1) within that time, after the checkpoint being written (if any) is complete.
-HEARTBEAT_S, PEER_EXIT_S, PEER_SILENT_S = 0.5, 5.0, 60.0
-PEERS = None  # this process's PeerWatch under DDP
-
-
-class PeerWatch:
-    """This rank's heartbeat in the rendezvous store and its watch on the other ranks. The store lives with
-    `store_ranks`: under torchrun (static rendezvous, --master_addr) node 0's agent hosts it and goes when one of
-    node 0's ranks fails; under SLURM rank 0 hosts it. So when the store stops answering, those are the ranks named. `finish` runs before exiting (rank 0 sets it
-    to wait for its checkpoint writer)."""
-
-    def __init__(self, rank, world, store_ranks=(0,), silent_s=PEER_SILENT_S, exit_s=PEER_EXIT_S):
-        self.rank, self.world, self.silent_s, self.exit_s = rank, world, silent_s, exit_s
-        self.store_ranks = list(store_ranks)
-        self.addr = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-        self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                                   timeout=datetime.timedelta(seconds=silent_s), wait_for_workers=False)
-        launch = [uuid.uuid4().hex]  # keys of this launch only: torchrun's store outlives a --max-restarts restart
-        dist.broadcast_object_list(launch, src=0)
-        self.key = lambda name, r: f"clip-peers/{launch[0]}/{name}{r}"
-        self.store.set(self.key("host", rank), socket.gethostname())
-        self.store.add(self.key("beat", rank), 1)
-        self.finish, self.exiting, self.closed = (lambda: None), threading.Lock(), threading.Event()
-        threading.Thread(target=self.beat, daemon=True, name="peer-watch").start()
-        sys.excepthook = self.excepthook  # an exception that ends main() asks the store first (excepthook below)
-
-    def count(self, r):
-        return self.store.add(self.key("beat", r), 0)  # rank r's heartbeats so far
-
-    def beat(self):
-        """The thread: beat, exit when another rank named a stopped one, watch the next rank for PEER_SILENT_S."""
-        watched, last, since = (self.rank + 1) % self.world, None, time.monotonic()
-        while not self.closed.wait(HEARTBEAT_S):
-            try:
-                self.store.add(self.key("beat", self.rank), 1)
-                if self.store.check([self.key("stopped", "")]):
-                    self.exit(self.store.get(self.key("stopped", "")).decode())
-                now = self.count(watched)
-                if now != last:
-                    last, since = now, time.monotonic()
-                elif time.monotonic() - since > self.silent_s:
-                    self.stop([watched], f"no heartbeat for {self.silent_s:.0f} s")
-            except Exception as e:  # the store itself stopped answering: its host is gone
-                if not self.closed.is_set():
-                    self.exit(self.store_gone(e))
-
-    def excepthook(self, kind, error, tb):
-        """An exception ended main(). When it came from peers that stopped (their counters stand still for
-        PEER_EXIT_S), one line naming them instead of the collective's traceback; else this rank's own error."""
-        if issubclass(kind, Exception) and not self.closed.is_set():
-            first = (str(error).strip().splitlines() or [""])[0]  # gloo's: "[.../pair.cc:537] Read error ... . This is..."
-            why = kind.__name__ + ": " + re.sub(r"^\[[^]]*\] *", "", first).split(". ")[0][:200]
-            try:
-                before = [self.count(r) for r in range(self.world)]
-                time.sleep(self.exit_s)
-                after = [self.count(r) for r in range(self.world)]
-            except Exception as e:
-                self.exit(f"{self.store_gone(e)}; here: {why}")
-            stopped = [r for r in range(self.world) if r != self.rank and before[r] == after[r]]
-            if stopped:
-                self.stop(stopped, why)
-        sys.__excepthook__(kind, error, tb)
-
-    def stop(self, ranks, why):
-        """Name the stopped ranks to every rank (through the store), then exit."""
-        hosts = [self.store.get(self.key("host", r)).decode() for r in ranks]
-        line = (f"rank{'s' * (len(ranks) > 1)} {', '.join(f'{r} (on {h})' for r, h in zip(ranks, hosts))} stopped "
-                f"({why})")
-        self.store.set(self.key("stopped", ""), line)
-        self.exit(line)
-
-    def store_gone(self, e):
-        r = self.store_ranks
-        who = f"rank {r[0]}" if len(r) == 1 else f"one of node 0's ranks {r[0]}-{r[-1]}, or node 0 itself,"
-        return (f"{who} stopped (the rendezvous store at {self.addr}, which ends with {'it' if len(r) == 1 else 'them'}, "
-                f"stopped answering: {type(e).__name__})")
-
-    def exit(self, line):
-        """One line on stderr, the checkpoint being written completed, then exit at once: a collective stuck on a
-        dead peer cannot be unwound, and the process group's teardown would only add gloo's own errors."""
-        if not self.exiting.acquire(blocking=False):
-            time.sleep(3600)  # another thread of this process is already exiting
-        print(f"error: {line}; rank {self.rank} exits. Checkpoints written so far are kept: relaunch the same command "
-              f"(with --resume auto) to continue", file=sys.stderr, flush=True)
-        try:
-            self.finish()
-        finally:
-            os._exit(1)
-
-    def close(self):
-        """The run ended on every rank (the barrier; the watch still runs while it waits): stop watching, so that a
-        rank leaving (under SLURM rank 0 hosts the store) is no failure."""
-        dist.barrier()
-        self.closed.set()
-
-
-def device_defaults(args, device):
-    """Fill the flags left to the machine: bf16 where CUDA supports it, compile on CUDA, loader workers from the
-    cores this machine's ranks share. Returns how the start line describes them."""
-    cuda = device.startswith("cuda")
-    said = []
-    if args.precision == "auto":
-        args.precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
-        said.append(f"{args.precision} (auto)")
-    else:
-        said.append(args.precision if cuda or args.precision == "fp32" else "fp32 (bf16 needs CUDA)")
-    if args.compile is None:
-        args.compile = cuda
-    said.append("compiled" if args.compile else "not compiled")
-    auto = args.workers is None
-    if auto:
-        args.workers = auto_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    said.append(f"{args.workers} loader worker{'s' * (args.workers != 1)} per rank{' (auto)' * auto}")
-    return ", ".join(said)
-
-
-def unshared_ranks(path, rank, world):
-    """Ranks that do not see a file rank 0 writes under path (a node without the same filesystem)."""
-    name = [f".probe-{uuid.uuid4().hex}"]  # rank 0's random name, sent to all
-    dist.broadcast_object_list(name, src=0)
-    probe = os.path.join(path, name[0])
-    if rank == 0:
-        os.makedirs(path, exist_ok=True)
-        open(probe, "w").close()
-    dist.barrier()
-    seen = [None] * world
-    dist.all_gather_object(seen, os.path.exists(probe))
-    if rank == 0:
-        os.unlink(probe)
-    return [r for r, ok in enumerate(seen) if not ok]
-
-
-def check_resume(ckpt, path, args, world):
-    """None, or the one line saying why this checkpoint cannot continue exactly with these flags."""
-    missing = [k for k in ("model", "optimizer", "config", "step", "loader", "rng") if k not in ckpt]
-    if missing:
-        return (f"--resume {path} is not a train.py checkpoint (it has no {', '.join(missing)}); "
-                f"to start from its weights use --init {path}")
-    saved = ckpt.get("args") or {}
-    was = {"batch": saved.get("batch"), "accum": saved.get("accum"), "epochs": saved.get("epochs"),
-           "processes": ckpt.get("world_size")}
-    now = {"batch": args.batch, "accum": args.accum, "epochs": args.epochs, "processes": world}
-    changed = [f"{k} {was[k]} -> {now[k]}" for k in now if was[k] is not None and was[k] != now[k]]
-    if changed:  # they set the data order per step and the schedule's length: a resume would be silently inexact
-        return (f"--resume continues a run exactly, so --batch, --accum, --epochs and the process count must match "
-                f"the checkpoint's; changed: {', '.join(changed)} (to change them, start a new run with --init {path})")
-    return None
-
-
-def wrap_model(args, raw_model, ddp, device):
-    """torch.compile, then DDP. The distillation projection is used in the loss, outside forward: DDP must not wait
-    for its gradient (the loop averages it by hand), and DDP knows it by its name after compile's _orig_mod. prefix."""
-    model = torch.compile(raw_model) if args.compile else raw_model
-    if ddp:
-        DDP = torch.nn.parallel.DistributedDataParallel
-        DDP._set_params_and_buffers_to_ignore_for_model(model, ddp_ignored(model))
-        # no buffer broadcast each step: the buffers (image statistics, frozen positions) never change
-        model = DDP(model, device_ids=[torch.device(device)] if device.startswith("cuda") else None,
-                    broadcast_buffers=False)
-    return model
-
-
-def ddp_ignored(model):
-    """The parameter names DDP must leave alone, as the (possibly compiled) model names them."""
-    return [n for n in dict(model.named_parameters()) if list(cm.strip_prefixes({n: 0})) == ["distill_proj.weight"]]
-
-
-def model_inputs(batch, long, keep=None):
-    """The model's inputs from a batch on the device: uint8 images (the model normalises them), tokens, short tokens
-    (--long, else None), the kept patches (--patch_dropout, else None), negative captions (--hard_negatives)."""
-    return batch["image"], batch["text"], batch["text_short"] if long else None, keep, batch.get("text_neg")
+# the loop's machinery: batches on the device, the log window, bad samples and values, preemption, the end
 
 
 class DevicePrefetcher:
@@ -679,6 +840,11 @@ class DevicePrefetcher:
         return wait
 
 
+def iter_forever(loader):
+    while True:  # each pass is one epoch, resumed mid-epoch after load_state_dict
+        yield from loader
+
+
 def read_window(window, ddp):
     """[(step, {name: host value}, {name: device scalar})] -> [(step, {name: float})]: one stack, one all_reduce
     (the ranks' mean loss; the grad norm and scale are equal on every rank) and one copy to the host."""
@@ -694,107 +860,25 @@ def weights_finite(model):
     return bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())
 
 
-# -----------------------------------------------------------------------------
-# a run's folders (<out>/<run>, <log_dir>/<run>) belong to one run; SIGTERM/SIGINT end it with a checkpoint
+def skipped_samples(loader, say):
+    """{"skipped_<reason>": count} for the bad samples met in the epoch that just ended (each skipped and replaced),
+    said in one line when `say`; {} on other steps."""
+    report = loader.pop_epoch_report()
+    if not (report and report["skipped"]):
+        return {}
+    if say:
+        tqdm.write(f"epoch {report['epoch']}: skipped {', '.join(f'{n} {w}' for w, n in report['skipped'].items())}")
+    return {f"skipped_{why}": n for why, n in report["skipped"].items()}
 
 
-def earlier_run(out_dir, log_dir):
-    """What an earlier run left in these folders, in words ('' when nothing): checkpoints, logged metrics."""
-    manager, found = cm.CheckpointManager(out_dir), []
-    if manager.step_files():
-        found.append(f"checkpoints up to {os.path.basename(manager.step_files()[-1])}")
-    elif manager.latest() or os.path.exists(os.path.join(manager.dir, "best.pt")):
-        found.append("checkpoints")
-    metrics = os.path.join(log_dir, "metrics.jsonl")
-    if os.path.isfile(metrics) and os.path.getsize(metrics):
-        found.append(f"metrics in {metrics}")
-    return " and ".join(found)
-
-
-def read_lock(path):
-    """A lock file's {"pid", "host", "since"}, or None when it is missing, being written or unreadable."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lock = json.load(f)
-        return lock if isinstance(lock, dict) and isinstance(lock.get("pid"), int) else None
-    except (OSError, ValueError):
-        return None
-
-
-def take_lock(folder):
-    """Create <folder>/run.lock naming this process; None, or the line saying which live run holds it. A lock whose
-    holder is dead (this host, its pid gone: killed, out of memory) is taken over. Raises OSError when the folder
-    cannot be written (read-only, full): found now, not at the first checkpoint."""
-    path, host = os.path.join(folder, LOCK), socket.gethostname()
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # fails when it exists: one winner
-        except FileExistsError:
-            holder = read_lock(path)
-            if holder is None or holder.get("host") != host or pid_alive(holder["pid"]):
-                who = f"pid {holder['pid']} on {holder.get('host')}, since {holder.get('since')}" if holder else "unreadable lock"
-                gone = "" if holder and holder.get("host") == host else f"; if no run uses it, delete {path}"
-                return f"{folder} is in use by another run ({who}): wait for it to end or use another --run_name{gone}"
-            # a dead holder: move its lock aside under our own name (one taker wins), then try again
-            aside = f"{path}.stale{os.getpid()}"
-            try:
-                os.rename(path, aside)
-            except FileNotFoundError:
-                continue  # another run moved it first
-            if read_lock(aside) != holder:  # a live run's fresh lock moved by mistake: put it back
-                with contextlib.suppress(FileExistsError):
-                    os.link(aside, path)
-            os.unlink(aside)
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump({"pid": os.getpid(), "host": host, "since": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
-        return None
-    return f"{folder}: could not take {path} (other runs are starting there)"
-
-
-def release_lock(path):
-    if (read_lock(path) or {}).get("pid") == os.getpid():
-        os.unlink(path)
-
-
-def claim_folders(out_dir, log_dir, resume, overwrite):
-    """Make this run's folders its own: made, writable and locked, and holding no earlier run unless this one
-    continues it (--resume latest, or a checkpoint inside <out>/<run>); --overwrite moves an earlier run aside
-    (never deletes it). Returns (lock files to release at the end, None) or ([], the line saying why not)."""
-    folders, locks = list(dict.fromkeys(os.path.abspath(f) for f in (out_dir, log_dir))), []
-    for folder in folders:
-        try:
-            os.makedirs(folder, exist_ok=True)
-            why = take_lock(folder)
-        except OSError as e:
-            why = f"cannot write in {folder} ({e.strerror}): choose --out and --log_dir folders this run can write"
-        if why:
-            for lock in locks:
-                release_lock(lock)
-            return [], why
-        locks.append(os.path.join(folder, LOCK))
-    inside = resume is not None and os.path.abspath(resume).startswith(os.path.abspath(out_dir) + os.sep)
-    earlier = "" if resume == "latest" or inside else earlier_run(out_dir, log_dir)
-    if not earlier:
-        return locks, None
-    for lock in locks:
-        release_lock(lock)
-    if resume is not None:
-        return [], f"{out_dir} holds another run ({earlier}); --resume {resume} would mix the two: use another --run_name"
-    if not overwrite:
-        again = "continue it with --resume latest (or --resume auto), " if "checkpoints" in earlier else ""
-        return [], (f"{out_dir} already holds a run ({earlier}): {again}give this run another --run_name, or start "
-                    f"over with --overwrite (the earlier run is moved aside, not deleted)")
-    stamp, moved = time.strftime("%Y%m%d-%H%M%S"), []
-    for folder in folders:
-        if os.path.isdir(folder) and os.listdir(folder):
-            aside, i = f"{folder}.old-{stamp}", 1
-            while os.path.exists(aside):
-                aside, i = f"{folder}.old-{stamp}-{i}", i + 1
-            os.rename(folder, aside)
-            moved.append(aside)
-    print(f"moved the earlier run aside (not deleted) to {' and '.join(moved)}")
-    return claim_folders(out_dir, log_dir, resume, overwrite=False)
+def stop_bad(what, value, at, manager, master):
+    """A non-finite loss, grad norm or weight: one line naming the last good checkpoint (checked, not just the newest);
+    returns the exit code, 1."""
+    last = manager.newest_finite() if manager else None
+    if master:
+        print(f"error: {what} is {value} at step {at}; stopping. Last good checkpoint: {last or 'none'}",
+              file=sys.stderr)
+    return 1
 
 
 class Preemption:
@@ -828,403 +912,7 @@ class Preemption:
             signal.signal(s, handler)
 
 
-# -----------------------------------------------------------------------------
-# main
-
-
-def run_defaults(args, cuda):
-    """Fill --data and --preset when not given, from the machine: on CUDA the real run, the seed preset on GPU_DATA
-    once it holds a prepared set (so the design card's `python train.py --batch 1024 --max_lr 3e-4` is it), else the
-    demo, the tiny preset on the built-in synthetic set (args.data stays None for it). A flag given always wins; an
-    unset --preset follows the data: seed for real data on CUDA, tiny for a synthetic set and on a CPU. A resumed
-    run resolves the same way on the same machine, so it finds its own run folder (run names are preset-data).
-    Returns (the start line's words for it, a hint line when CUDA falls back to the demo, else None)."""
-    unset = [flag for flag, v in (("--preset", args.preset), ("--data", args.data)) if v is None]
-    why = None
-    if args.data is None and cuda:
-        try:
-            read_index(GPU_DATA, "train")  # a prepared set: index.json readable, its train shards on disk
-            args.data = GPU_DATA
-        except (OSError, ValueError) as e:
-            why = f"{GPU_DATA} holds no prepared set yet: {e}" if os.path.exists(GPU_DATA) else f"there is no {GPU_DATA}"
-    if args.preset is None:  # seed for real data on CUDA, tiny for a synthetic set and on a CPU
-        try:
-            real = cuda and args.data is not None and read_index(args.data).get("source") != "synthetic"
-        except (OSError, ValueError):  # a broken --data: load_data says what is wrong with it
-            real = False
-        args.preset = "seed" if real else "tiny"
-    said = f"{args.preset} preset on {args.data or DEFAULT_DATA}"
-    if unset:
-        said += f" ({' and '.join(unset)}: the default{'s' * (len(unset) > 1)} on {'CUDA' if cuda else 'a CPU'})"
-    hint = None if why is None else (
-        f"note: {why}, so this CUDA run is the demo ({args.preset} preset, built-in synthetic set). The real run: "
-        f"bash setup_gpu.sh --prep t2i 200000 (or python prep_dataset.py text-to-image-2m --out {GPU_DATA} --limit "
-        f"200000), then this command again; --preset and --data choose explicitly")
-    return said, hint
-
-
-def ensure_synthetic(path, quiet, master):
-    """The built-in dataset: made on first use (about a minute on 2 cores)."""
-    if master and not os.path.isfile(os.path.join(path, "index.json")):
-        print(f"no --data given and {path} does not exist yet: creating the built-in synthetic dataset there")
-        prep = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prep_dataset.py")  # its CLI, not its helpers
-        if subprocess.run([sys.executable, prep, "synthetic", "--out", path] + (["--quiet"] if quiet else [])).returncode:
-            raise ValueError(f"making the built-in synthetic dataset in {path} failed (see above)")
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def load_data(args, master):
-    """(data dir, its index.json, its tokenizer, checkpoint dir, log dir): --data, else the built-in synthetic set."""
-    data = args.data or DEFAULT_DATA
-    if args.data is None:
-        ensure_synthetic(data, args.quiet, master)
-    index = read_index(data, "train")  # checked: one clear line for any problem
-    run = args.run_name or f"{args.preset}-{os.path.basename(os.path.normpath(data))}"
-    return data, index, load_tokenizer(os.path.join(data, "tokenizer.json")), os.path.join(args.out, run), \
-        os.path.join(args.log_dir, run)
-
-
-def load_teacher(args, data, index, tokenizer, device):
-    """(online teacher or None, teacher embedding size): stored in the shards (checked for every sample now, not
-    discovered mid-run), else --teacher run online; (None, 0) without --distill."""
-    if args.distill == "none":
-        return None, 0
-    try:
-        return None, teacher_embedding_dim(data, index["train"]["shards"])
-    except ValueError:
-        if args.teacher is None:
-            raise
-    teacher = OnlineTeacher(args.teacher, tokenizer, device)
-    return teacher, teacher.dim
-
-
-def load_resume(args, out_dir, config, world, data, fingerprint):
-    """The --resume checkpoint, after the checks that make a resume exact (else a one-line ValueError)."""
-    path = cm.resolve(args.resume, out_dir)
-    if dist.is_initialized():  # every rank continues from rank 0's pick (a shared folder can lag on other nodes)
-        picked = [path]
-        dist.broadcast_object_list(picked, src=0)
-        path = picked[0]
-    if args.resume == "auto" and (not dist.is_initialized() or dist.get_rank() == 0):
-        where = f"continuing from {path}" if path else f"no checkpoint in {os.path.join(out_dir, 'ckpt')}, starting fresh"
-        print(f"--resume auto: {where}")
-    if path is None:
-        return None
-    ckpt = cm.load(path, map_location="cpu")
-    why = check_resume(ckpt, path, args, world)
-    if why is None and ckpt["config"] != config.to_dict():
-        why = f"--resume: the checkpoint's model differs from these flags: {cm.diff_configs(ckpt['config'], config.to_dict())}"
-    if why is None and "data_fingerprint" in ckpt:  # (checkpoints from before the fingerprint resume unchecked)
-        why = data_change(ckpt["data_fingerprint"], fingerprint, path, data)
-    if why:
-        raise ValueError(why)
-    return ckpt
-
-
-def data_change(saved, now, path, data):
-    """None, or the line saying that the checkpoint was trained on other data than --data (dataloader.data_fingerprint)."""
-    words = {"shards": "shard names", "shard_sizes": "samples per shard", "bytes": "shard sizes in bytes",
-             "source_sha256": "prep's source fingerprint"}
-    url = None in (saved.get("bytes"), now.get("bytes"))  # shards at a URL: neither their bytes nor prep's state is known
-    unknown = lambda k: url and k in ("bytes", "source_sha256")
-    differ = [w for k, w in words.items() if saved.get(k) != now.get(k) and not unknown(k)]
-    if not differ:
-        return None
-    count = lambda fp: f"{len(fp['shards'])} shard(s)" + (f" of {sum(fp['shard_sizes'])} samples" if fp.get("shard_sizes") else "")
-    return (f"--resume: {path} was trained on other data than {data} ({', '.join(differ)} differ; {count(saved)} then, "
-            f"{count(now)} now): resume on its own data, or start a new run from its weights with --init {path}")
-
-
-def make_loaders(args, data, index, tokenizer, config, rank, world, cuda, master):
-    """This rank's training loader (disjoint samples; each batch is a whole step: --accum micro-batches, pinned for
-    the copy to the GPU; augmented as augment_policy says) and, on rank 0, the val loader (never augmented)."""
-    step_batch, train_split = args.batch * args.accum, index["train"]["num_samples"]
-    if step_batch * world > train_split:
-        raise ValueError(f"--batch {args.batch} x --accum {args.accum} x {world} processes = {step_batch * world} "
-                         f"is larger than the {train_split} training samples")
-    keys = NEGATIVE_KEYS[args.hard_negatives]  # every sample's json must carry them: checked now, not mid-run
-    slots = negative_slots(data, index["train"]["shards"], keys) if keys else 0
-    augment, why = augment_policy(args, index)
-    if master:  # even with --quiet: what the data did to the recipe is worth one line
-        crop = f" (area {args.crop_area[0]:g}-{args.crop_area[1]:g}, aspect {args.crop_ratio[0]:.3g}-{args.crop_ratio[1]:.3g})"
-        print(f"augmentation: {'random-resized-crop' + crop if augment else 'none'}, from {why}")
-    ctx = config.text.context_length
-    loader = ShardLoader(data, "train", step_batch, tokenizer, ctx, seed=args.seed, rank=rank, world_size=world,
-                         num_workers=args.workers, augment=augment, long_captions=args.long, pin_memory=cuda,
-                         crop_area=tuple(args.crop_area), crop_ratio=tuple(args.crop_ratio), negatives=keys,
-                         num_negatives=slots)
-    # (read_index counts a split whose index.json entry has no num_samples; `index` was read for train only)
-    n_val = read_index(data, "val")["val"]["num_samples"] if rank == 0 and index.get("val", {}).get("shards") else 0
-    val_loader = ShardLoader(data, "val", min(args.batch, n_val), tokenizer, ctx, num_workers=args.workers,
-                             long_captions=args.long, augment=False) if rank == 0 and n_val else None
-    return loader, val_loader
-
-
-def main(argv=None):
-    """run() with what it holds (the run folders' locks, the signal handlers, the loader workers, a checkpoint being
-    written) given back however it ends; a full disk or a folder made read-only mid-run is one line, exit 2."""
-    held = []  # closers run() adds as it takes things
-    try:
-        return run(argv, held)
-    except OSError as e:  # (writes are rank 0's: the other ranks of a DDP run wait at their next collective)
-        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        for close in reversed(held):
-            with contextlib.suppress(Exception):  # the error being reported is the one that matters
-                close()
-
-
-def run(argv, held):
-    parser = get_parser()
-    args = parser.parse_args(argv)
-    validate(parser, args)
-    # processes and devices; what the machine decides (bf16 and compile on CUDA, loader workers from the cores)
-    try:
-        ddp, rank, world, device = setup_distributed()
-    except ValueError as e:  # SLURM without a rendezvous
-        parser.error(str(e))
-    master, cuda, quiet = rank == 0, device.startswith("cuda"), args.quiet or rank != 0
-
-    def fail(msg):  # after the processes started: one line from rank 0, exit 2 everywhere
-        if PEERS is not None:  # every rank is leaving: none of them is a failure to name
-            PEERS.closed.set()
-        if master:
-            parser.error(msg)
-        sys.exit(2)
-
-    chosen, hint = run_defaults(args, cuda)  # --preset/--data left unset: the seed run on CUDA once data/t2i is prepared
-    if master and hint:
-        print(hint)
-    said = device_defaults(args, device)
-    torch.manual_seed(args.seed)  # the same init on every rank (DDP also broadcasts it)
-    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls/convs for whatever runs in fp32 on Ampere+
-    torch.backends.cudnn.allow_tf32 = True
-    use_bf16 = args.precision == "bf16" and cuda
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-
-    # data, the model's config (preset or --init, a teacher for --distill), the checkpoint to --resume
-    try:
-        data, index, tokenizer, out_dir, log_dir = load_data(args, master)
-    except ValueError as e:
-        fail(str(e))
-    if ddp:  # rank 0 writes the checkpoints and every rank reads one on --resume: all must see the same folder
-        missing = unshared_ranks(out_dir, rank, world)
-        if missing:
-            fail(f"ranks {missing} do not see {out_dir}, which rank 0 writes: put --out on a filesystem every node "
-                 f"shares (checkpoints are written by rank 0 and read by every rank on --resume)")
-    fingerprint = data_fingerprint(data, index)  # saved in every checkpoint; a --resume on other data is refused
-    try:
-        teacher, teacher_dim = load_teacher(args, data, index, tokenizer, device)
-        config, tokenizer, init_sd = build_config(args, index, tokenizer, teacher_dim, master)
-        ckpt = load_resume(args, out_dir, config, world, data, fingerprint) if args.resume else None
-        loader, val_loader = make_loaders(args, data, index, tokenizer, config, rank, world, cuda, master)
-        held.append(lambda: [x.close() for x in (loader, val_loader) if x is not None])
-        # checked on every rank (a bad one stops them all at once), evaluated on rank 0
-        zs_source = open_zeroshot_data(args.zeroshot_data, args.zeroshot_max_images, config.vision.img_size) \
-            if args.zeroshot_data else None
-        model = build_model(args, config, init_sd if ckpt is None else None, quiet).to(device)
-        if ckpt is not None:  # a checkpoint from before the data fingerprint, on a smaller dataset, fails here
-            loader.load_state_dict(ckpt["loader"])
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
-    # this run's folders, before anything is written: writable, locked while it runs, holding no other run (rank 0 decides)
-    why = None
-    if master:
-        # --resume auto: as latest when it found a checkpoint; else a fresh start that moves a run killed before its
-        # first checkpoint aside (never deleted), so a scheduler's relaunch is not refused
-        fresh = args.resume == "auto" and ckpt is None
-        resume = None if fresh else "latest" if args.resume == "auto" else args.resume
-        locks, why = claim_folders(out_dir, log_dir, resume, args.overwrite or fresh)
-        held.append(lambda: [release_lock(lock) for lock in locks])
-    if ddp:
-        box = [why]
-        dist.broadcast_object_list(box, src=0)
-        why = box[0]
-    if why:
-        fail(why)
-    total_steps = max(1, math.ceil(args.epochs * len(loader)))
-    optimizer = clip.configure_optimizers(model, args.wd, args.max_lr, betas=(0.9, args.beta2))
-    step, best_val = 0, None
-    if ckpt is not None:  # model, optimizer, data position (above) and RNGs exactly as they were
-        model.load_state_dict(cm.strip_prefixes(ckpt["model"]))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        cm.set_rng_state(ckpt["rng"])
-        step, best_val = ckpt["step"], ckpt.get("best_val_loss")
-        if args.stop_at is not None and args.stop_at <= step:
-            fail(f"--stop_at {args.stop_at} is not after the checkpoint's step {step}")
-        if step >= total_steps:
-            if master:
-                print(f"nothing to do: the checkpoint is at the run's last step ({step} of {total_steps})")
-            cleanup(loader, None, None, ddp)
-            return 0
-        if master:
-            print(f"resumed from step {step} of {total_steps}")
-    raw_model, model = model, wrap_model(args, model, ddp, device)  # compiled, DDP; raw_model for eval and saving
-    loss_fn = make_loss(args, raw_model, teacher)
-
-    manager = cm.CheckpointManager(out_dir, keep=args.keep) if master else None
-    held.append(lambda: manager and manager.wait())  # on any way out, a checkpoint being written is finished
-    if ddp and master:  # a peer that stops while a checkpoint is being written: the write is completed first
-        PEERS.finish = manager.wait
-    logger = Logger(log_dir, config={"args": vars(args), "model": config.to_dict(), "world_size": world},
-                    resume_step=step if ckpt is not None else None, total_steps=total_steps,
-                    print_every=args.log_every, quiet=args.quiet, enabled=master)
-    held.append(logger.close)
-    step_batch = args.batch * args.accum
-    if master and not args.quiet:
-        print(f"{chosen}: {config.vision.img_size}px images, {config.text.context_length}-token context, "
-              f"{raw_model.num_params() / 1e6:.2f}M parameters "
-              f"({raw_model.num_params(trainable_only=True) / 1e6:.2f}M trainable), "
-              f"{total_steps} steps of {step_batch * world} samples on {world} x {device}: {said}")
-
-    def save(val=None, last=False):
-        """Checkpoint (rank 0): copied to the CPU here, written by a background thread (the last one waited for)."""
-        nonlocal best_val
-        state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "config": config.to_dict(),
-                 "args": vars(args), "world_size": world, "step": step, "epoch": batches.state["epoch"],
-                 "loader": batches.state, "rng": cm.rng_state(), "best_val_loss": best_val,
-                 "tokenizer": tokenizer.to_dict(), "data_fingerprint": fingerprint}
-        (manager.save if last else manager.save_async)(state, step, val_loss=val)  # best.pt on a new best val loss
-        if args.adapters:  # the adapters alone, small enough to share
-            cm.save_adapters(raw_model, os.path.join(out_dir, "adapters.pt"))
-        best_val = manager.best_val_loss
-
-    val_cache = None  # the val batches, read once when they fit in VAL_CACHE_BYTES
-
-    def evaluate():
-        nonlocal val_cache
-        if val_loader is not None and val_cache is None and args.eval_batches and \
-                args.eval_batches * val_loader.batch_size * 3 * config.vision.img_size ** 2 <= VAL_CACHE_BYTES:
-            val_cache = list(val_batches(val_loader, args.eval_batches))
-            val_loader.close()  # its workers are not needed again
-        metrics = {}
-        if val_loader is not None:
-            val_data = val_cache or val_batches(val_loader, args.eval_batches)
-            metrics["loss"] = val_loss(raw_model, val_data, device, autocast)
-        t0 = time.time()
-        if "classes" in index and val_loader is not None:
-            results = zero_shot(raw_model, tokenizer, data, device, args.precision)
-            metrics.update({k: x for k, x in results.items() if isinstance(x, (int, float))})
-        if zs_source is not None:  # the classifier is re-encoded from the current weights each time
-            import eval_zeroshot
-            r = eval_zeroshot.evaluate_checkpoint(raw_model, tokenizer, zs_source, device=device, workers=args.workers,
-                                                  precision=args.precision, retrieval=False)
-            metrics.update(zeroshot_data_top1=r["zeroshot_top1"], zeroshot_data_top5=r["zeroshot_top5"])
-        timing["zero-shot"] += time.time() - t0
-        logger.log(step, "val", **metrics)
-        return metrics
-
-    def stop_bad(what, value, at):
-        last = manager.newest_finite() if manager else None  # checked, not just the newest
-        if master:
-            print(f"error: {what} is {value} at step {at}; stopping. Last good checkpoint: {last or 'none'}",
-                  file=sys.stderr)
-        cleanup(loader, logger, bar, ddp, manager)
-        return 1
-
-    # -----------------------------------------------------------------------------
-    # the training loop: one optimizer step per iteration. Nothing in it waits for the GPU except a log step.
-    stop = min(total_steps, args.stop_at or total_steps)
-    batches = DevicePrefetcher(loader, device)
-    batches.pop_wait()  # the first batch's wait is before the clock starts
-    bar = tqdm(total=stop, initial=step, disable=quiet, desc="train", dynamic_ncols=True)
-    preempt = Preemption()  # from here SIGTERM / Ctrl-C end the run after a step, with a checkpoint
-    held.extend([bar.close, preempt.restore])
-    window, metrics = [], {}  # window: this log window's steps, their values still on the device
-    timing = {"loop": 0.0, "data": 0.0, "eval": 0.0, "zero-shot": 0.0, "checkpoint": 0.0, "final save": 0.0}  # s
-    t_start = t_window = t_plot = time.time()
-    model.train()
-    while step < stop:
-        # the learning rate of this step (warmup, then cosine), written into the optimizer
-        lr = lr_at(step, total_steps, args.max_lr, args.warmup_frac, args.min_lr_frac)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # the batch, already on the device: its copy was issued while the previous step ran
-        batch = next(batches)
-        # forward, the loss over the global batch, backward (GradCache over --accum micro-batches)
-        keep = patch_keep(config, args.seed, step, rank, batch["image"].shape[0], device)  # (B, K), None without dropout
-        loss, terms = forward_backward(model, model_inputs(batch, args.long, keep), args.accum, autocast, loss_fn, batch)
-        if ddp and hasattr(raw_model, "distill_proj"):  # DDP leaves this gradient to us (see wrap_model)
-            dist.all_reduce(raw_model.distill_proj.weight.grad, op=dist.ReduceOp.AVG)
-        # clip, update, clamp the temperature; the values to log stay on the device
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        raw_model.clamp_logit_scale()
-        step += 1
-        bar.update(1)
-        host = {"lr": lr}
-        report = loader.pop_epoch_report()  # bad samples met in the epoch that just ended (skipped, replaced)
-        if report and report["skipped"]:
-            host.update({f"skipped_{why}": n for why, n in report["skipped"].items()})
-            if master and not args.quiet:
-                tqdm.write(f"epoch {report['epoch']}: skipped {', '.join(f'{n} {w}' for w, n in report['skipped'].items())}")
-        window.append((step, host, {"loss": loss, **{k: v.detach() for k, v in terms.items()}, "grad_norm": grad_norm,
-                                    "logit_scale": raw_model.logit_scale.detach().exp(),
-                                    **({"logit_bias": raw_model.logit_bias.detach()} if config.loss == "siglip" else {})}))
-
-        eval_step = (args.eval_every and step % args.eval_every == 0) or step == stop
-        ckpt_step = step % args.ckpt_every == 0 or step == stop
-        if step % args.log_every and not eval_step and not ckpt_step and not (preempt.signum and not ddp):
-            continue
-        # a log step: wait for the GPU once, read the window's values, stop at the first non-finite one
-        if cuda:
-            torch.cuda.synchronize()
-        dt, wait = time.time() - t_window, batches.pop_wait()
-        timing["loop"], timing["data"] = timing["loop"] + dt, timing["data"] + wait
-        rows = read_window(window, ddp)
-        window = []
-        rate = {"samples_per_s": len(rows) * step_batch * world / dt, "data_ms": 1000 * wait / len(rows)}
-        mfu = clip.estimate_mfu(config, rate["samples_per_s"] / world) if cuda else None
-        rate.update({"mfu": mfu} if mfu is not None else {})
-        for s, r in rows:
-            bad = next((k for k in ("loss", "grad_norm") if not math.isfinite(r[k])), None)
-            if bad:
-                return stop_bad(bad.replace("_", " "), r[bad], s)
-            logger.log(s, "train", **r, **rate, **({"elapsed_s": time.time() - t_start} if s == step else {}))
-        bar.set_postfix(loss=f"{rows[-1][1]['loss']:.3f}", refresh=False)
-        # validation and zero-shot (rank 0; the others wait at their next collective, well within PG_TIMEOUT)
-        t0 = time.time()
-        if master and (val_loader is not None or args.zeroshot_data) and eval_step:
-            metrics = evaluate()
-            if step != stop and time.time() - t_plot > PLOT_EVERY_S:  # the end of the run plots once below
-                logger.plot()
-                t_plot = time.time()
-        timing["eval"] += time.time() - t0
-        # preemption: a SIGTERM / SIGINT on any rank stops every rank here, after this step's checkpoint (at the last
-        # step the run is simply done)
-        signum = preempt.agreed(ddp, device) if step < stop else None
-        # checkpoint: weights checked finite on every rank, the state copied to the CPU and written in the background
-        t0 = time.time()
-        if ckpt_step or signum:
-            if not weights_finite(raw_model):
-                return stop_bad("a weight", "not finite", step)
-            if master:
-                save(metrics.get("loss") if eval_step else None, last=step == stop or bool(signum))
-        timing["final save" if step == stop else "checkpoint"] += time.time() - t0
-        if signum:
-            if master:
-                tqdm.write(f"stopped by {signal.Signals(signum).name} after step {step}: saved "
-                           f"{os.path.join(manager.dir, f'step_{step:08d}.pt')}; continue with --resume latest")
-            cleanup(loader, logger, bar, ddp, manager)
-            return 128 + signum  # non-zero: the run is not finished (a scheduler requeues it)
-        t_window = time.time()
-    bar.close()
-    if master:
-        logger.plot()
-        summary(metrics, index, log_dir, timing, args.zeroshot_data, zs_source)
-    cleanup(loader, logger, None, ddp, manager)
-    return 0
-
-
-def iter_forever(loader):
-    while True:  # each pass is one epoch, resumed mid-epoch after load_state_dict
-        yield from loader
-
-
-def cleanup(loader, logger, bar, ddp, manager=None):
+def cleanup(loader, logger, bar, peers, manager=None):
     if manager is not None:
         manager.wait()  # a checkpoint still being written is finished, not cut off
     loader.close()
@@ -1232,96 +920,9 @@ def cleanup(loader, logger, bar, ddp, manager=None):
         logger.close()
     if bar is not None:
         bar.close()
-    if ddp:
-        PEERS.close()
+    if peers is not None:  # DDP
+        peers.close()
         dist.destroy_process_group()
-
-
-def build_config(args, index, tokenizer, teacher_dim, master=True):
-    """The run's model config (and tokenizer): the preset sized to the data, or --init's architecture with the
-    pooling/adapter flags on top; --long with --init stretches the text positions (Long-CLIP)."""
-    init_sd = None
-    if args.init:
-        init_sd, cfg, tok = cm.load_init(args.init, args.quick_gelu, args.init_heads, quiet=not master)
-        if tok is not None:  # the model's token embeddings go with its own tokenizer
-            tokenizer = Tokenizer.from_dict(tok)
-        if cfg["vision"]["img_size"] != index["img_size"]:
-            raise ValueError(f"--init model takes {cfg['vision']['img_size']} px images but the data has {index['img_size']} px")
-        if args.context_length not in (None, cfg["text"]["context_length"]):  # its position table fixes it
-            raise ValueError(f"--context_length {args.context_length}: the --init model's text context is "
-                             f"{cfg['text']['context_length']} tokens (--long stretches it; leave --context_length out)")
-        cfg["text"].update(pool=args.pool, pool_layers=args.pool_layers)
-        if args.head != "linear" and (cfg["head"], cfg["head_mode"]) != (args.head, args.head_mode):
-            raise ValueError(f"--head {args.head}/{args.head_mode}: the --init model has {cfg['head']}/{cfg['head_mode']}")
-        config = clip.CLIPConfig.from_dict(cfg)
-    else:
-        ctx, longest = args.context_length, index.get("caption_tokens")
-        if ctx is None and longest and not args.long:  # padding costs text-tower time and changes nothing else
-            ctx = min(clip.get_config(args.preset).text.context_length, -(-longest // 8) * 8)
-        config = clip.get_config(args.preset, vocab_size=tokenizer.vocab_size, img_size=index["img_size"],
-                                 context_length=ctx, pool=args.pool, pool_layers=args.pool_layers,
-                                 head=args.head, head_mode=args.head_mode, quick_gelu=args.quick_gelu)
-    config.adapters, config.adapter_towers, config.teacher_dim = args.adapters, tuple(args.adapter_towers), teacher_dim
-    config.loss, config.vision.patch_dropout = args.loss, args.patch_dropout  # also over an --init model's own
-    if args.long and not args.init:
-        print(f"note: --long without --init trains at context {config.text.context_length} from scratch "
-              f"(no stretching); longer captions are truncated")
-    if args.long and args.init and config.text.freeze_positions == 0:
-        n = config.text.context_length
-        if n <= 20:  # Long-CLIP keeps the first 20 positions and stretches the rest
-            raise ValueError(f"--long --init needs a model with a text context over 20 tokens; this one has {n} "
-                             f"(train it with --context_length 32 or more)")
-        config.text.context_length, config.text.freeze_positions = 20 + 4 * (n - 20), 20
-    return clip.CLIPConfig.from_dict(config.to_dict()), tokenizer, init_sd  # re-validated
-
-
-def build_model(args, config, init_sd, quiet):
-    """The model, initialised from --init (stretched for --long), with the fine-tuning freezes applied."""
-    model = clip.CLIP(config)
-    if init_sd is not None:
-        if config.text.freeze_positions and "text.pos_fixed" not in init_sd:  # --long: stretch 77 -> 248 style
-            cfg = clip.CLIPConfig.from_dict(config.to_dict())
-            cfg.text.context_length = init_sd["text.pos_embed"].shape[0]
-            cfg.text.freeze_positions = 0
-            base = clip.CLIP(cfg)
-            cm.load_partial(base, init_sd, args.ignore_keys, quiet=quiet)
-            model = clip.stretch_text_model(base)
-        else:
-            cm.load_partial(model, init_sd, args.ignore_keys, quiet=quiet)
-    if args.lock_image:
-        model.lock("visual", args.unlocked_layers)
-    if args.lock_text:
-        model.lock("text", args.unlocked_layers)
-    model.set_grad_checkpointing(args.grad_ckpt)
-    if args.adapters:  # only the adapters train (plus the heads with --train_heads)
-        for name, p in model.named_parameters():
-            head = name.startswith(("visual.proj", "text.proj", "logit_scale", "logit_bias", "distill_proj"))
-            p.requires_grad_("adapter_" in name or (head and args.train_heads) or name.startswith("distill_proj"))
-    return model
-
-
-class OnlineTeacher:
-    """A frozen teacher run in-process when the shards hold no stored embeddings. It reads the captions with its
-    own tokenizer: our tokens are decoded back to text (lossless after clean()) and re-tokenized."""
-
-    def __init__(self, path, tokenizer, device):
-        self.model, ckpt = cm.load_model(path, map_location=device)
-        self.model.requires_grad_(False)  # never in the optimizer
-        self.tokenizer, self.own = tokenizer, Tokenizer.from_dict(ckpt["tokenizer"])
-        self.dim, self.size = self.model.config.output_dim, self.model.config.vision.img_size
-
-    @torch.no_grad()
-    def __call__(self, batch):
-        device = next(self.model.parameters()).device
-        images = clip.normalize_images(batch["image"].to(device))  # (B, 3, S, S)
-        if images.shape[-1] != self.size:
-            images = F.interpolate(images, size=(self.size, self.size), mode="bicubic", antialias=True)
-        eot = self.tokenizer.eot  # the ids between sot and eot: the zero padding after eot is not text
-        # (reading the tokens back is a host sync each step: the price of re-tokenizing for the teacher)
-        texts = [self.tokenizer.decode(row[1:row.index(eot)]) for row in batch["text"].tolist()]
-        tokens = self.own.tokenize(texts, self.model.config.text.context_length).to(device)
-        outs = self.model(images, tokens)
-        return outs.image.float(), outs.text.float()
 
 
 def summary(metrics, index, log_dir, timing, zeroshot_data=None, zs_source=None):
@@ -1346,6 +947,239 @@ def summary(metrics, index, log_dir, timing, zeroshot_data=None, zs_source=None)
           f"{pct('zero-shot')}), checkpoints {timing['checkpoint']:.1f} s on the training thread + final save "
           f"{timing['final save']:.1f} s")
     print(f"metrics and plots: {log_dir}/")
+
+
+# -----------------------------------------------------------------------------
+# main and run: the setup, then the training loop
+
+
+def main(argv=None):
+    """run() with what it holds (the run folders' locks, the signal handlers, the loader workers, a checkpoint being
+    written) given back however it ends; a full disk or a folder made read-only mid-run is one line, exit 2."""
+    held = []  # closers run() adds as it takes things
+    try:
+        return run(argv, held)
+    except OSError as e:  # (writes are rank 0's: the other ranks of a DDP run wait at their next collective)
+        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        for close in reversed(held):
+            with contextlib.suppress(Exception):  # the error being reported is the one that matters
+                close()
+
+
+def run(argv, held):
+    """The setup (the named functions above), then the training loop; returns the exit code."""
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    validate(parser, args)
+    # processes and devices; what the machine decides (bf16 and compile on CUDA, loader workers from the cores)
+    try:
+        ddp, rank, world, device, peers = setup_distributed()
+    except ValueError as e:  # SLURM without a rendezvous
+        parser.error(str(e))
+    master, cuda, quiet = rank == 0, device.startswith("cuda"), args.quiet or rank != 0
+
+    def fail(msg):  # after the processes started: one line from rank 0, exit 2 everywhere
+        if peers is not None:  # every rank is leaving: none of them is a failure to name
+            peers.closed.set()
+        if master:
+            parser.error(msg)
+        sys.exit(2)
+
+    chosen, hint = run_defaults(args, cuda)  # --preset/--data left unset: the seed run on CUDA once data/t2i is prepared
+    if master and hint:
+        print(hint)
+    said = device_defaults(args, device)
+    torch.manual_seed(args.seed)  # the same init on every rank (DDP also broadcasts it)
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls/convs for whatever runs in fp32 on Ampere+
+    torch.backends.cudnn.allow_tf32 = True
+    use_bf16 = args.precision == "bf16" and cuda
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+    # the data and where this run writes; under DDP every rank must see the folder rank 0 writes
+    try:
+        data, index, tokenizer, out_dir, log_dir = load_data(args, master)
+    except ValueError as e:
+        fail(str(e))
+    if ddp:  # rank 0 writes the checkpoints and every rank reads one on --resume: all must see the same folder
+        missing = unshared_ranks(out_dir, rank, world)
+        if missing:
+            fail(f"ranks {missing} do not see {out_dir}, which rank 0 writes: put --out on a filesystem every node "
+                 f"shares (checkpoints are written by rank 0 and read by every rank on --resume)")
+    fingerprint = data_fingerprint(data, index)  # saved in every checkpoint; a --resume on other data is refused
+    # the model's config (preset or --init), the checkpoint to --resume, the loaders, the model
+    try:
+        # distillation: the teacher (its embeddings stored in the shards, or a model run online) and their size
+        teacher, teacher_dim = load_teacher(args, data, index, tokenizer, device)
+        config, tokenizer, init_sd = build_config(args, index, tokenizer, teacher_dim, master)
+        ckpt = load_resume(args, out_dir, config, world, data, fingerprint) if args.resume else None
+        loader, val_loader = make_loaders(args, data, index, tokenizer, config, rank, world, cuda, master)
+        held.append(lambda: [x.close() for x in (loader, val_loader) if x is not None])
+        # checked on every rank (a bad one stops them all at once), evaluated on rank 0
+        zs_source = open_zeroshot_data(args.zeroshot_data, args.zeroshot_max_images, config.vision.img_size) \
+            if args.zeroshot_data else None
+        model = build_model(args, config, init_sd if ckpt is None else None, quiet).to(device)
+        if ckpt is not None:  # a checkpoint from before the data fingerprint, on a smaller dataset, fails here
+            loader.load_state_dict(ckpt["loader"])
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    # this run's folders, before anything is written: rank 0 claims them, every rank hears why not
+    locks, why = claim_run_folders(args, ckpt, out_dir, log_dir) if master else ([], None)
+    held.append(lambda: [cm.release_lock(lock) for lock in locks])
+    if ddp:
+        box = [why]
+        dist.broadcast_object_list(box, src=0)
+        why = box[0]
+    if why:
+        fail(why)
+    # the optimizer; a resumed run continues with the model, optimizer, data position (above) and RNGs as they were
+    total_steps = max(1, math.ceil(args.epochs * len(loader)))
+    optimizer = clip.configure_optimizers(model, args.wd, args.max_lr, betas=(0.9, args.beta2))
+    step, best_val = 0, None
+    if ckpt is not None:
+        model.load_state_dict(cm.strip_prefixes(ckpt["model"]))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        cm.set_rng_state(ckpt["rng"])
+        step, best_val = ckpt["step"], ckpt.get("best_val_loss")
+        if args.stop_at is not None and args.stop_at <= step:
+            fail(f"--stop_at {args.stop_at} is not after the checkpoint's step {step}")
+        if step >= total_steps:
+            if master:
+                print(f"nothing to do: the checkpoint is at the run's last step ({step} of {total_steps})")
+            cleanup(loader, None, None, peers)
+            return 0
+        if master:
+            print(f"resumed from step {step} of {total_steps}")
+    raw_model, model = model, wrap_model(args, model, ddp, device)  # compiled, DDP; raw_model for eval and saving
+    loss_fn = make_loss(args, raw_model, teacher)
+    # checkpoints, logs and evaluation (rank 0), and the line that says what runs
+    manager = cm.CheckpointManager(out_dir, keep=args.keep) if master else None
+    held.append(lambda: manager and manager.wait())  # on any way out, a checkpoint being written is finished
+    if ddp and master:  # a peer that stops while a checkpoint is being written: the write is completed first
+        peers.finish = manager.wait
+    logger = Logger(log_dir, config={"args": vars(args), "model": config.to_dict(), "world_size": world},
+                    resume_step=step if ckpt is not None else None, total_steps=total_steps,
+                    print_every=args.log_every, quiet=args.quiet, enabled=master)
+    held.append(logger.close)
+    evaluate = Evaluator(raw_model, val_loader, zs_source, args, index, tokenizer, data, device, autocast) \
+        if master and (val_loader is not None or args.zeroshot_data) else None
+    step_batch = args.batch * args.accum
+    if master and not args.quiet:
+        print(f"{chosen}: {config.vision.img_size}px images, {config.text.context_length}-token context, "
+              f"{raw_model.num_params() / 1e6:.2f}M parameters "
+              f"({raw_model.num_params(trainable_only=True) / 1e6:.2f}M trainable), "
+              f"{total_steps} steps of {step_batch * world} samples on {world} x {device}: {said}")
+
+    # -----------------------------------------------------------------------------
+    # the training loop: one optimizer step per iteration. Nothing in it waits for the GPU except a log step.
+    stop = min(total_steps, args.stop_at or total_steps)
+    batches = DevicePrefetcher(loader, device)
+    batches.pop_wait()  # the first batch's wait is before the clock starts
+    bar = tqdm(total=stop, initial=step, disable=quiet, desc="train", dynamic_ncols=True)
+    preempt = Preemption()  # from here SIGTERM / Ctrl-C end the run after a step, with a checkpoint
+    held.extend([bar.close, preempt.restore])
+    window, metrics = [], {}  # window: this log window's steps, their values still on the device
+    timing = {"loop": 0.0, "data": 0.0, "eval": 0.0, "zero-shot": 0.0, "checkpoint": 0.0, "final save": 0.0}  # s
+    t_start = t_window = t_plot = time.time()
+    model.train()
+    while step < stop:
+        # the learning rate of this step (warmup, then cosine), written into the optimizer
+        lr = lr_at(step, total_steps, args.max_lr, args.warmup_frac, args.min_lr_frac)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # the batch, already on the device: its copy was issued while the previous step ran
+        batch = next(batches)
+        # FLIP: the patches each image keeps this step (B, K); None without patch dropout
+        keep = patch_keep(config, args.seed, step, rank, batch["image"].shape[0], device)
+        # forward, the loss over the global batch, backward (GradCache over --accum micro-batches)
+        loss, terms = forward_backward(model, model_inputs(batch, args.long, keep), args.accum, autocast, loss_fn, batch)
+        # distillation: DDP leaves the projection's gradient to us (see wrap_model)
+        if ddp and hasattr(raw_model, "distill_proj"):
+            dist.all_reduce(raw_model.distill_proj.weight.grad, op=dist.ReduceOp.AVG)
+        # clip, update, clamp the temperature; the values to log stay on the device
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        raw_model.clamp_logit_scale()
+        step += 1
+        bar.update(1)
+        host = {"lr": lr, **skipped_samples(loader, master and not args.quiet)}  # (bad samples: once per epoch)
+        values = {"loss": loss, **{k: v.detach() for k, v in terms.items()}, "grad_norm": grad_norm,
+                  "logit_scale": raw_model.logit_scale.detach().exp()}
+        # SigLIP: the learned bias is logged too
+        if config.loss == "siglip":
+            values["logit_bias"] = raw_model.logit_bias.detach()
+        window.append((step, host, values))
+
+        eval_step = (args.eval_every and step % args.eval_every == 0) or step == stop
+        ckpt_step = step % args.ckpt_every == 0 or step == stop
+        if step % args.log_every and not eval_step and not ckpt_step and not (preempt.signum and not ddp):
+            continue
+        # a log step: wait for the GPU once, read the window's values, stop at the first non-finite one
+        if cuda:
+            torch.cuda.synchronize()
+        dt, wait = time.time() - t_window, batches.pop_wait()
+        timing["loop"], timing["data"] = timing["loop"] + dt, timing["data"] + wait
+        rows = read_window(window, ddp)
+        window = []
+        rate = {"samples_per_s": len(rows) * step_batch * world / dt, "data_ms": 1000 * wait / len(rows)}
+        mfu = clip.estimate_mfu(config, rate["samples_per_s"] / world) if cuda else None
+        rate.update({"mfu": mfu} if mfu is not None else {})
+        for s, r in rows:
+            bad = next((k for k in ("loss", "grad_norm") if not math.isfinite(r[k])), None)
+            if bad:
+                code = stop_bad(bad.replace("_", " "), r[bad], s, manager, master)
+                cleanup(loader, logger, bar, peers, manager)
+                return code
+            logger.log(s, "train", **r, **rate, **({"elapsed_s": time.time() - t_start} if s == step else {}))
+        bar.set_postfix(loss=f"{rows[-1][1]['loss']:.3f}", refresh=False)
+        # validation and zero-shot (rank 0; the others wait at their next collective, well within PG_TIMEOUT)
+        t0 = time.time()
+        if evaluate is not None and eval_step:
+            metrics, zero_shot_s = evaluate()
+            timing["zero-shot"] += zero_shot_s
+            logger.log(step, "val", **metrics)
+            if step != stop and time.time() - t_plot > PLOT_EVERY_S:  # the end of the run plots once below
+                logger.plot()
+                t_plot = time.time()
+        timing["eval"] += time.time() - t0
+        # preemption: a SIGTERM / SIGINT on any rank stops every rank here, after this step's checkpoint (at the last
+        # step the run is simply done)
+        signum = preempt.agreed(ddp, device) if step < stop else None
+        # checkpoint: weights checked finite on every rank, then (rank 0) the whole state copied to the CPU and
+        # written by a background thread; the last one is written here, and waited for
+        t0 = time.time()
+        if ckpt_step or signum:
+            if not weights_finite(raw_model):
+                code = stop_bad("a weight", "not finite", step, manager, master)
+                cleanup(loader, logger, bar, peers, manager)
+                return code
+            if master:
+                state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "config": config.to_dict(), "args": vars(args), "world_size": world, "step": step,
+                         "epoch": batches.state["epoch"], "loader": batches.state, "rng": cm.rng_state(),
+                         "best_val_loss": best_val, "tokenizer": tokenizer.to_dict(), "data_fingerprint": fingerprint}
+                save = manager.save if step == stop or signum else manager.save_async
+                save(state, step, val_loss=metrics.get("loss") if eval_step else None)  # best.pt on a new best
+                best_val = manager.best_val_loss
+                # adapters: the adapters alone, small enough to share
+                if args.adapters:
+                    cm.save_adapters(raw_model, os.path.join(out_dir, "adapters.pt"))
+        timing["final save" if step == stop else "checkpoint"] += time.time() - t0
+        if signum:
+            if master:
+                tqdm.write(f"stopped by {signal.Signals(signum).name} after step {step}: saved "
+                           f"{os.path.join(manager.dir, f'step_{step:08d}.pt')}; continue with --resume latest")
+            cleanup(loader, logger, bar, peers, manager)
+            return 128 + signum  # non-zero: the run is not finished (a scheduler requeues it)
+        t_window = time.time()
+    bar.close()
+    if master:
+        logger.plot()
+        summary(metrics, index, log_dir, timing, args.zeroshot_data, zs_source)
+    cleanup(loader, logger, None, peers, manager)
+    return 0
 
 
 if __name__ == "__main__":

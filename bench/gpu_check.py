@@ -139,6 +139,7 @@ def part_openclip(args):
     except ImportError as e:
         return result(part="openclip", skipped=f"open_clip not importable ({e}); see this file's docstring")
     import torch
+    import checkpoint_manager as cm
     import clip
     z, cuda = sizes(args.smoke), torch.cuda.is_available()
     device, B = ("cuda" if cuda else "cpu"), z["batches"][0]
@@ -146,7 +147,7 @@ def part_openclip(args):
     torch.manual_seed(0)
     ours = clip.CLIP(config).to(device)
     theirs = make_openclip(config).to(device)
-    theirs.load_state_dict(ours.to_openai_state_dict(), strict=True)  # the same starting weights
+    theirs.load_state_dict(cm.to_openai_state_dict(ours), strict=True)  # the same starting weights
     S, T, V = z["img"], config.text.context_length, config.text.vocab_size
     images = torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8, device=device)
     tokens = torch.randint(1, V - 1, (B, T), device=device)

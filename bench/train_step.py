@@ -7,8 +7,8 @@ batch, same precision, same starting weights. A step is forward + backward + Ada
 Both sides get the same inputs: uint8 images normalised on the device with clip.normalize_images, random tokens
 ending in an eot (the largest id, which both towers pool at).
 
-First the check that makes it apples to apples: our weights go through model.to_openai_state_dict() into the
-OpenCLIP model (strict load; GELU or QuickGELU as in our config) and both must give the same image and text
+First the check that makes it apples to apples: our weights go through checkpoint_manager.to_openai_state_dict into
+the OpenCLIP model (strict load; GELU or QuickGELU as in our config) and both must give the same image and text
 embeddings (atol 1e-4). Then warmup, then --steps timed steps per side, interleaved (A B B A A B ...) so that
 other jobs on a shared machine slow both sides alike; samples/s = batch / median step time. Prints the ratio
 ours/openclip (target >= 1.15 on CPU fp32), FLOPs per sample (clip.estimate_flops_per_sample), MFU on a GPU
@@ -37,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 import common  # first: the repository root goes ahead of bench/ on sys.path
+import checkpoint_manager as cm
 import clip
 
 try:
@@ -159,7 +160,7 @@ def main():
               "    bench/.venv-anchors/bin/python bench/train_step.py --preset " + args.preset)
     else:
         theirs = make_openclip(config).to(dev)
-        theirs.load_state_dict(ours.to_openai_state_dict(), strict=True)  # the same starting weights
+        theirs.load_state_dict(cm.to_openai_state_dict(ours), strict=True)  # the same starting weights
         max_diff = check_equivalence(ours, theirs, batches[0])
         log(f"equivalence: OpenCLIP with our weights gives our embeddings (max |diff| {max_diff:.1e})")
         loss_fn = open_clip.ClipLoss()

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoint_manager as cm
 import clip
 from clip import CLIP, clip_loss, get_config
 
@@ -233,25 +234,25 @@ def test_from_openai_state_dict_gives_the_original_embeddings():
     torch.manual_seed(0)
     ref = RefCLIP().eval()
     sd = {k: v for k, v in ref.state_dict().items() if not k.endswith("mask")}
-    assert CLIP.from_openai_state_dict(sd).config.vision.heads == 1  # CLIP's rule: width // 64
-    model = CLIP.from_openai_state_dict(sd, vision_heads=4, text_heads=4).eval()
+    assert cm.from_openai_state_dict(sd).config.vision.heads == 1  # CLIP's rule: width // 64
+    model = cm.from_openai_state_dict(sd, vision_heads=4, text_heads=4).eval()
     assert model.config.text.context_length == 16 and model.config.quick_gelu
     images, t = torch.randn(2, 3, 32, 32), tokens(2, 16, (4, 15), vocab=100)
     with torch.no_grad():
         assert torch.allclose(model.encode_image(images), ref.visual(images), atol=1e-5)
         assert torch.allclose(model.encode_text(t), ref.encode_text(t), atol=1e-5)
-    back = model.to_openai_state_dict()
+    back = cm.to_openai_state_dict(model)
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
 
 
 def test_openai_round_trip_is_identity():
     torch.manual_seed(0)
     model = CLIP(tiny(quick_gelu=True))
-    back = CLIP.from_openai_state_dict(model.to_openai_state_dict(), vision_heads=4, text_heads=4)
+    back = cm.from_openai_state_dict(cm.to_openai_state_dict(model), vision_heads=4, text_heads=4)
     assert back.config == model.config
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="conv1"):
-        CLIP.from_openai_state_dict({"token_embedding.weight": torch.zeros(3, 4)})
+        cm.from_openai_state_dict({"token_embedding.weight": torch.zeros(3, 4)})
 
 
 @pytest.mark.parametrize("head", ["simplex", "orthoplex", "cube"])

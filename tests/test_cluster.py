@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import checkpoint_manager as cm
+import launch
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,16 +103,16 @@ def records(folder):
 def test_launch_env_reads_slurm_when_torchrun_is_absent():
     slurm = {"SLURM_PROCID": "11", "SLURM_LOCALID": "3", "SLURM_NTASKS": "16", "SLURM_NNODES": "2",
              "MASTER_ADDR": "node1", "MASTER_PORT": "29500"}
-    assert train.launch_env({}) == (None, 0, 0, 1, 1)
-    assert train.launch_env(slurm) == ("slurm", 11, 3, 16, 8)  # rank 11 is local rank 3 of the second node
-    assert train.launch_env({**slurm, "SLURM_NTASKS_PER_NODE": "4"})[4] == 4
+    assert launch.launch_env({}) == (None, 0, 0, 1, 1)
+    assert launch.launch_env(slurm) == ("slurm", 11, 3, 16, 8)  # rank 11 is local rank 3 of the second node
+    assert launch.launch_env({**slurm, "SLURM_NTASKS_PER_NODE": "4"})[4] == 4
     with pytest.raises(ValueError, match="SLURM started 2 tasks but MASTER_PORT is not set"):
-        train.launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "MASTER_ADDR": "node1"})
+        launch.launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "MASTER_ADDR": "node1"})
     torchrun = {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"}
-    assert train.launch_env({**slurm, **torchrun}) == ("torchrun", 5, 1, 8, 4)  # torchrun inside an allocation
-    assert train.launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == (None, 0, 0, 1, 1)  # sbatch, one task
+    assert launch.launch_env({**slurm, **torchrun}) == ("torchrun", 5, 1, 8, 4)  # torchrun inside an allocation
+    assert launch.launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == (None, 0, 0, 1, 1)  # sbatch, one task
     with pytest.raises(ValueError, match="MASTER_ADDR and MASTER_PORT are not set"):
-        train.launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+        launch.launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
 
 
 def test_slurm_tasks_without_a_rendezvous_are_one_line(shards8, tmp_path, monkeypatch, capsys):
@@ -229,7 +230,7 @@ def test_when_a_rank_dies_the_other_names_it_and_exits_in_seconds(shards8, tmp_p
     lines = [line for line in log.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and lines[0].startswith("error: rank 1 (on ") and "rank 0 exits" in lines[0], log
     assert "Traceback" not in log and "pair.cc" not in log  # gloo's traceback, file name and all, is gone
-    assert took < train.PEER_EXIT_S + 25, took  # the check takes PEER_EXIT_S; the rest is a loaded 2-core machine
+    assert took < launch.PEER_EXIT_S + 25, took  # the check takes PEER_EXIT_S; the rest is a loaded 2-core machine
     # nothing already saved is lost: every checkpoint file loads, the newest is at least what was there
     for p in glob.glob(str(ckpt / "*.pt")):
         assert cm.load(p)["step"] >= 4
@@ -242,10 +243,10 @@ def test_a_silent_rank_is_named_after_the_heartbeat_timeout(tmp_path):
     script = f"""
 import os, signal, sys, time
 sys.path.insert(0, {ROOT!r})
-import torch.distributed as dist, train
+import torch.distributed as dist, launch
 rank = int(os.environ["RANK"])
 dist.init_process_group("gloo")
-train.PEERS = train.PeerWatch(rank, 2, silent_s=2)
+peers = launch.PeerWatch(rank, 2, silent_s=2)
 print("watching", flush=True)
 if rank == 1:
     os.kill(os.getpid(), signal.SIGSTOP)

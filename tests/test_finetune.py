@@ -77,6 +77,29 @@ def test_adapters_at_init_leave_the_outputs_exactly_unchanged(towers):
     assert adapted.text.blocks[0].adapter_mlp.down.weight.shape == (4, 32)
 
 
+def test_state_dict_keys_are_those_checkpoints_from_before_hold():
+    """A block's adapters are identities until added (issue 28: no per-call branch), which have no parameters: the
+    state dict keys, in order (the optimizer's state is by parameter position), are those of checkpoints written
+    when the adapters were None, with and without adapters."""
+    block = ["ln_1.weight", "ln_1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+             "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias"]
+    adapter = [f"{a}.{lin}.{p}" for a in ("adapter_attn", "adapter_mlp") for lin in ("down", "up")
+               for p in ("weight", "bias")]
+
+    def keys(adapters):
+        blocks = lambda tower: [f"{tower}.blocks.{i}.{k}" for i in range(2) for k in block + adapter * adapters]
+        return (["logit_scale", "visual.cls_token", "visual.pos_embed", "visual.patch_embed.weight",
+                 "visual.ln_pre.weight", "visual.ln_pre.bias"] + blocks("visual")
+                + ["visual.ln_post.weight", "visual.ln_post.bias", "visual.proj.weight", "text.pos_embed",
+                   "text.token_embed.weight"] + blocks("text")
+                + ["text.ln_final.weight", "text.ln_final.bias", "text.proj.weight"])
+    assert list(clip.CLIP(micro()).state_dict()) == keys(False)
+    adapted = clip.CLIP(micro(adapters=4))
+    assert list(adapted.state_dict()) == keys(True)
+    assert isinstance(clip.CLIP(micro()).visual.blocks[0].adapter_mlp, torch.nn.Identity)
+    assert [n for n, _ in adapted.named_parameters()] == keys(True)  # the optimizer's order
+
+
 @pytest.mark.parametrize("heads", [False, True])
 def test_a_step_with_adapters_changes_only_the_adapters(synth, tmp_path, base, heads):
     path, before = base

@@ -352,8 +352,9 @@ def test_compiled_ddp_ignores_distill_proj_by_its_compiled_name(tmp_path):
 def test_a_node_that_does_not_see_the_checkpoint_folder_is_named(tmp_path):
     """Two gloo processes whose --out folders differ, as on two nodes without a shared filesystem."""
     outs = gloo_ranks(tmp_path, f"""
-print(train.unshared_ranks(os.path.join({str(tmp_path)!r}, "node" + str(rank)), rank, 2))
-print(train.unshared_ranks({str(tmp_path / 'shared')!r}, rank, 2))""")
+from launch import unshared_ranks
+print(unshared_ranks(os.path.join({str(tmp_path)!r}, "node" + str(rank)), rank, 2))
+print(unshared_ranks({str(tmp_path / 'shared')!r}, rank, 2))""")
     assert [o.split("\n")[:2] for o in outs] == [["[1]", "[]"]] * 2
     assert os.listdir(tmp_path / "shared") == []  # the probe file is removed
 

@@ -76,8 +76,8 @@ def test_siglip_model_init_checkpoint_and_export(tmp_path):
     back, _ = cm.load_model(path)
     assert back.config.loss == "siglip" and back.logit_bias.item() == -3.25
     with pytest.raises(ValueError, match="bias"):
-        model.to_openai_state_dict()
-    micro().to_openai_state_dict()  # the softmax model still exports
+        cm.to_openai_state_dict(model)
+    cm.to_openai_state_dict(micro())  # the softmax model still exports
 
 
 @pytest.mark.parametrize("flags", [["--loss", "siglip"], ["--loss", "siglip", "--long"],

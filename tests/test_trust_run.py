@@ -259,7 +259,7 @@ def test_the_lock_names_this_process_while_the_run_trains(synth, tmp_path, monke
     real = train.forward_backward
 
     def peek(*a, **k):
-        seen.append([train.read_lock(str(tmp_path / d / "k" / "run.lock")) for d in ("out", "logs")])
+        seen.append([cm.read_lock(str(tmp_path / d / "k" / "run.lock")) for d in ("out", "logs")])
         return real(*a, **k)
     monkeypatch.setattr(train, "forward_backward", peek)
     assert train.main(argv(synth, tmp_path, "k", "--stop_at", "1")) == 0
@@ -410,7 +410,7 @@ def openai_file(tmp_path, vision_width, text_width, heads):
     cfg.vision.width, cfg.vision.heads, cfg.text.width, cfg.text.heads = vision_width, heads[0], text_width, heads[1]
     model = clip.CLIP(clip.CLIPConfig.from_dict(cfg.to_dict()))
     path = tmp_path / "openai.pt"
-    torch.save(model.to_openai_state_dict(), path)
+    torch.save(cm.to_openai_state_dict(model), path)
     return str(path), model
 
 
@@ -422,7 +422,7 @@ def test_init_heads_are_inferred_and_said_or_asked_for(synth, tmp_path, capsys):
         in capsys.readouterr().out
     path, model = openai_file(tmp_path, 32, 32, (2, 4))  # widths CLIP's rule cannot divide
     with pytest.raises(ValueError, match="cannot infer the vision tower's head count from its width 32"):
-        clip.CLIP.from_openai_state_dict(torch.load(path))  # not "heads must be a positive integer, got 0"
+        cm.from_openai_state_dict(torch.load(path))  # not "heads must be a positive integer, got 0"
     with pytest.raises(SystemExit) as e:
         train.main(argv(synth, tmp_path, "h", "--init", path, "--stop_at", "1"))
     line = one_line_error(capsys)
