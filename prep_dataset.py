@@ -1459,7 +1459,6 @@ def add_negatives(parser, args):
     """json "mined" for every training sample (DPR-style hard negatives): the K captions of OTHER samples that a
     trained checkpoint scores highest for its image, never its own caption or an exact duplicate of it. One
     encoding pass (eval_zeroshot's, the embeddings --save_embeddings exports), then a chunked inner product."""
-    import torch
     import checkpoint_manager as cm
     import eval_zeroshot
     from dataloader import ShardLoader

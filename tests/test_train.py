@@ -1,6 +1,5 @@
 import contextlib
 import json
-import math
 import os
 import shutil
 import signal
