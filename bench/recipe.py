@@ -126,8 +126,10 @@ def run_one(sets, data_set, row, seed, steps, batch, work, threads):
     out = common.run_train(argv)
     wall = time.time() - t0
     steps_log, val = common.run_log(os.path.join(work, "logs"), name)
-    k = min(10, len(steps_log) - 1)  # past the first steps (workers starting)
-    s_step = (steps_log[-1]["elapsed_s"] - steps_log[k - 1]["elapsed_s"]) / (len(steps_log) - k) if k else steps_log[-1]["elapsed_s"]
+    # seconds per step past the first log window (workers starting): train.py stamps elapsed_s on each window's end
+    timed = [(r["elapsed_s"], r["step"]) for r in steps_log if "elapsed_s" in r]
+    (e0, s0), (e1, s1) = timed[0], timed[-1]
+    s_step = (e1 - e0) / (s1 - s0) if s1 > s0 else e1 / s1
     if data_set == "synthetic":  # train.py's own final eval is the synthetic val split (eval_zeroshot)
         test, split = sets["synthetic"], "val"
         r = val
