@@ -10,7 +10,7 @@ On disk, under <out_dir>/ckpt/:
     best.pt            the save with the lowest val loss so far
 
 Every file is written to a temp name in the same directory (<name>.tmp<pid>), fsynced, then os.replace'd into
-place (dataloader.atomic_write), so a process killed mid-write (OOM, preemption, kill -9) leaves the previous
+place (files.atomic_write), so a process killed mid-write (OOM, preemption, kill -9) leaves the previous
 file whole; its stray temp file is removed by the next save (a live process's never is). Other names in the
 folder (step_00000010_backup.pt, notes) are left alone: only step_<digits>.pt counts as a step file.
 
@@ -41,10 +41,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from dataloader import atomic_write, pid_alive, temp_writer
+from files import atomic_write, pid_alive, temp_writer
 
 # -----------------------------------------------------------------------------
-# atomic writes (dataloader.atomic_write: temp file, fsync, os.replace; links written through, devices refused)
+# atomic writes (files.atomic_write: temp file, fsync, os.replace; links written through, devices refused)
 
 def save_atomic(obj, path):
     """torch.save obj to path so that path is always either the old file or the complete new one."""

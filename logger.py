@@ -28,7 +28,7 @@ import sys
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from dataloader import atomic_write, regular_target
+from files import atomic_write, regular_target
 
 # keys plotted on their own figure; anything else in a val/eval record is an eval metric (eval.png)
 STANDARD = {"step", "split", "loss", "lr", "grad_norm", "logit_scale", "samples_per_s", "elapsed_s",
@@ -38,7 +38,7 @@ STANDARD = {"step", "split", "loss", "lr", "grad_norm", "logit_scale", "samples_
 # files
 
 def write_atomic(path, text):
-    """text -> path, whole or not at all (dataloader.atomic_write: a link written through, a device refused)."""
+    """text -> path, whole or not at all (files.atomic_write: a link written through, a device refused)."""
     with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
 
@@ -184,7 +184,7 @@ def _series(records, key, split):
     return [p[0] for p in pts], [p[1] for p in pts]
 
 def save_figure(fig, path):
-    # atomically (dataloader.atomic_write), so an image viewer never shows a half-written PNG
+    # atomically (files.atomic_write), so an image viewer never shows a half-written PNG
     with atomic_write(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
 

@@ -143,8 +143,8 @@ def md_table(head, rows, align=""):
 
 
 def write_text(path, text):
-    """A results file written whole (dataloader.atomic_write): a reader sees the old table or the new one."""
-    from dataloader import atomic_write
+    """A results file written whole (files.atomic_write): a reader sees the old table or the new one."""
+    from files import atomic_write
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_write(path) as temp, open(temp, "w") as f:
         f.write(text)

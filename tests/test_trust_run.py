@@ -23,7 +23,8 @@ import logger
 import train
 from conftest import gloo_ranks
 from conftest import train_argv as argv  # its defaults are this file's runs
-from dataloader import atomic_write, read_index, save_json, write_tar
+from dataloader import read_index, save_json, write_tar
+from files import atomic_write, temp_writer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # (HF_*_OFFLINE come from conftest's os.environ)
@@ -37,7 +38,7 @@ def lines(path):
 def temps(*folders):
     """Temp files atomic_write left behind (<name>.tmp<pid>) anywhere under folders."""
     return [os.path.join(d, f) for folder in folders for d, _, fs in os.walk(folder) for f in fs
-            if dataloader.temp_writer(f) is not None]
+            if temp_writer(f) is not None]
 
 
 def one_line_error(capsys, code=2):
