@@ -21,13 +21,14 @@ Left out on purpose:
 
 import heapq
 import json
-import os
 import re
 from collections import Counter
 
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from files import atomic_write
 
 FORMAT_VERSION = 1
 # GPT-2's split with stdlib classes: contractions | letters | 1-3 digits (so long numbers do not each become a
@@ -201,11 +202,9 @@ class Tokenizer:
         return tok
 
     def save(self, path):
-        """Write JSON atomically (temp file + os.replace), so a crash never leaves half a tokenizer."""
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
+        """Write JSON atomically (files.atomic_write), so a crash never leaves half a tokenizer."""
+        with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f)
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path):

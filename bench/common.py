@@ -11,7 +11,8 @@ repository:
 - machine(*fields), append_jsonl, read_jsonl: a result line with where and when it was measured.
 - run_train(argv), epochs_for(steps, batches): train.main in this process, for an exact number of steps.
 - run_log(log_dir, name), step_seconds(records, batch): what a finished run wrote to its metrics.jsonl.
-- md_table(head, rows, align), write_text(path, text), command(): the tables of bench/results/*.md.
+- md_table(head, rows, align), write_text(path, text), command(): the tables of bench/results/*.md (a reading
+  written by hand below a `<!-- reading:` line survives a regenerated table).
 
 Nothing heavy is imported at the top: recipe.py's digit writer imports this file in a venv that has no torch.
 """
@@ -142,9 +143,19 @@ def md_table(head, rows, align=""):
     return ["| " + " | ".join(head) + " |", sep] + ["| " + " | ".join(map(str, r)) + " |" for r in rows]
 
 
+READING = "<!-- reading:"  # a hand-written reading starts with this line; a regenerated table keeps it
+
+
 def write_text(path, text):
-    """A results file written whole (files.atomic_write): a reader sees the old table or the new one."""
+    """A results file written whole (files.atomic_write): a reader sees the old table or the new one. The old
+    file's hand-written reading (from a line starting with READING to the end) is kept below the new text."""
     from files import atomic_write
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    kept = ""
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = f.read()
+        at = old.find("\n" + READING)
+        kept = old[at:] if at >= 0 else ""
     with atomic_write(path) as temp, open(temp, "w") as f:
-        f.write(text)
+        f.write(text.rstrip("\n") + "\n" + kept if kept else text)

