@@ -89,7 +89,9 @@ def main(argv=None):
     t_start = time.time()
     torch.manual_seed(args.seed)
 
-    base_path = run_train("base", args, ["--epochs", str(args.base_epochs), "--max_lr", str(args.base_lr)])
+    # the preset's full context (32), not train.py's default fitted to the short captions: --long stretches it
+    base_path = run_train("base", args, ["--epochs", str(args.base_epochs), "--max_lr", str(args.base_lr),
+                                         "--context_length", "32"])
     ft = ["--epochs", str(args.ft_epochs), "--max_lr", str(args.ft_lr), "--init", base_path]
     paths = [("base", base_path)]
     if not args.no_control:
