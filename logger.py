@@ -25,7 +25,6 @@ import json
 import os
 import sys
 
-from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from files import atomic_write, regular_target
@@ -189,6 +188,7 @@ def save_figure(fig, path):
         fig.savefig(tmp, format="png", dpi=100)
 
 def _figure(title, ylabel):
+    from matplotlib.figure import Figure  # here: a training process that never plots never pays its ~1 s import
     fig = Figure(figsize=(7, 4), tight_layout=True)  # no pyplot: freed as soon as it goes out of scope
     ax = fig.add_subplot()
     ax.set(title=title, xlabel="step", ylabel=ylabel)
